@@ -1,0 +1,258 @@
+//! `kici-agent`: the standalone agent, a drop-in for the Node agent.
+//!
+//! - `kici-agent` reads its configuration from `KICI_*` variables exactly like the Node agent,
+//!   serves `/health`, `/ready` and `/metrics`, and maps signals to the library's verbs:
+//!   SIGTERM/SIGINT = graceful shutdown (running jobs get `KICI_SHUTDOWN_GRACE_MS`, 10 s by
+//!   default, then their processes are killed), a second SIGTERM/SIGINT = exit at once,
+//!   SIGUSR1 = drain (no new jobs, exit 0 when idle).
+//! - `kici-agent exec JOB_FILE` runs a job file locally through the same engine, with no
+//!   orchestrator, and exits 0 on success, 1 otherwise.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kici_agent_core::config::{LogFormat, LogLevel};
+use kici_agent_core::local::{self, LocalCancel, LocalJob, LocalSettings};
+use kici_agent_core::protocol::{JobState, Outbound, StepState};
+use kici_agent_core::{Agent, AgentConfig};
+
+const USAGE: &str = "usage: kici-agent            run the agent (configured by KICI_* variables)
+       kici-agent exec FILE  run a job file locally, with no orchestrator
+       kici-agent --version";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        [] => run_agent(),
+        ["exec", file] => exec(Path::new(file)),
+        ["--version" | "-V"] => {
+            println!("kici-agent {}", kici_agent_core::VERSION);
+            ExitCode::SUCCESS
+        }
+        ["--help" | "-h"] => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(level: LogLevel, format: LogFormat) {
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Plain => false,
+        LogFormat::Auto => !std::io::stdout().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::from(level))
+        .with_writer(std::io::stdout);
+    if json {
+        builder.json().flatten_event(true).with_current_span(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Prints a fatal startup error and returns exit code 1.
+fn fatal(message: &str) -> ExitCode {
+    eprintln!("kici-agent: {message}");
+    ExitCode::from(1)
+}
+
+fn run_agent() -> ExitCode {
+    let loaded = match AgentConfig::from_env() {
+        Ok(loaded) => loaded,
+        Err(e) => return fatal(&e.to_string()),
+    };
+    let config = loaded.config;
+    init_logging(config.log_level, config.log_format);
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    let missing: Vec<&str> = ["git", "bash"]
+        .into_iter()
+        .filter(|tool| !on_path(tool))
+        .collect();
+    if !missing.is_empty() {
+        let lines: Vec<String> = missing
+            .iter()
+            .map(|t| format!("  - {t}: not found on PATH"))
+            .collect();
+        return fatal(&format!(
+            "Agent required-tools validation failed:\n{}",
+            lines.join("\n")
+        ));
+    }
+    let grace = config.shutdown_grace;
+    let agent = match Agent::new(config) {
+        Ok(agent) => Arc::new(agent),
+        Err(e) => return fatal(&e.to_string()),
+    };
+    if let Err(e) = agent.start() {
+        return fatal(&e.to_string());
+    }
+    if let Some(addr) = agent.http_addr() {
+        tracing::info!(port = addr.port(), "Agent started on port {}", addr.port());
+    }
+    let signals = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fatal(&format!("could not start the signal runtime: {e}")),
+    };
+    signals.block_on(serve_signals(agent, grace))
+}
+
+async fn serve_signals(agent: Arc<Agent>, grace: Duration) -> ExitCode {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut usr1)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined1()),
+    ) else {
+        return fatal("could not install signal handlers");
+    };
+    let stopped = {
+        let agent = agent.clone();
+        tokio::task::spawn_blocking(move || agent.wait(None))
+    };
+    tokio::pin!(stopped);
+    let mut shutting_down = false;
+    loop {
+        let name = tokio::select! {
+            _ = &mut stopped => return ExitCode::SUCCESS,
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+            _ = usr1.recv() => {
+                tracing::info!("Received SIGUSR1, draining: no new jobs, exiting when idle");
+                agent.drain();
+                continue;
+            }
+        };
+        if shutting_down {
+            tracing::warn!("Received {name} again, exiting now");
+            return ExitCode::from(1);
+        }
+        shutting_down = true;
+        tracing::info!("Received {name}, starting graceful shutdown...");
+        agent.shutdown(grace);
+    }
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            let candidate = dir.join(tool);
+            std::fs::metadata(&candidate)
+                .map(|m| {
+                    use std::os::unix::fs::PermissionsExt;
+                    m.is_file() && m.permissions().mode() & 0o111 != 0
+                })
+                .unwrap_or(false)
+        })
+    })
+}
+
+fn exec(file: &Path) -> ExitCode {
+    let job = match LocalJob::load(file) {
+        Ok(job) => job,
+        Err(e) => return fatal(&e.to_string()),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fatal(&format!("could not start the runtime: {e}")),
+    };
+    let cancel = LocalCancel::default();
+    let state = runtime.block_on(async {
+        let on_ctrl_c = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                while tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("\n[kici] interrupted: stopping the job (again to kill it)");
+                    cancel.cancel();
+                }
+            })
+        };
+        let mut printer = Printer::new(&job.name);
+        let state = local::run(&job, None, LocalSettings::default(), cancel, |message| {
+            printer.show(message)
+        })
+        .await;
+        on_ctrl_c.abort();
+        state
+    });
+    if state == JobState::Success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Renders a job's messages as readable progress.
+struct Printer {
+    started: Instant,
+    out: std::io::Stdout,
+}
+
+impl Printer {
+    fn new(job: &str) -> Self {
+        println!("== job {job}");
+        Printer {
+            started: Instant::now(),
+            out: std::io::stdout(),
+        }
+    }
+
+    fn show(&mut self, message: &Outbound) {
+        let mut out = self.out.lock();
+        let _ = match message {
+            Outbound::StepStatus(s) if s.state == StepState::Running => {
+                writeln!(out, "-- step {} [{}]", s.step_name, s.step_index)
+            }
+            Outbound::StepStatus(s) if s.state == StepState::Pending => Ok(()),
+            Outbound::StepStatus(s) => {
+                let data = s.data.clone().unwrap_or_default();
+                let error = data.error.map(|e| format!(": {e}")).unwrap_or_default();
+                writeln!(
+                    out,
+                    "   step {} {} in {}ms{error}",
+                    s.step_name,
+                    s.state.as_str(),
+                    data.duration_ms.unwrap_or(0)
+                )
+            }
+            Outbound::LogChunk(chunk) => {
+                let prefix = if chunk.step_index < 0 { "  # " } else { "   | " };
+                chunk
+                    .lines
+                    .iter()
+                    .try_for_each(|line| writeln!(out, "{prefix}{line}"))
+            }
+            Outbound::JobStatus(s) if s.state.is_terminal() => {
+                let data = s.data.clone().unwrap_or_default();
+                let results = data.step_results.unwrap_or_default();
+                let passed = results.iter().filter(|r| r.status == StepState::Success).count();
+                let error = data.error.map(|e| format!(" ({e})")).unwrap_or_default();
+                writeln!(
+                    out,
+                    "== job {}{error}: {passed}/{} steps succeeded in {:.2}s",
+                    s.state.as_str(),
+                    results.len(),
+                    self.started.elapsed().as_secs_f64()
+                )
+            }
+            _ => Ok(()),
+        };
+    }
+}

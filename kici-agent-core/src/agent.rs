@@ -1,0 +1,673 @@
+//! The [`Agent`] handle: one agent with its own runtime, connection, HTTP endpoints, metrics,
+//! jobs and events. The library installs no signal handlers; hosts map their own signals to
+//! [`Agent::drain`] and [`Agent::shutdown`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::connection::{self, ConnectionSettings, ConnectionState, SessionHandler};
+use crate::events::{Event, EventQueue};
+use crate::executor::{ExecutorRegistry, ProcessExecutor, ShellExecutor, StepMapError};
+use crate::http::{self, HealthView};
+use crate::job::{self, JobControl, JobServices, JobSettings};
+use crate::metrics::Metrics;
+use crate::outbox::{Outbox, OutboxLimits, Pacer};
+use crate::protocol::{
+    new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, JobAck, JobCancel,
+    JobDispatch, JobRef, JobReject, JobState, JobStatus, JobStatusData, Outbound, RejectReason,
+};
+
+/// The agent version (`agent.register.version`, `/health`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Why an agent could not be created or started.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    StepMap(#[from] StepMapError),
+    #[error("could not create the agent's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("could not listen on {addr} for /health, /ready and /metrics: {source}")]
+    Http {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent was already started")]
+    AlreadyStarted,
+}
+
+/// A snapshot of the agent's state.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentState {
+    pub agent_id: String,
+    pub connection: ConnectionState,
+    pub registered: bool,
+    pub draining: bool,
+    pub stopped: bool,
+    pub active_jobs: usize,
+    /// The last error worth showing: auth failure, lost connection.
+    pub last_error: Option<String>,
+}
+
+struct RunningJob {
+    job: JobRef,
+    control: JobControl,
+    /// Set once the terminal status is queued; guards the `cancelling` status.
+    terminal_queued: Arc<Mutex<bool>>,
+}
+
+struct Status {
+    connection: ConnectionState,
+    draining: bool,
+    stopped: bool,
+    last_error: Option<String>,
+}
+
+struct Shared {
+    config: AgentConfig,
+    metrics: Metrics,
+    outbox: Arc<Outbox>,
+    events: Arc<EventQueue>,
+    services: Arc<JobServices>,
+    jobs: Mutex<HashMap<String, RunningJob>>,
+    status: Mutex<Status>,
+    stopped: Condvar,
+    /// Woken when the job count changes or a drain or shutdown is requested.
+    wake: Notify,
+    shutdown_grace: Mutex<Option<Duration>>,
+    started_at: Instant,
+    runtime: tokio::runtime::Handle,
+}
+
+/// One KiCI agent. Create it, register executors (see [`Agent::with_executors`]), `start` it,
+/// and `drain` / `shutdown` / `wait`. Dropping it shuts it down.
+pub struct Agent {
+    shared: Arc<Shared>,
+    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    http_addr: Mutex<Option<SocketAddr>>,
+    started: Mutex<bool>,
+}
+
+impl Agent {
+    /// An agent with the built-in executors the configuration asks for: the process executor
+    /// (`process_executor`) or else the shell executor with the step map (`step_map_file`).
+    pub fn new(config: AgentConfig) -> Result<Agent, AgentError> {
+        Self::with_executors(config, ExecutorRegistry::new())
+    }
+
+    /// An agent with the host's executors. When `executors` has no default, the built-in one
+    /// of [`Agent::new`] becomes the default.
+    pub fn with_executors(
+        config: AgentConfig,
+        mut executors: ExecutorRegistry,
+    ) -> Result<Agent, AgentError> {
+        config.validate()?;
+        if !executors.has_default() {
+            if let Some(program) = &config.process_executor {
+                executors.set_default(Arc::new(ProcessExecutor::new(
+                    program.clone(),
+                    config.cancel_grace,
+                )));
+            } else {
+                let step_map = match &config.step_map_file {
+                    Some(path) => ShellExecutor::load_step_map(path)?,
+                    None => Default::default(),
+                };
+                executors.set_default(Arc::new(ShellExecutor::new(step_map, config.cancel_grace)));
+            }
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("kici-agent")
+            .enable_all()
+            .build()
+            .map_err(AgentError::Runtime)?;
+        let metrics = Metrics::new();
+        let outbox = Arc::new(Outbox::new(OutboxLimits::default()));
+        let events = Arc::new(EventQueue::new(10_000));
+        let services = Arc::new(JobServices {
+            outbox: outbox.clone(),
+            metrics: metrics.clone(),
+            executors,
+            events: events.clone(),
+            settings: JobSettings {
+                max_log_size_bytes: config.max_log_size_bytes,
+                default_step_timeout: config.default_step_timeout,
+                job_heartbeat_interval: config.job_heartbeat_interval,
+                cancel_grace: config.cancel_grace,
+                github_token: config.github_token.as_ref().map(|t| t.expose().to_owned()),
+                host_env: std::env::vars().collect(),
+            },
+        });
+        let shared = Arc::new(Shared {
+            config,
+            metrics,
+            outbox,
+            events,
+            services,
+            jobs: Mutex::new(HashMap::new()),
+            status: Mutex::new(Status {
+                connection: ConnectionState::Disconnected,
+                draining: false,
+                stopped: false,
+                last_error: None,
+            }),
+            stopped: Condvar::new(),
+            wake: Notify::new(),
+            shutdown_grace: Mutex::new(None),
+            started_at: Instant::now(),
+            runtime: runtime.handle().clone(),
+        });
+        Ok(Agent {
+            shared,
+            runtime: Mutex::new(Some(runtime)),
+            http_addr: Mutex::new(None),
+            started: Mutex::new(false),
+        })
+    }
+
+    /// The agent's id.
+    pub fn agent_id(&self) -> &str {
+        &self.shared.config.agent_id
+    }
+
+    /// Starts the HTTP endpoints and the connection in the background. Returns once the HTTP
+    /// port is bound (so a port conflict is an error here, not a log line).
+    pub fn start(&self) -> Result<(), AgentError> {
+        let mut started = lock(&self.started);
+        if *started {
+            return Err(AgentError::AlreadyStarted);
+        }
+        let shared = self.shared.clone();
+        let addr = SocketAddr::new(shared.config.bind_address, shared.config.port);
+        let listener = shared
+            .runtime
+            .block_on(http::bind(addr))
+            .map_err(|source| AgentError::Http { addr, source })?;
+        let bound = listener.local_addr().ok();
+        *lock(&self.http_addr) = bound;
+        *started = true;
+        tracing::info!(
+            agent_id = %shared.config.agent_id,
+            orchestrator_url = %shared.config.orchestrator_url,
+            labels = ?shared.config.wire_labels(),
+            port = bound.map(|a| a.port()),
+            "Agent starting"
+        );
+        shared.runtime.spawn(supervise(shared.clone(), listener));
+        Ok(())
+    }
+
+    /// Stops taking jobs (dispatches are rejected `draining`) and stops once idle.
+    pub fn drain(&self) {
+        lock(&self.shared.status).draining = true;
+        self.shared.wake.notify_one();
+    }
+
+    /// Stops: no new jobs; running jobs get `grace` to finish, then their processes are killed
+    /// and they are reported `cancelled`. Returns at once; see [`Agent::wait`].
+    pub fn shutdown(&self, grace: Duration) {
+        {
+            let mut requested = lock(&self.shared.shutdown_grace);
+            *requested = Some(requested.map_or(grace, |g| g.min(grace)));
+        }
+        self.drain();
+        if !*lock(&self.started) {
+            self.shared.mark_stopped();
+        }
+    }
+
+    /// Waits until the agent stopped, at most `timeout` (`None` = forever). Returns whether it
+    /// stopped. Blocking: call it from a host thread.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut status = lock(&self.shared.status);
+        while !status.stopped {
+            status = match deadline {
+                None => self.shared.stopped.wait(status).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                    None => return false,
+                    Some(left) => {
+                        self.shared
+                            .stopped
+                            .wait_timeout(status, left)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    }
+                },
+            };
+        }
+        true
+    }
+
+    /// The agent's state now.
+    pub fn state(&self) -> AgentState {
+        self.shared.state()
+    }
+
+    /// The Prometheus text of this agent's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.render()
+    }
+
+    /// The next event, waiting up to `timeout` (`None` = forever). Blocking.
+    pub fn next_event(&self, timeout: Option<Duration>) -> Option<Event> {
+        self.shared.events.next(timeout)
+    }
+
+    /// Where `/health`, `/ready` and `/metrics` are served, once started.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        *lock(&self.http_addr)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if *lock(&self.started) && !self.shared.state().stopped {
+            self.shutdown(self.shared.config.shutdown_grace);
+            self.wait(Some(self.shared.config.shutdown_grace + Duration::from_secs(10)));
+        }
+        if let Some(runtime) = lock(&self.runtime).take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The agent's life: HTTP, connection, and the drain / shutdown sequence.
+async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
+    let stop_http = CancellationToken::new();
+    let stop_connection = CancellationToken::new();
+    let http_task = tokio::spawn(http::serve(
+        listener,
+        shared.clone() as Arc<dyn HealthView>,
+        stop_http.clone(),
+    ));
+    let config = &shared.config;
+    let settings = ConnectionSettings {
+        url: config.orchestrator_url.clone(),
+        token: config.token.clone(),
+        heartbeat_interval: config.heartbeat_interval,
+        pacer: Pacer::new(
+            config.rate_limits.msgs_per_sec,
+            config.rate_limits.msg_burst,
+            config.rate_limits.bytes_per_sec,
+            config.rate_limits.byte_burst,
+        ),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let connection_task = tokio::spawn(connection::run(
+        settings,
+        shared.outbox.clone(),
+        shared.clone() as Arc<dyn SessionHandler>,
+        shared.metrics.clone(),
+        stop_connection.clone(),
+    ));
+
+    // Wait for a drain that went idle, or a shutdown request.
+    let grace = loop {
+        let woken = shared.wake.notified();
+        if let Some(grace) = *lock(&shared.shutdown_grace) {
+            break grace;
+        }
+        if lock(&shared.status).draining && lock(&shared.jobs).is_empty() {
+            break config.shutdown_grace;
+        }
+        woken.await;
+    };
+    tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
+    let deadline = tokio::time::Instant::now() + grace;
+    if !shared.wait_idle_until(deadline).await {
+        let running: Vec<String> = lock(&shared.jobs).keys().cloned().collect();
+        tracing::warn!(jobs = ?running, "shutdown grace ran out; killing running jobs");
+        for job in lock(&shared.jobs).values() {
+            job.control.force.cancel();
+            job.control.cancel.cancel();
+        }
+        shared
+            .wait_idle_until(tokio::time::Instant::now() + Duration::from_secs(10))
+            .await;
+    }
+    // Deliver what is queued, within what is left of the grace (at least a moment).
+    let flush_until = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+    let registered = matches!(
+        lock(&shared.status).connection,
+        ConnectionState::Registered
+    );
+    if registered
+        && tokio::time::timeout_at(flush_until, shared.outbox.wait_empty())
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            undelivered_lines = shared.outbox.pending_lines(),
+            "shutdown: log lines could not be delivered before the grace ran out"
+        );
+    }
+    stop_connection.cancel();
+    let _ = connection_task.await;
+    stop_http.cancel();
+    let _ = http_task.await;
+    tracing::info!("Graceful shutdown complete");
+    shared.mark_stopped();
+}
+
+impl Shared {
+    fn state(&self) -> AgentState {
+        let status = lock(&self.status);
+        AgentState {
+            agent_id: self.config.agent_id.clone(),
+            registered: status.connection == ConnectionState::Registered,
+            connection: status.connection.clone(),
+            draining: status.draining,
+            stopped: status.stopped,
+            active_jobs: lock(&self.jobs).len(),
+            last_error: status.last_error.clone(),
+        }
+    }
+
+    fn mark_stopped(&self) {
+        let mut status = lock(&self.status);
+        if !status.stopped {
+            status.stopped = true;
+            self.events.push(Event::Stopped);
+        }
+        self.stopped.notify_all();
+    }
+
+    async fn wait_idle_until(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let woken = self.wake.notified();
+            if lock(&self.jobs).is_empty() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return lock(&self.jobs).is_empty();
+            }
+        }
+    }
+
+    fn agent_status(&self) -> Outbound {
+        Outbound::AgentStatus(AgentStatus {
+            message_id: new_message_id(),
+            agent_id: self.config.agent_id.clone(),
+            active_jobs: lock(&self.jobs).len() as u32,
+            memory_used_mb: None,
+            memory_available_mb: None,
+            uptime_seconds: Some(self.started_at.elapsed().as_secs()),
+        })
+    }
+
+    fn reject(&self, job: &JobRef, reason: RejectReason) {
+        tracing::info!(run_id = %job.run_id, job_id = %job.job_id, ?reason, "rejecting job dispatch");
+        self.outbox.push_control(Outbound::JobReject(JobReject {
+            message_id: new_message_id(),
+            run_id: job.run_id.clone(),
+            job_id: job.job_id.clone(),
+            reason,
+            timestamp: now_ms(),
+        }));
+        self.outbox.push_control(self.agent_status());
+        self.events.push(Event::JobRejected {
+            run_id: job.run_id.clone(),
+            job_id: job.job_id.clone(),
+            reason: match reason {
+                RejectReason::Busy => "busy".into(),
+                RejectReason::Draining => "draining".into(),
+            },
+        });
+    }
+
+    fn ack(&self, job: &JobRef) {
+        self.outbox.push_control(Outbound::JobAck(JobAck {
+            message_id: new_message_id(),
+            run_id: job.run_id.clone(),
+            job_id: job.job_id.clone(),
+            timestamp: now_ms(),
+        }));
+    }
+
+    /// Accepts a job if there is room, under the jobs lock so capacity is exact.
+    fn admit(self: &Arc<Self>, job: &JobRef) -> Option<(JobControl, Arc<Mutex<bool>>)> {
+        let mut jobs = lock(&self.jobs);
+        if lock(&self.status).draining {
+            drop(jobs);
+            self.reject(job, RejectReason::Draining);
+            return None;
+        }
+        if jobs.len() >= self.config.max_concurrency as usize || jobs.contains_key(&job.job_id) {
+            drop(jobs);
+            self.reject(job, RejectReason::Busy);
+            return None;
+        }
+        let control = JobControl::default();
+        let terminal_queued = Arc::new(Mutex::new(false));
+        jobs.insert(
+            job.job_id.clone(),
+            RunningJob {
+                job: job.clone(),
+                control: control.clone(),
+                terminal_queued: terminal_queued.clone(),
+            },
+        );
+        self.metrics.jobs_active.set(jobs.len() as i64);
+        // The ack goes before any work, so a slow clone never misses the ack deadline.
+        self.ack(job);
+        Some((control, terminal_queued))
+    }
+
+    fn job_done(&self, job: &JobRef) {
+        let mut jobs = lock(&self.jobs);
+        jobs.remove(&job.job_id);
+        self.metrics.jobs_active.set(jobs.len() as i64);
+        drop(jobs);
+        self.outbox.push_control(self.agent_status());
+        self.wake.notify_one();
+    }
+}
+
+impl SessionHandler for Shared {
+    fn state_changed(&self, state: ConnectionState) {
+        let mut status = lock(&self.status);
+        match &state {
+            ConnectionState::Registered => {
+                status.last_error = None;
+                drop(status);
+                self.outbox.push_control(Outbound::ConfigAck(ConfigAck {
+                    message_id: new_message_id(),
+                    agent_id: self.config.agent_id.clone(),
+                }));
+                self.outbox.push_control(self.agent_status());
+                self.events.push(Event::Registered {
+                    agent_id: self.config.agent_id.clone(),
+                });
+                status = lock(&self.status);
+            }
+            ConnectionState::Disconnected if status.connection == ConnectionState::Registered => {
+                self.events.push(Event::Disconnected);
+            }
+            ConnectionState::AuthFailed(reason) => {
+                status.last_error = Some(format!("authentication failed: {reason}"));
+                self.events.push(Event::AuthFailed {
+                    reason: reason.clone(),
+                });
+            }
+            _ => {}
+        }
+        status.connection = state;
+    }
+
+    fn registration(&self) -> AgentRegister {
+        let mut in_flight: Vec<JobRef> = lock(&self.jobs).values().map(|j| j.job.clone()).collect();
+        for job in self.outbox.undelivered_jobs() {
+            if !in_flight.contains(&job) {
+                in_flight.push(job);
+            }
+        }
+        let host = crate::host::facts();
+        AgentRegister {
+            message_id: format!("register-{}-{}", self.config.agent_id, now_ms()),
+            agent_id: self.config.agent_id.clone(),
+            labels: self.config.wire_labels(),
+            platform: AgentConfig::platform().to_owned(),
+            arch: AgentConfig::arch().to_owned(),
+            version: VERSION.to_owned(),
+            max_concurrency: self.config.max_concurrency,
+            in_flight_jobs: in_flight,
+            hostname: self.config.hostname.clone(),
+            os_release: host.os_release,
+            os_version: host.os_version,
+            total_memory_mb: host.total_memory_mb,
+            cpu_count: host.cpu_count,
+            running_as_user: host.user,
+            running_as_uid: host.uid,
+            properties: self
+                .config
+                .properties
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::to_value(v).unwrap_or_default()))
+                .collect(),
+        }
+    }
+
+    fn on_dispatch(self: Arc<Self>, dispatch: Box<JobDispatch>) {
+        let job = dispatch.job_ref();
+        let Some((control, terminal_queued)) = self.admit(&job) else {
+            return;
+        };
+        tracing::info!(run_id = %job.run_id, job_id = %job.job_id, job = %dispatch.job_config.name, "Accepting job dispatch");
+        self.events.push(Event::JobStarted {
+            run_id: job.run_id.clone(),
+            job_id: job.job_id.clone(),
+            name: dispatch.job_config.name.clone(),
+        });
+        let services = self.services.clone();
+        let shared = self.clone();
+        self.runtime.spawn(async move {
+            let state = job::run_job(services, dispatch, control, terminal_queued).await;
+            tracing::info!(run_id = %job.run_id, job_id = %job.job_id, state = state.as_str(), "job finished");
+            shared.job_done(&job);
+        });
+    }
+
+    fn on_unreadable_dispatch(&self, job: JobRef, error: String) {
+        tracing::error!(run_id = %job.run_id, job_id = %job.job_id, %error, "unreadable job dispatch; failing it");
+        // Answer it (REC of spec §4.1): ack, then fail, so it does not wait for the ack deadline.
+        self.ack(&job);
+        let data = JobStatusData {
+            error: Some(format!("the agent could not read the job dispatch: {error}")),
+            ..JobStatusData::default()
+        };
+        self.outbox.push_status(
+            &job,
+            Outbound::JobStatus(JobStatus {
+                message_id: new_message_id(),
+                run_id: job.run_id.clone(),
+                job_id: job.job_id.clone(),
+                state: JobState::Failed,
+                timestamp: now_ms(),
+                data: Some(data),
+            }),
+            true,
+        );
+        self.metrics.job_finished(JobState::Failed);
+    }
+
+    fn on_cancel(&self, cancel: JobCancel) {
+        let jobs = lock(&self.jobs);
+        let Some(running) = jobs.get(&cancel.job_id) else {
+            tracing::debug!(job_id = %cancel.job_id, "cancel for a job we do not run; ignored");
+            return;
+        };
+        let control = running.control.clone();
+        let job = running.job.clone();
+        let terminal_queued = running.terminal_queued.clone();
+        drop(jobs);
+        let force = cancel.force == Some(true) || control.cancel.is_cancelled();
+        tracing::info!(job_id = %job.job_id, reason = %cancel.reason, force, "Job cancel received");
+        if force {
+            control.force.cancel();
+            control.cancel.cancel();
+            self.outbox.push_lines_now(
+                &job,
+                job::JOB_LOG_INDEX,
+                vec!["[kici] Force cancel received, skipping all hooks".into()],
+            );
+            return;
+        }
+        {
+            let terminal = lock(&terminal_queued);
+            if !*terminal {
+                self.outbox.push_status(
+                    &job,
+                    Outbound::JobStatus(JobStatus {
+                        message_id: new_message_id(),
+                        run_id: job.run_id.clone(),
+                        job_id: job.job_id.clone(),
+                        state: JobState::Cancelling,
+                        timestamp: now_ms(),
+                        data: None,
+                    }),
+                    false,
+                );
+                self.outbox.push_lines_now(
+                    &job,
+                    job::JOB_LOG_INDEX,
+                    vec!["[kici] Cancel received, running cancel hooks...".into()],
+                );
+            }
+        }
+        control.cancel.cancel();
+        let grace = self.config.cancel_grace;
+        self.runtime.spawn(async move {
+            tokio::time::sleep(grace).await;
+            control.force.cancel();
+        });
+    }
+}
+
+impl HealthView for Shared {
+    fn health(&self) -> serde_json::Value {
+        let state = self.state();
+        let mut body = serde_json::json!({
+            "status": "ok",
+            "timestamp": http::iso8601_utc(now_ms()),
+            "uptime": self.started_at.elapsed().as_secs_f64(),
+            "agentId": state.agent_id,
+            "activeJobs": state.active_jobs,
+            "connected": state.registered,
+            "version": VERSION,
+            "buildCommit": "unknown",
+            "connection": state.connection,
+            "draining": state.draining,
+        });
+        if let ConnectionState::AuthFailed(reason) = &state.connection {
+            body["stoppedReason"] = serde_json::Value::String(format!(
+                "authentication failed: {reason}; not reconnecting (fix KICI_AGENT_TOKEN and restart)"
+            ));
+        }
+        body
+    }
+
+    fn is_ready(&self) -> bool {
+        lock(&self.status).connection == ConnectionState::Registered
+    }
+
+    fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
+}

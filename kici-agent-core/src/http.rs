@@ -1,0 +1,146 @@
+//! `GET /health`, `GET /ready` and `GET /metrics` (spec agent.md §4), served with hyper.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
+
+/// What the endpoints show; implemented by the agent.
+pub(crate) trait HealthView: Send + Sync {
+    /// The `/health` body.
+    fn health(&self) -> serde_json::Value;
+    /// Whether `/ready` answers 200 (registered with the orchestrator).
+    fn is_ready(&self) -> bool;
+    /// The `/metrics` body.
+    fn metrics_text(&self) -> String;
+}
+
+/// Binds the listener; on `::` falls back to `0.0.0.0` where IPv6 is unavailable.
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            TcpListener::bind(v4).await.map_err(|_| e)
+        }
+        other => other,
+    }
+}
+
+/// Serves the endpoints until `shutdown` fires.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    view: Arc<dyn HealthView>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let view = view.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let view = view.clone();
+                async move { Ok::<_, Infallible>(respond(&*view, &request)) }
+            });
+            let connection =
+                hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "http connection ended with an error");
+                    }
+                }
+                _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+            }
+        });
+    }
+}
+
+fn respond(view: &dyn HealthView, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".into());
+    }
+    match request.uri().path() {
+        "/health" => json(StatusCode::OK, &view.health()),
+        "/ready" => {
+            let ready = view.is_ready();
+            let body = if ready {
+                serde_json::json!({"status": "ready", "checks": {"connected": true}})
+            } else {
+                serde_json::json!({"status": "not ready", "checks": {"connected": false}})
+            };
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json(status, &body)
+        }
+        "/metrics" => text(StatusCode::OK, METRICS_CONTENT_TYPE, view.metrics_text()),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+fn json(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    text(status, "application/json", body.to_string())
+}
+
+fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
+}
+
+/// ISO-8601 UTC with milliseconds, e.g. `2026-11-28T19:26:08.123Z`.
+pub fn iso8601_utc(epoch_ms: u64) -> String {
+    let secs = epoch_ms / 1000;
+    let (hour, minute, second) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let days = (secs / 86_400) as i64 + 719_468;
+    let era = days.div_euclid(146_097);
+    let day_of_era = days.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{:03}Z",
+        epoch_ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso8601_formats_known_instants() {
+        assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601_utc(1_795_891_347_190), "2026-11-28T15:22:27.190Z");
+        assert_eq!(iso8601_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,928 @@
+//! Running one job: workspace, checkout, the step loop (sequential, parallel groups, retry,
+//! timeouts, cancel), statuses in the order of spec protocol.md §5, and cleanup.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::checkout::{self, CheckoutRequest, GitCredentials, HostKeyPolicy};
+use crate::events::{Event, EventQueue};
+use crate::executor::{Executor, ExecutorRegistry, JobContext, StepContext, StepEvent, StepIo};
+use crate::logs::{SecretMasker, StepLog};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::process::{HandoffFiles, StepEnv};
+use crate::protocol::{
+    new_message_id, now_ms, ConcurrencyKind, GitAuthKind, JobDispatch, JobRef, JobState,
+    JobStatus, JobStatusData, Outbound, SshHostKeyPolicy, StepEntry, StepSpec, StepState,
+    StepStatus, StepStatusData, StepType,
+};
+
+/// Index of job-level log lines (`log.chunk.stepIndex`).
+pub const JOB_LOG_INDEX: i64 = -1;
+
+/// What every job of one agent shares.
+pub(crate) struct JobServices {
+    pub outbox: Arc<Outbox>,
+    pub metrics: Metrics,
+    pub executors: ExecutorRegistry,
+    pub events: Arc<EventQueue>,
+    pub settings: JobSettings,
+}
+
+/// Job-related settings from the agent configuration.
+#[derive(Clone)]
+pub(crate) struct JobSettings {
+    pub max_log_size_bytes: u64,
+    pub default_step_timeout: Duration,
+    pub job_heartbeat_interval: Duration,
+    /// SIGTERM -> SIGKILL grace of a cancel.
+    pub cancel_grace: Duration,
+    /// The lowest-priority clone credential (`KICI_GITHUB_TOKEN`).
+    pub github_token: Option<String>,
+    /// The agent's own environment, filtered into each step's by `StepEnv::from_host`.
+    pub host_env: Vec<(String, String)>,
+}
+
+/// How the agent tells a running job to stop.
+#[derive(Clone, Default)]
+pub(crate) struct JobControl {
+    /// Stop gracefully (cancel, shutdown).
+    pub cancel: CancellationToken,
+    /// Stop at once (forced cancel, or the grace ran out).
+    pub force: CancellationToken,
+}
+
+/// Cap on how long we wait for an executor that ignores a forced stop.
+const ABANDON_AFTER_FORCE: Duration = Duration::from_secs(5);
+
+/// Runs one accepted job to its terminal status. Returns the terminal state.
+pub(crate) async fn run_job(
+    services: Arc<JobServices>,
+    dispatch: Box<JobDispatch>,
+    control: JobControl,
+    terminal_queued: Arc<Mutex<bool>>,
+) -> JobState {
+    let started = Instant::now();
+    let job_ref = dispatch.job_ref();
+    let outbox = services.outbox.clone();
+    outbox.push_status(&job_ref, job_status(&job_ref, JobState::Running, None), false);
+
+    let heartbeat = {
+        let outbox = outbox.clone();
+        let job_ref = job_ref.clone();
+        let period = services.settings.job_heartbeat_interval;
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+            loop {
+                ticks.tick().await;
+                outbox.job_heartbeat_due(&job_ref);
+            }
+        })
+    };
+
+    let mut masker = SecretMasker::new();
+    let mut secrets = dispatch.secret_values();
+    secrets.extend(services.settings.github_token.as_deref());
+    if let Err(e) = masker.add_all(secrets) {
+        tracing::error!(error = %e, job_id = %job_ref.job_id, "secret masking is incomplete for this job");
+    }
+    let run = JobRunner {
+        services: services.clone(),
+        job_ref: job_ref.clone(),
+        masker,
+        control,
+        state: Arc::new(Mutex::new(RunState::default())),
+        job_timed_out: CancellationToken::new(),
+    };
+    let outcome = run.execute(&dispatch).await;
+
+    heartbeat.abort();
+    let _ = heartbeat.await;
+    let duration_ms = started.elapsed().as_millis() as u64;
+    let (state, error) = outcome;
+    let (step_results, outputs) = {
+        let mut run_state = run.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut results = std::mem::take(&mut run_state.results);
+        results.sort_by_key(|(index, _)| *index);
+        (
+            results.into_iter().map(|(_, r)| r).collect::<Vec<_>>(),
+            std::mem::take(&mut run_state.outputs),
+        )
+    };
+    for result in &step_results {
+        services
+            .metrics
+            .step_finished(result.status, result.duration_ms as f64 / 1000.0);
+    }
+    let data = JobStatusData {
+        duration_ms: Some(duration_ms),
+        error: error.clone(),
+        step_results: Some(step_results),
+        outputs: (!outputs.is_empty()).then_some(outputs),
+    };
+    run.job_log(format!(
+        "[kici] Job '{}' finished: {} in {duration_ms}ms",
+        dispatch.job_config.name,
+        state.as_str()
+    ))
+    .await;
+    {
+        // Held while queueing so a concurrent cancel cannot queue `cancelling` after this.
+        let mut terminal = terminal_queued.lock().unwrap_or_else(|e| e.into_inner());
+        outbox.push_status(&job_ref, job_status(&job_ref, state, Some(data)), true);
+        *terminal = true;
+    }
+    services.metrics.job_finished(state);
+    services.events.push(Event::JobFinished {
+        run_id: job_ref.run_id.clone(),
+        job_id: job_ref.job_id.clone(),
+        name: dispatch.job_config.name.clone(),
+        state,
+        duration_ms,
+        error,
+    });
+    state
+}
+
+fn job_status(job: &JobRef, state: JobState, data: Option<JobStatusData>) -> Outbound {
+    Outbound::JobStatus(JobStatus {
+        message_id: new_message_id(),
+        run_id: job.run_id.clone(),
+        job_id: job.job_id.clone(),
+        state,
+        timestamp: now_ms(),
+        data,
+    })
+}
+
+/// A step's place in the flat step list (spec §5.3: children of a group take consecutive
+/// indices; the group takes none).
+#[derive(Clone)]
+struct PlannedStep {
+    index: u32,
+    spec: StepSpec,
+}
+
+enum Planned {
+    Single(PlannedStep),
+    Group {
+        id: String,
+        fail_fast: bool,
+        max_parallel: Option<u32>,
+        children: Vec<PlannedStep>,
+    },
+}
+
+fn plan_steps(entries: &[StepEntry]) -> Vec<Planned> {
+    let mut index = 0u32;
+    let mut groups = 0;
+    let mut next = |spec: &StepSpec| {
+        let step = PlannedStep {
+            index,
+            spec: spec.clone(),
+        };
+        index += 1;
+        step
+    };
+    entries
+        .iter()
+        .map(|entry| match entry {
+            StepEntry::Step(spec) => Planned::Single(next(spec)),
+            StepEntry::Parallel(group) => {
+                let id = format!("g{groups}");
+                groups += 1;
+                Planned::Group {
+                    id,
+                    fail_fast: group.fail_fast.unwrap_or(true),
+                    max_parallel: group.max_parallel.filter(|m| *m > 0),
+                    children: group.children.iter().map(&mut next).collect(),
+                }
+            }
+        })
+        .collect()
+}
+
+#[derive(Default)]
+struct RunState {
+    results: Vec<(u32, crate::protocol::StepResult)>,
+    outputs: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    env: Option<StepEnv>,
+    prepared: Vec<Arc<dyn Executor>>,
+}
+
+struct JobRunner {
+    services: Arc<JobServices>,
+    job_ref: JobRef,
+    masker: SecretMasker,
+    control: JobControl,
+    state: Arc<Mutex<RunState>>,
+    job_timed_out: CancellationToken,
+}
+
+/// How a step ended, for the loop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StepEnd {
+    Success,
+    Failed { continue_on_error: bool },
+    Cancelled,
+}
+
+impl JobRunner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn job_log(&self, line: String) {
+        let line = self.masker.mask(&line).into_owned();
+        self.services
+            .outbox
+            .push_lines(&self.job_ref, JOB_LOG_INDEX, vec![line])
+            .await;
+    }
+
+    /// Everything between `running` and the terminal status. Returns the terminal state and
+    /// `data.error`.
+    async fn execute(&self, dispatch: &JobDispatch) -> (JobState, Option<String>) {
+        let config = &dispatch.job_config;
+        if let Some(kind) = config.internal_kind() {
+            let error = format!(
+                "this agent cannot run KiCI {kind} jobs: they need the Node agent's TypeScript runtime (advertise no kici:role:* label on this agent)"
+            );
+            self.job_log(format!("[kici] {error}")).await;
+            return (JobState::Failed, Some(error));
+        }
+        if let Some(request) = &dispatch.request_id {
+            self.job_log(format!("Run: {} | Trace: {request}", dispatch.run_id))
+                .await;
+        }
+        let workspace = match tempfile::Builder::new()
+            .prefix("kici-")
+            .rand_bytes(6)
+            .tempdir()
+        {
+            Ok(dir) => dir,
+            Err(e) => {
+                let error = format!("could not create the job workspace: {e}");
+                self.job_log(format!("[kici] {error}")).await;
+                return (JobState::Failed, Some(error));
+            }
+        };
+        let deadline = config.timeout.filter(|ms| *ms > 0).map(|ms| {
+            let token = self.job_timed_out.clone();
+            let control = self.control.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                token.cancel();
+                control.force.cancel();
+                control.cancel.cancel();
+            })
+        });
+
+        let outcome = self.execute_in(dispatch, workspace.path().to_path_buf()).await;
+
+        if let Some(deadline) = deadline {
+            deadline.abort();
+        }
+        let workspace_path = workspace.path().to_path_buf();
+        let removal = tokio::task::spawn_blocking(move || workspace.close()).await;
+        if !matches!(removal, Ok(Ok(()))) {
+            tracing::warn!(path = %workspace_path.display(), "could not remove the job workspace");
+        }
+        if self.job_timed_out.is_cancelled() {
+            let ms = config.timeout.unwrap_or_default();
+            let error = format!("job_timeout: job exceeded its timeout of {ms}ms");
+            self.job_log(format!(
+                "[kici] Job exceeded its timeout of {ms}ms (job_timeout); aborting."
+            ))
+            .await;
+            return (JobState::Failed, Some(error));
+        }
+        outcome
+    }
+
+    async fn execute_in(
+        &self,
+        dispatch: &JobDispatch,
+        workspace: PathBuf,
+    ) -> (JobState, Option<String>) {
+        let config = &dispatch.job_config;
+        let wants_checkout = config.checkout != Some(false) && !dispatch.repo_url.is_empty();
+        if wants_checkout {
+            if let Err(error) = self.checkout(dispatch, &workspace).await {
+                let error = self.masker.mask(&error).into_owned();
+                self.job_log(format!("[kici] {error}")).await;
+                return if self.control.cancel.is_cancelled() {
+                    (JobState::Cancelled, None)
+                } else {
+                    (JobState::Failed, Some(error))
+                };
+            }
+        }
+        if self.control.cancel.is_cancelled() {
+            return (JobState::Cancelled, None);
+        }
+
+        self.lock().env = Some(self.base_env(dispatch, &workspace));
+        let context = JobContext {
+            run_id: dispatch.run_id.clone(),
+            job_id: dispatch.job_id.clone(),
+            name: config.name.clone(),
+            config: config.clone(),
+            workspace,
+            secrets: dispatch.secrets.clone().unwrap_or_default(),
+        };
+
+        let mut failed_step: Option<String> = None;
+        let mut stopped = false;
+        for planned in plan_steps(&config.steps) {
+            if stopped {
+                break;
+            }
+            match planned {
+                Planned::Single(step) => {
+                    let name = step.spec.name.clone();
+                    match self
+                        .run_step(&context, step, None, &self.control.cancel)
+                        .await
+                    {
+                        StepEnd::Success => {}
+                        StepEnd::Failed { continue_on_error } => {
+                            // The step that stopped the job names the error; else the first.
+                            if !continue_on_error || failed_step.is_none() {
+                                failed_step = Some(name);
+                            }
+                            stopped = !continue_on_error;
+                        }
+                        StepEnd::Cancelled => stopped = true,
+                    }
+                }
+                Planned::Group {
+                    id,
+                    fail_fast,
+                    max_parallel,
+                    children,
+                } => {
+                    if let Some(name) = self
+                        .run_group(&context, &id, fail_fast, max_parallel, children)
+                        .await
+                    {
+                        failed_step = Some(name);
+                        stopped = true;
+                    }
+                }
+            }
+        }
+
+        let forced = self.control.force.is_cancelled();
+        if !forced {
+            let prepared = std::mem::take(&mut self.lock().prepared);
+            for executor in prepared {
+                executor.cleanup(&context).await;
+            }
+        }
+        if self.control.cancel.is_cancelled() && !self.job_timed_out.is_cancelled() {
+            return (JobState::Cancelled, None);
+        }
+        match failed_step {
+            Some(name) => (JobState::Failed, Some(format!("Step '{name}' failed"))),
+            None => (JobState::Success, None),
+        }
+    }
+
+    /// Runs a parallel group; returns the name of the child that failed the group, if any.
+    async fn run_group(
+        &self,
+        context: &JobContext,
+        group_id: &str,
+        fail_fast: bool,
+        max_parallel: Option<u32>,
+        children: Vec<PlannedStep>,
+    ) -> Option<String> {
+        let window = max_parallel.map_or(children.len(), |m| m as usize).max(1);
+        let slots = Arc::new(Semaphore::new(window));
+        let stop = self.control.cancel.child_token();
+        for child in children.iter().skip(window) {
+            self.send_step_status(
+                child.index,
+                &child.spec.name,
+                StepState::Pending,
+                None,
+                None,
+                Some(group_id),
+            );
+        }
+        let runs = children.into_iter().map(|child| {
+            let slots = slots.clone();
+            let stop = stop.clone();
+            async move {
+                let name = child.spec.name.clone();
+                let _slot = slots.acquire().await;
+                let end = self.run_step(context, child, Some(group_id), &stop).await;
+                if fail_fast && matches!(end, StepEnd::Failed { continue_on_error: false }) {
+                    stop.cancel();
+                }
+                (name, end)
+            }
+        });
+        let ends = futures_util::future::join_all(runs).await;
+        ends.into_iter()
+            .find(|(_, end)| matches!(end, StepEnd::Failed { continue_on_error: false }))
+            .map(|(name, _)| name)
+    }
+
+    fn send_step_status(
+        &self,
+        index: u32,
+        name: &str,
+        state: StepState,
+        data: Option<StepStatusData>,
+        log_bytes: Option<u64>,
+        group: Option<&str>,
+    ) {
+        let message = Outbound::StepStatus(StepStatus {
+            message_id: new_message_id(),
+            run_id: self.job_ref.run_id.clone(),
+            job_id: self.job_ref.job_id.clone(),
+            step_index: index,
+            step_name: name.to_owned(),
+            state,
+            timestamp: now_ms(),
+            data,
+            step_type: Some(StepType::Step),
+            concurrency_kind: group.map(|_| ConcurrencyKind::ParallelChild),
+            group_id: group.map(str::to_owned),
+            log_bytes_streamed: log_bytes,
+        });
+        self.services
+            .outbox
+            .push_status(&self.job_ref, message, false);
+    }
+
+    /// Runs one step with its retries; reports every attempt.
+    async fn run_step(
+        &self,
+        context: &JobContext,
+        step: PlannedStep,
+        group: Option<&str>,
+        stop: &CancellationToken,
+    ) -> StepEnd {
+        let name = step.spec.name.clone();
+        let continue_on_error = step.spec.continue_on_error == Some(true);
+        let max_attempts = step.spec.retry.as_ref().map_or(1, |r| r.max_attempts());
+        let executor = self.services.executors.resolve(&context.name, &name);
+        let mut attempt = 1;
+        loop {
+            let started = Instant::now();
+            if stop.is_cancelled() {
+                // Never launched (fail-fast sibling or cancel): running then cancelled, 0 ms.
+                self.send_step_status(step.index, &name, StepState::Running, None, None, group);
+                self.finish_step(&step, group, StepState::Cancelled, None, None, 0, 0);
+                return StepEnd::Cancelled;
+            }
+            self.send_step_status(step.index, &name, StepState::Running, None, None, group);
+            let (state, failure, log_bytes) = match &executor {
+                None => (
+                    StepState::Failed,
+                    Some(crate::executor::StepFailure::new(format!(
+                        "no executor for step '{name}' of job '{}': register one for the step, the job, or a default",
+                        context.name
+                    ))),
+                    0,
+                ),
+                Some(executor) => self.attempt(context, &step, executor, attempt, stop).await,
+            };
+            let duration_ms = started.elapsed().as_millis() as u64;
+            let error = failure.as_ref().map(|f| self.masker.mask(&f.message).into_owned());
+            let exit_code = failure.as_ref().and_then(|f| f.exit_code);
+            self.finish_step(&step, group, state, error.clone(), exit_code, duration_ms, log_bytes);
+            match state {
+                StepState::Success => return StepEnd::Success,
+                StepState::Failed if attempt < max_attempts && !stop.is_cancelled() => {
+                    let delay = step
+                        .spec
+                        .retry
+                        .as_ref()
+                        .map_or(0, |r| r.delay_after(attempt));
+                    self.job_log(format!(
+                        "[kici] Step '{name}' attempt {attempt}/{max_attempts} failed: {}; retrying in {delay}ms",
+                        error.unwrap_or_default()
+                    ))
+                    .await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                        _ = stop.cancelled() => {}
+                    }
+                    attempt += 1;
+                }
+                StepState::Failed => return StepEnd::Failed { continue_on_error },
+                _ => return StepEnd::Cancelled,
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_step(
+        &self,
+        step: &PlannedStep,
+        group: Option<&str>,
+        state: StepState,
+        error: Option<String>,
+        exit_code: Option<i32>,
+        duration_ms: u64,
+        log_bytes: u64,
+    ) {
+        let data = StepStatusData {
+            duration_ms: Some(duration_ms),
+            error: error.clone(),
+            exit_code,
+            step_type: None,
+        };
+        self.send_step_status(
+            step.index,
+            &step.spec.name,
+            state,
+            Some(data),
+            Some(log_bytes),
+            group,
+        );
+        self.services.events.push(Event::StepFinished {
+            run_id: self.job_ref.run_id.clone(),
+            job_id: self.job_ref.job_id.clone(),
+            step_index: step.index,
+            step_name: step.spec.name.clone(),
+            state,
+            duration_ms,
+            error: error.clone(),
+        });
+        let mut run_state = self.lock();
+        // A retried step keeps only its last attempt in stepResults.
+        run_state.results.retain(|(index, _)| *index != step.index);
+        run_state.results.push((
+            step.index,
+            crate::protocol::StepResult {
+                name: step.spec.name.clone(),
+                status: state,
+                duration_ms,
+                error,
+            },
+        ));
+    }
+
+    /// One attempt of a step: env and hand-off files, executor, log forwarding, timeout.
+    async fn attempt(
+        &self,
+        context: &JobContext,
+        step: &PlannedStep,
+        executor: &Arc<dyn Executor>,
+        attempt: u32,
+        stop: &CancellationToken,
+    ) -> (StepState, Option<crate::executor::StepFailure>, u64) {
+        use crate::executor::StepFailure;
+        let name = &step.spec.name;
+        if let Err(failure) = self.prepare_once(context, executor).await {
+            return (StepState::Failed, Some(failure), 0);
+        }
+        let handoff = match HandoffFiles::create(None) {
+            Ok(files) => files,
+            Err(e) => {
+                return (
+                    StepState::Failed,
+                    Some(StepFailure::new(format!("could not create $KICI_ENV files: {e}"))),
+                    0,
+                )
+            }
+        };
+        let mut env = self.lock().env.clone().unwrap_or_else(|| StepEnv::from_host(Vec::new()));
+        if let Some(step_env) = &step.spec.env {
+            env.extend(step_env.clone());
+        }
+        env.set("KICI_STEP_NAME", name.clone());
+        handoff.apply_to(&mut env);
+        let step_context = StepContext {
+            index: step.index,
+            name: name.clone(),
+            spec: step.spec.clone(),
+            attempt,
+            env,
+            workspace: context.workspace.clone(),
+        };
+
+        let cancel = stop.child_token();
+        let force = self.control.force.child_token();
+        let (events_tx, mut events_rx) = mpsc::channel::<StepEvent>(64);
+        let io = StepIo::new(events_tx, cancel.clone(), force.clone());
+        let mut execution = {
+            let executor = executor.clone();
+            let job = context.clone();
+            let step_context = step_context.clone();
+            tokio::spawn(async move { executor.run_step(&job, &step_context, io).await })
+        };
+
+        let timeout = Duration::from_millis(
+            step.spec
+                .timeout
+                .unwrap_or(self.services.settings.default_step_timeout.as_millis() as u64),
+        );
+        let timeout_grace = self.services.settings.cancel_grace.min(Duration::from_secs(10));
+        let timer = tokio::time::sleep(timeout);
+        tokio::pin!(timer);
+        let mut timed_out = false;
+        let mut abandon_at: Option<tokio::time::Instant> = None;
+        let mut log = StepLog::new(self.masker.clone(), self.max_log_bytes());
+        let mut outputs: Vec<(String, serde_json::Value)> = Vec::new();
+        let mut lines = Vec::new();
+        let joined = loop {
+            tokio::select! {
+                event = events_rx.recv() => match event {
+                    Some(StepEvent::Bytes(bytes)) => {
+                        log.push_bytes(&bytes, &mut lines);
+                        self.forward_lines(step.index, &mut lines).await;
+                    }
+                    Some(StepEvent::Output(key, value)) => outputs.push((key, value)),
+                    // Every sender is gone: only the join is left to wait for.
+                    None => {
+                        break await_execution(&mut execution, &force).await;
+                    }
+                },
+                result = &mut execution => break Some(result),
+                _ = &mut timer, if !timed_out => {
+                    timed_out = true;
+                    cancel.cancel();
+                    let force = force.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(timeout_grace).await;
+                        force.cancel();
+                    });
+                }
+                _ = force.cancelled(), if abandon_at.is_none() => {
+                    abandon_at = Some(tokio::time::Instant::now() + ABANDON_AFTER_FORCE);
+                }
+                _ = tokio::time::sleep_until(abandon_at.unwrap_or_else(tokio::time::Instant::now)), if abandon_at.is_some() => {
+                    execution.abort();
+                    break None;
+                }
+            }
+        };
+        // Whatever the executor wrote before it returned is still in the channel.
+        events_rx.close();
+        while let Some(event) = events_rx.recv().await {
+            match event {
+                StepEvent::Bytes(bytes) => log.push_bytes(&bytes, &mut lines),
+                StepEvent::Output(key, value) => outputs.push((key, value)),
+            }
+        }
+        log.finish(&mut lines);
+        self.forward_lines(step.index, &mut lines).await;
+        let log_bytes = log.bytes_streamed();
+
+        self.apply_handoff(&handoff, name, &mut outputs).await;
+        if !outputs.is_empty() {
+            let mut run_state = self.lock();
+            let entry = run_state.outputs.entry(name.clone()).or_default();
+            entry.extend(outputs);
+        }
+
+        let result = match joined {
+            Some(Ok(result)) => result,
+            Some(Err(e)) if e.is_panic() => Err(StepFailure::new(format!(
+                "executor '{}' panicked: {}",
+                executor.name(),
+                panic_message(e.into_panic())
+            ))),
+            Some(Err(_)) | None => Err(StepFailure::new(format!(
+                "executor '{}' did not stop when asked to",
+                executor.name()
+            ))),
+        };
+        if self.job_timed_out.is_cancelled() {
+            return (
+                StepState::Failed,
+                Some(StepFailure::new(format!(
+                    "Step '{name}' aborted: job timeout exceeded"
+                ))),
+                log_bytes,
+            );
+        }
+        if stop.is_cancelled() {
+            return (StepState::Cancelled, None, log_bytes);
+        }
+        if timed_out {
+            return (
+                StepState::Failed,
+                Some(StepFailure::new(format!(
+                    "Step '{name}' timed out after {}ms",
+                    timeout.as_millis()
+                ))),
+                log_bytes,
+            );
+        }
+        match result {
+            Ok(()) => (StepState::Success, None, log_bytes),
+            Err(failure) => (StepState::Failed, Some(failure), log_bytes),
+        }
+    }
+
+    async fn forward_lines(&self, step_index: u32, lines: &mut Vec<String>) {
+        if lines.is_empty() {
+            return;
+        }
+        let bytes: usize = lines.iter().map(String::len).sum();
+        self.services.metrics.log_bytes_total.inc_by(bytes as u64);
+        self.services
+            .outbox
+            .push_lines(&self.job_ref, i64::from(step_index), std::mem::take(lines))
+            .await;
+    }
+
+    fn max_log_bytes(&self) -> u64 {
+        self.services.settings.max_log_size_bytes
+    }
+
+    async fn prepare_once(
+        &self,
+        context: &JobContext,
+        executor: &Arc<dyn Executor>,
+    ) -> Result<(), crate::executor::StepFailure> {
+        let already = self
+            .lock()
+            .prepared
+            .iter()
+            .any(|e| Arc::ptr_eq(e, executor));
+        if already {
+            return Ok(());
+        }
+        executor.prepare(context).await?;
+        self.lock().prepared.push(executor.clone());
+        Ok(())
+    }
+
+    /// Applies `$KICI_ENV` / `$KICI_PATH` to later steps and collects `$KICI_OUTPUT`.
+    async fn apply_handoff(
+        &self,
+        handoff: &HandoffFiles,
+        step: &str,
+        outputs: &mut Vec<(String, serde_json::Value)>,
+    ) {
+        let delta = match handoff.read_delta() {
+            Ok(delta) => delta,
+            Err(e) => {
+                self.job_log(format!(
+                    "[kici] Failed to apply $KICI_ENV/$KICI_PATH delta of step '{step}': {e}"
+                ))
+                .await;
+                return;
+            }
+        };
+        outputs.extend(
+            delta
+                .outputs
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))),
+        );
+        let refused = {
+            let mut run_state = self.lock();
+            let protected: HashSet<&str> = ["KICI_ENV", "KICI_PATH", "KICI_OUTPUT"].into();
+            match run_state.env.as_mut() {
+                Some(env) => delta.apply(env, &|key| protected.contains(key)),
+                None => Vec::new(),
+            }
+        };
+        for key in refused {
+            self.job_log(format!(
+                "[kici] Cannot override operator secret \"{key}\" via $KICI_ENV — value preserved"
+            ))
+            .await;
+        }
+    }
+
+    fn base_env(&self, dispatch: &JobDispatch, workspace: &std::path::Path) -> StepEnv {
+        let config = &dispatch.job_config;
+        let mut env = StepEnv::from_host(self.services.settings.host_env.clone());
+        // Our documented extension, lowest precedence: the layers below may override it.
+        env.set("KICI_RUN_ID", dispatch.run_id.clone());
+        env.set("KICI_JOB_ID", dispatch.job_id.clone());
+        env.set("KICI_JOB_NAME", config.name.clone());
+        if let Some(workflow) = &config.workflow_name {
+            env.set("KICI_WORKFLOW_NAME", workflow.clone());
+        }
+        env.set("KICI_REF", dispatch.git_ref.clone());
+        env.set("KICI_SHA", dispatch.sha.clone());
+        env.set("KICI_WORKSPACE", workspace.display().to_string());
+        for layer in [&config.env, &config.environment_vars, &config.job_env]
+            .into_iter()
+            .flatten()
+        {
+            env.extend(layer.clone());
+        }
+        env
+    }
+
+    async fn checkout(&self, dispatch: &JobDispatch, workspace: &std::path::Path) -> Result<(), String> {
+        let credentials = clone_credentials(dispatch, self.services.settings.github_token.as_deref());
+        let repo_url = dispatch.repo_url.clone();
+        let git_ref = dispatch.git_ref.clone();
+        let sha = dispatch.sha.clone();
+        let dest = workspace.to_path_buf();
+        let cancel = self.control.cancel.clone();
+        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<String>();
+        let clone = tokio::task::spawn_blocking(move || {
+            let request = CheckoutRequest {
+                repo_url: &repo_url,
+                git_ref: &git_ref,
+                sha: &sha,
+                credentials: credentials.as_ref(),
+            };
+            let is_cancelled = || cancel.is_cancelled();
+            let mut progress = |line: &str| {
+                let _ = progress_tx.send(line.to_owned());
+            };
+            checkout::checkout(&request, &dest, &is_cancelled, &mut progress)
+        });
+        tokio::pin!(clone);
+        let result = loop {
+            tokio::select! {
+                Some(line) = progress_rx.recv() => self.job_log(format!("[kici] {line}")).await,
+                result = &mut clone => break result,
+            }
+        };
+        while let Ok(line) = progress_rx.try_recv() {
+            self.job_log(format!("[kici] {line}")).await;
+        }
+        match result {
+            Ok(Ok(report)) => {
+                self.services
+                    .metrics
+                    .clone_duration_seconds
+                    .observe(report.duration.as_secs_f64());
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("Checkout failed: {e}")),
+            Err(e) => Err(format!("Checkout failed: the clone task ended abnormally: {e}")),
+        }
+    }
+}
+
+/// Clone credentials in priority order: `sourceAuth`, the legacy `token`, then the agent's
+/// `KICI_GITHUB_TOKEN` (spec agent.md §9.2).
+fn clone_credentials(dispatch: &JobDispatch, github_token: Option<&str>) -> Option<GitCredentials> {
+    if let Some(auth) = &dispatch.source_auth {
+        return Some(match auth.kind {
+            GitAuthKind::Basic => GitCredentials::Basic {
+                user: auth.user.clone().unwrap_or_else(|| "x-access-token".into()),
+                secret: auth.secret.clone(),
+            },
+            GitAuthKind::Ssh => GitCredentials::Ssh {
+                user: auth.user.clone(),
+                private_key: auth.secret.clone(),
+                host_key: match (auth.ssh_host_key_policy, &auth.ssh_known_hosts_pem) {
+                    (Some(SshHostKeyPolicy::Pinned), Some(known)) => HostKeyPolicy::Pinned {
+                        known_hosts: known.clone(),
+                    },
+                    (Some(SshHostKeyPolicy::Pinned), None) => HostKeyPolicy::Pinned {
+                        known_hosts: String::new(),
+                    },
+                    _ => HostKeyPolicy::AcceptNew,
+                },
+            },
+        });
+    }
+    dispatch
+        .token
+        .as_deref()
+        .or(github_token)
+        .map(|secret| GitCredentials::Basic {
+            user: "x-access-token".into(),
+            secret: secret.to_owned(),
+        })
+}
+
+/// Waits for an executor whose output channel closed; gives up [`ABANDON_AFTER_FORCE`] after a
+/// forced stop.
+async fn await_execution(
+    execution: &mut tokio::task::JoinHandle<crate::executor::StepResult>,
+    force: &CancellationToken,
+) -> Option<Result<crate::executor::StepResult, tokio::task::JoinError>> {
+    tokio::select! {
+        result = &mut *execution => Some(result),
+        _ = async {
+            force.cancelled().await;
+            tokio::time::sleep(ABANDON_AFTER_FORCE).await;
+        } => {
+            execution.abort();
+            None
+        }
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

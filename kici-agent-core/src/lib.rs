@@ -1,0 +1,43 @@
+//! # kici-agent-core
+//!
+//! A KiCI CI agent as a library: the whole agent lifecycle (connect, authenticate, register,
+//! heartbeat, dispatch, run steps, stream logs, report, reconnect) behind the [`Agent`] handle,
+//! with pluggable step [`Executor`]s.
+//!
+//! ```no_run
+//! use kici_agent_core::{Agent, AgentConfig};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = AgentConfig::builder("ws://127.0.0.1:4000/ws").build()?;
+//! let agent = Agent::new(config)?;
+//! agent.start()?;
+//! agent.wait(None);
+//! # Ok(()) }
+//! ```
+//!
+//! `ARCHITECTURE.md` at the repository root maps the modules and follows one dispatch through
+//! them.
+
+pub mod agent;
+pub mod checkout;
+pub mod config;
+pub mod connection;
+pub mod events;
+pub mod executor;
+pub mod host;
+pub mod http;
+pub mod job;
+pub mod local;
+pub mod logs;
+pub mod metrics;
+pub mod outbox;
+pub mod process;
+pub mod protocol;
+
+pub use agent::{Agent, AgentError, AgentState, VERSION};
+pub use config::{AgentConfig, ConfigError};
+pub use connection::ConnectionState;
+pub use events::Event;
+pub use executor::{
+    Executor, ExecutorRegistry, JobContext, ProcessExecutor, ShellExecutor, StepContext,
+    StepFailure, StepIo, StepResult,
+};

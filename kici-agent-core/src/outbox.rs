@@ -1,0 +1,767 @@
+//! The one ordered outbox every agent -> orchestrator job message goes through.
+//!
+//! - **Priorities**: control messages (`job.ack`, `job.reject`, `agent.status`, `config.ack`)
+//!   first, then statuses, then `job.heartbeat`s, then log lines. The connection heartbeat does
+//!   not pass through here: it is exempt from the orchestrator's limits and sent directly.
+//! - **Order per job**: a status waits behind the log lines of its job that were queued before
+//!   it (a *barrier*), so a step's lines always precede its terminal status and the job's
+//!   terminal status comes last, while statuses still overtake the log lines queued after them.
+//! - **Nothing lost**: statuses are never dropped; while disconnected they are held and replayed
+//!   in order after re-registering, and [`Outbox::undelivered_jobs`] feeds `inFlightJobs`.
+//! - **Bounded memory**: while connected, a producer whose lines would push the log backlog past
+//!   the bound waits (real backpressure: the step's pipe is not read); while disconnected the
+//!   oldest lines are dropped instead and one marker line says how many.
+//! - **Pacing**: [`Pacer`] mirrors the orchestrator's token buckets; log lines are packed into as
+//!   few `log.chunk` frames as the byte budget allows, never above `max_frame_bytes`.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::protocol::{
+    json_string_len, new_message_id, now_ms, JobHeartbeat, JobRef, LogChunk, Outbound,
+};
+
+/// Limits of the outbox and of the pacing.
+#[derive(Debug, Clone)]
+pub struct OutboxLimits {
+    /// Log bytes held before producers wait (connected) or the oldest lines go (disconnected).
+    pub backlog_bytes: usize,
+    /// The largest frame ever sent (the orchestrator closes above 2 MiB).
+    pub max_frame_bytes: usize,
+    /// Lines wait this long to be batched with later ones ...
+    pub linger: Duration,
+    /// ... unless this many are queued.
+    pub batch_lines: usize,
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        OutboxLimits {
+            backlog_bytes: 8 * 1024 * 1024,
+            max_frame_bytes: 512 * 1024,
+            linger: Duration::from_millis(100),
+            batch_lines: 50,
+        }
+    }
+}
+
+/// Token buckets mirroring the orchestrator's per-connection limits (spec protocol.md §1.2).
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    msgs_per_sec: f64,
+    msg_burst: f64,
+    bytes_per_sec: f64,
+    byte_burst: f64,
+    msg_tokens: f64,
+    byte_tokens: f64,
+    refilled_at: Instant,
+    paused_until: Option<Instant>,
+}
+
+impl Pacer {
+    /// Full buckets with the given rates and bursts.
+    pub fn new(msgs_per_sec: f64, msg_burst: f64, bytes_per_sec: f64, byte_burst: f64) -> Self {
+        Pacer {
+            msgs_per_sec,
+            msg_burst,
+            bytes_per_sec,
+            byte_burst,
+            msg_tokens: msg_burst,
+            byte_tokens: byte_burst,
+            refilled_at: Instant::now(),
+            paused_until: None,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled_at).as_secs_f64();
+        self.refilled_at = now;
+        self.msg_tokens = (self.msg_tokens + elapsed * self.msgs_per_sec).min(self.msg_burst);
+        self.byte_tokens = (self.byte_tokens + elapsed * self.bytes_per_sec).min(self.byte_burst);
+    }
+
+    /// Bytes that can be sent right now in one message.
+    pub fn available_bytes(&mut self, now: Instant) -> usize {
+        self.refill(now);
+        self.byte_tokens.max(0.0) as usize
+    }
+
+    /// How long until a message of `bytes` may go (zero = now).
+    pub fn wait_for(&mut self, bytes: usize, now: Instant) -> Duration {
+        self.refill(now);
+        let bytes = (bytes as f64).min(self.byte_burst);
+        let msg_wait = (1.0 - self.msg_tokens).max(0.0) / self.msgs_per_sec;
+        let byte_wait = (bytes - self.byte_tokens).max(0.0) / self.bytes_per_sec;
+        let pause = self
+            .paused_until
+            .map(|until| until.saturating_duration_since(now))
+            .unwrap_or_default();
+        Duration::from_secs_f64(msg_wait.max(byte_wait)).max(pause)
+    }
+
+    /// Takes the tokens of one sent message.
+    pub fn consume(&mut self, bytes: usize, now: Instant) {
+        self.refill(now);
+        self.msg_tokens -= 1.0;
+        self.byte_tokens -= bytes as f64;
+    }
+
+    /// The orchestrator dropped a message: send nothing paced for `retry_after`, then resume
+    /// with empty buckets (its own are empty too).
+    pub fn back_off(&mut self, retry_after: Duration, now: Instant) {
+        self.refill(now);
+        self.paused_until = Some(now + retry_after);
+        self.msg_tokens = self.msg_tokens.min(0.0);
+        self.byte_tokens = self.byte_tokens.min(0.0);
+    }
+
+    /// The largest message this pacer will ever allow.
+    pub fn byte_burst(&self) -> usize {
+        self.byte_burst as usize
+    }
+}
+
+/// A frame ready for the socket.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// The JSON text.
+    pub text: String,
+    /// The message type, for logs and tests.
+    pub message_type: &'static str,
+}
+
+struct QueuedLine {
+    step_index: i64,
+    text: String,
+}
+
+struct PendingStatus {
+    /// Sendable once this many of the job's lines are sent (or dropped).
+    barrier: u64,
+    /// Global order among all statuses.
+    seq: u64,
+    terminal: bool,
+    message: Outbound,
+}
+
+struct JobLane {
+    job: JobRef,
+    statuses: VecDeque<PendingStatus>,
+    lines: VecDeque<QueuedLine>,
+    lines_queued: u64,
+    lines_done: u64,
+    /// Lines dropped while disconnected and not yet announced by a marker line.
+    dropped_unannounced: u64,
+    oldest_line_at: Option<Instant>,
+    heartbeat_due: bool,
+    finished: bool,
+}
+
+impl JobLane {
+    fn new(job: JobRef) -> Self {
+        JobLane {
+            job,
+            statuses: VecDeque::new(),
+            lines: VecDeque::new(),
+            lines_queued: 0,
+            lines_done: 0,
+            dropped_unannounced: 0,
+            oldest_line_at: None,
+            heartbeat_due: false,
+            finished: false,
+        }
+    }
+
+    fn head_status_ready(&self) -> Option<&PendingStatus> {
+        self.statuses
+            .front()
+            .filter(|s| s.barrier <= self.lines_done)
+    }
+
+    fn status_waits_on_lines(&self) -> bool {
+        self.statuses
+            .front()
+            .is_some_and(|s| s.barrier > self.lines_done)
+    }
+
+    fn is_done(&self) -> bool {
+        self.finished && self.statuses.is_empty() && self.lines.is_empty()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    control: VecDeque<Outbound>,
+    lanes: Vec<JobLane>,
+    next_status_seq: u64,
+    backlog_bytes: usize,
+    connected: bool,
+    /// Lines dropped in total (for the metric), since the last read.
+    dropped_total: u64,
+}
+
+impl State {
+    fn lane_mut(&mut self, job: &JobRef) -> &mut JobLane {
+        let index = match self.lanes.iter().position(|l| l.job.job_id == job.job_id) {
+            Some(index) => index,
+            None => {
+                self.lanes.push(JobLane::new(job.clone()));
+                self.lanes.len() - 1
+            }
+        };
+        &mut self.lanes[index]
+    }
+
+    fn drop_oldest_lines_over(&mut self, bound: usize) {
+        while self.backlog_bytes > bound {
+            // The lane holding the oldest queued line loses it.
+            let Some(lane) = self
+                .lanes
+                .iter_mut()
+                .filter(|l| !l.lines.is_empty())
+                .min_by_key(|l| l.oldest_line_at)
+            else {
+                break;
+            };
+            if let Some(line) = lane.lines.pop_front() {
+                self.backlog_bytes -= line.text.len();
+                lane.lines_done += 1;
+                lane.dropped_unannounced += 1;
+                self.dropped_total += 1;
+            }
+        }
+    }
+}
+
+/// What the sender will send next, before pacing.
+enum Plan {
+    Control,
+    Status { lane: usize },
+    JobHeartbeat { lane: usize },
+    Lines { lane: usize, bytes: usize, ready_in: Duration },
+}
+
+/// The outbox shared by job runners (producers) and the connection (consumer).
+pub struct Outbox {
+    state: Mutex<State>,
+    limits: OutboxLimits,
+    /// Woken when something was queued or the connection state changed.
+    changed: Notify,
+    /// Woken when backlog space was freed or the connection dropped.
+    space: Notify,
+}
+
+impl Outbox {
+    /// An empty outbox.
+    pub fn new(limits: OutboxLimits) -> Self {
+        Outbox {
+            state: Mutex::new(State::default()),
+            limits,
+            changed: Notify::new(),
+            space: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves plain queues behind: still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a control message (`job.ack`, `job.reject`, `agent.status`, `config.ack`).
+    pub fn push_control(&self, message: Outbound) {
+        self.lock().control.push_back(message);
+        self.changed.notify_one();
+    }
+
+    /// Queues a `job.status` or `step.status` of `job`, ordered after the job's lines queued so
+    /// far. A terminal `job.status` (`terminal`) closes the job's lane once delivered.
+    pub fn push_status(&self, job: &JobRef, message: Outbound, terminal: bool) {
+        let mut state = self.lock();
+        let seq = state.next_status_seq;
+        state.next_status_seq += 1;
+        let lane = state.lane_mut(job);
+        let barrier = lane.lines_queued;
+        lane.statuses.push_back(PendingStatus {
+            barrier,
+            seq,
+            terminal,
+            message,
+        });
+        if terminal {
+            lane.finished = true;
+        }
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// Marks a `job.heartbeat` due for `job` (coalesced: one pending at most).
+    pub fn job_heartbeat_due(&self, job: &JobRef) {
+        self.lock().lane_mut(job).heartbeat_due = true;
+        self.changed.notify_one();
+    }
+
+    /// Queues log lines of one step. Waits while connected and the backlog is over its bound;
+    /// while disconnected, drops the oldest queued lines instead.
+    pub async fn push_lines(&self, job: &JobRef, step_index: i64, lines: Vec<String>) {
+        if lines.is_empty() {
+            return;
+        }
+        loop {
+            let space = self.space.notified();
+            {
+                let mut state = self.lock();
+                if !state.connected || state.backlog_bytes < self.limits.backlog_bytes {
+                    self.enqueue_lines(&mut state, job, step_index, lines);
+                    if !state.connected {
+                        state.drop_oldest_lines_over(self.limits.backlog_bytes);
+                    }
+                    break;
+                }
+            }
+            space.await;
+        }
+        self.changed.notify_one();
+    }
+
+    /// Queues log lines without waiting (for callers that cannot await; the bound still holds
+    /// by dropping the oldest lines).
+    pub fn push_lines_now(&self, job: &JobRef, step_index: i64, lines: Vec<String>) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut state = self.lock();
+        self.enqueue_lines(&mut state, job, step_index, lines);
+        state.drop_oldest_lines_over(self.limits.backlog_bytes);
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    fn enqueue_lines(&self, state: &mut State, job: &JobRef, step_index: i64, lines: Vec<String>) {
+        let added: usize = lines.iter().map(String::len).sum();
+        let lane = state.lane_mut(job);
+        lane.oldest_line_at.get_or_insert_with(Instant::now);
+        lane.lines_queued += lines.len() as u64;
+        lane.lines
+            .extend(lines.into_iter().map(|text| QueuedLine { step_index, text }));
+        state.backlog_bytes += added;
+    }
+
+    /// The connection state: while disconnected nothing is sent and producers never wait.
+    pub fn set_connected(&self, connected: bool) {
+        let mut state = self.lock();
+        state.connected = connected;
+        if !connected {
+            // Acks of jobs we run are still owed; everything else in the control lane is
+            // regenerated on the next registration or no longer meaningful.
+            state
+                .control
+                .retain(|m| matches!(m, Outbound::JobAck(_)));
+            state.drop_oldest_lines_over(self.limits.backlog_bytes);
+        }
+        drop(state);
+        self.space.notify_waiters();
+        self.changed.notify_one();
+    }
+
+    /// Jobs whose terminal status has not been delivered yet (for `inFlightJobs`).
+    pub fn undelivered_jobs(&self) -> Vec<JobRef> {
+        self.lock()
+            .lanes
+            .iter()
+            .filter(|l| l.finished)
+            .map(|l| l.job.clone())
+            .collect()
+    }
+
+    /// Log lines not yet delivered.
+    pub fn pending_lines(&self) -> usize {
+        self.lock().lanes.iter().map(|l| l.lines.len()).sum()
+    }
+
+    /// Log bytes waiting.
+    pub fn backlog_bytes(&self) -> usize {
+        self.lock().backlog_bytes
+    }
+
+    /// Lines dropped (disconnected overflow) since the last call.
+    pub fn take_dropped(&self) -> u64 {
+        std::mem::take(&mut self.lock().dropped_total)
+    }
+
+    /// Whether nothing at all waits to be sent.
+    pub fn is_empty(&self) -> bool {
+        let state = self.lock();
+        state.control.is_empty()
+            && state
+                .lanes
+                .iter()
+                .all(|l| l.statuses.is_empty() && l.lines.is_empty() && !l.heartbeat_due)
+    }
+
+    /// Waits until nothing waits to be sent.
+    pub async fn wait_empty(&self) {
+        loop {
+            let space = self.space.notified();
+            if self.is_empty() {
+                return;
+            }
+            space.await;
+        }
+    }
+
+    fn plan(&self, state: &State, now: Instant, budget_hint: usize) -> Option<Plan> {
+        if !state.control.is_empty() {
+            return Some(Plan::Control);
+        }
+        let ready_status = state
+            .lanes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.head_status_ready().map(|s| (i, s.seq)))
+            .min_by_key(|(_, seq)| *seq);
+        if let Some((lane, _)) = ready_status {
+            return Some(Plan::Status { lane });
+        }
+        if let Some(lane) = state.lanes.iter().position(|l| l.heartbeat_due) {
+            return Some(Plan::JobHeartbeat { lane });
+        }
+        // Lines: a lane whose status waits on them first, else the oldest lines.
+        let lane = state
+            .lanes
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !l.lines.is_empty())
+            .min_by_key(|(_, l)| (!l.status_waits_on_lines(), l.oldest_line_at))
+            .map(|(i, _)| i)?;
+        let l = &state.lanes[lane];
+        let urgent = l.status_waits_on_lines() || l.lines.len() >= self.limits.batch_lines;
+        let age = l
+            .oldest_line_at
+            .map(|t| now.saturating_duration_since(t))
+            .unwrap_or_default();
+        let ready_in = if urgent {
+            Duration::ZERO
+        } else {
+            self.limits.linger.saturating_sub(age)
+        };
+        // Ask the pacer for a worthwhile chunk: what is queued, up to a quarter frame.
+        let queued: usize = l.lines.iter().take(4096).map(|q| q.text.len() + 3).sum();
+        let bytes = queued.min(self.limits.max_frame_bytes / 4).min(budget_hint.max(1));
+        Some(Plan::Lines {
+            lane,
+            bytes: bytes + 200,
+            ready_in,
+        })
+    }
+
+    /// Waits for the next frame that may go now under `pacer`, and takes it from the queue.
+    /// Cancel-safe: nothing is taken until the frame is returned.
+    pub async fn next_frame(&self, pacer: &mut Pacer) -> Frame {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let now = Instant::now();
+            let wait = {
+                let state = self.lock();
+                if !state.connected {
+                    None
+                } else {
+                    match self.plan(&state, now, pacer.byte_burst()) {
+                        None => None,
+                        Some(Plan::Lines {
+                            bytes, ready_in, ..
+                        }) => Some(pacer.wait_for(bytes, now).max(ready_in)),
+                        Some(_) => Some(pacer.wait_for(400, now)),
+                    }
+                }
+            };
+            match wait {
+                None => changed.await,
+                Some(wait) if wait.is_zero() => {
+                    let budget = pacer.available_bytes(now).min(self.limits.max_frame_bytes);
+                    if let Some(frame) = self.take(budget.max(1024), now) {
+                        pacer.consume(frame.text.len(), Instant::now());
+                        return frame;
+                    }
+                }
+                Some(wait) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = &mut changed => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the next frame within `budget` bytes, if any may go.
+    fn take(&self, budget: usize, now: Instant) -> Option<Frame> {
+        let mut state = self.lock();
+        let plan = self.plan(&state, now, budget)?;
+        let (message, freed) = match plan {
+            Plan::Control => (state.control.pop_front()?, false),
+            Plan::Status { lane } => {
+                let l = &mut state.lanes[lane];
+                let status = l.statuses.pop_front()?;
+                if status.terminal && l.is_done() {
+                    state.lanes.remove(lane);
+                }
+                (status.message, false)
+            }
+            Plan::JobHeartbeat { lane } => {
+                let l = &mut state.lanes[lane];
+                l.heartbeat_due = false;
+                let message = Outbound::JobHeartbeat(JobHeartbeat {
+                    run_id: l.job.run_id.clone(),
+                    job_id: l.job.job_id.clone(),
+                    timestamp: now_ms(),
+                });
+                (message, false)
+            }
+            Plan::Lines { lane, .. } => {
+                let max = budget.min(self.limits.max_frame_bytes);
+                let (chunk, bytes) = pack_chunk(&mut state.lanes[lane], max);
+                state.backlog_bytes -= bytes;
+                if state.lanes[lane].is_done() {
+                    state.lanes.remove(lane);
+                }
+                (chunk, true)
+            }
+        };
+        drop(state);
+        if freed {
+            self.space.notify_waiters();
+        }
+        let text = message.to_frame();
+        if self.is_empty() {
+            self.space.notify_waiters();
+        }
+        Some(Frame {
+            text,
+            message_type: message.message_type(),
+        })
+    }
+}
+
+/// Envelope bytes of a `log.chunk` around its lines (ids are UUIDs; generous).
+const CHUNK_ENVELOPE_BYTES: usize = 220;
+
+/// Packs the lane's leading lines of one step into a chunk of at most `max_bytes`.
+/// Returns the chunk and the raw line bytes removed from the backlog.
+fn pack_chunk(lane: &mut JobLane, max_bytes: usize) -> (Outbound, usize) {
+    let step_index = lane.lines.front().map(|l| l.step_index).unwrap_or(-1);
+    let mut lines = Vec::new();
+    let mut size = CHUNK_ENVELOPE_BYTES + lane.job.run_id.len() + lane.job.job_id.len();
+    if lane.dropped_unannounced > 0 {
+        let marker = format!(
+            "[{} lines dropped: the orchestrator was unreachable and the buffer was full]",
+            lane.dropped_unannounced
+        );
+        size += json_string_len(&marker) + 1;
+        lines.push(marker);
+        lane.dropped_unannounced = 0;
+    }
+    let mut raw_bytes = 0;
+    while let Some(next) = lane.lines.front() {
+        if next.step_index != step_index {
+            break;
+        }
+        let cost = json_string_len(&next.text) + 1;
+        if !lines.is_empty() && size + cost > max_bytes {
+            break;
+        }
+        size += cost;
+        raw_bytes += next.text.len();
+        if let Some(line) = lane.lines.pop_front() {
+            lines.push(line.text);
+        }
+        lane.lines_done += 1;
+    }
+    lane.oldest_line_at = if lane.lines.is_empty() {
+        None
+    } else {
+        lane.oldest_line_at
+    };
+    let chunk = Outbound::LogChunk(LogChunk {
+        message_id: new_message_id(),
+        run_id: lane.job.run_id.clone(),
+        job_id: lane.job.job_id.clone(),
+        step_index,
+        lines,
+        timestamp: now_ms(),
+    });
+    (chunk, raw_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{JobAck, JobState, JobStatus};
+
+    fn job(id: &str) -> JobRef {
+        JobRef {
+            run_id: format!("run-{id}"),
+            job_id: id.to_string(),
+        }
+    }
+
+    fn status(job: &JobRef, state: JobState) -> Outbound {
+        Outbound::JobStatus(JobStatus {
+            message_id: new_message_id(),
+            run_id: job.run_id.clone(),
+            job_id: job.job_id.clone(),
+            state,
+            timestamp: 1,
+            data: None,
+        })
+    }
+
+    fn ack(job: &JobRef) -> Outbound {
+        Outbound::JobAck(JobAck {
+            message_id: new_message_id(),
+            run_id: job.run_id.clone(),
+            job_id: job.job_id.clone(),
+            timestamp: 1,
+        })
+    }
+
+    fn unlimited() -> Pacer {
+        Pacer::new(1e9, 1e9, 1e12, 1e12)
+    }
+
+    async fn drain(outbox: &Outbox, pacer: &mut Pacer) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        while !outbox.is_empty() {
+            let frame = outbox.next_frame(pacer).await;
+            out.push(serde_json::from_str(&frame.text).unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn statuses_wait_for_earlier_lines_but_overtake_later_ones() {
+        let outbox = Outbox::new(OutboxLimits::default());
+        outbox.set_connected(true);
+        let a = job("a");
+        outbox.push_status(&a, status(&a, JobState::Running), false);
+        outbox
+            .push_lines(&a, 0, vec!["one".into(), "two".into()])
+            .await;
+        outbox.push_status(&a, status(&a, JobState::Success), true);
+        outbox.push_control(ack(&job("b")));
+        let sent = drain(&outbox, &mut unlimited()).await;
+        let types: Vec<&str> = sent.iter().map(|m| m["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["job.ack", "job.status", "log.chunk", "job.status"]);
+        assert_eq!(sent[2]["lines"], serde_json::json!(["one", "two"]));
+        assert_eq!(sent[3]["state"], "success");
+        assert!(outbox.undelivered_jobs().is_empty());
+    }
+
+    #[tokio::test]
+    async fn held_while_disconnected_and_listed_as_in_flight() {
+        let outbox = Outbox::new(OutboxLimits::default());
+        let a = job("a");
+        outbox.push_status(&a, status(&a, JobState::Running), false);
+        outbox.push_status(&a, status(&a, JobState::Failed), true);
+        assert_eq!(outbox.undelivered_jobs(), vec![a.clone()]);
+        let mut pacer = unlimited();
+        // Nothing goes while disconnected.
+        let pending = tokio::time::timeout(Duration::from_millis(20), outbox.next_frame(&mut pacer));
+        assert!(pending.await.is_err());
+        outbox.set_connected(true);
+        let sent = drain(&outbox, &mut pacer).await;
+        let states: Vec<&str> = sent.iter().map(|m| m["state"].as_str().unwrap()).collect();
+        assert_eq!(states, ["running", "failed"]);
+        assert!(outbox.undelivered_jobs().is_empty());
+    }
+
+    #[tokio::test]
+    async fn offline_overflow_drops_oldest_with_one_marker() {
+        let limits = OutboxLimits {
+            backlog_bytes: 100,
+            ..OutboxLimits::default()
+        };
+        let outbox = Outbox::new(limits);
+        let a = job("a");
+        for i in 0..50 {
+            outbox.push_lines(&a, 0, vec![format!("line {i:04}")]).await;
+        }
+        assert!(outbox.backlog_bytes() <= 100);
+        outbox.set_connected(true);
+        let sent = drain(&outbox, &mut unlimited()).await;
+        let lines: Vec<String> = sent
+            .iter()
+            .flat_map(|m| m["lines"].as_array().unwrap().clone())
+            .map(|l| l.as_str().unwrap().to_string())
+            .collect();
+        assert!(lines[0].starts_with("[40 lines dropped"), "{lines:?}");
+        assert_eq!(lines.last().unwrap(), "line 0049");
+        assert_eq!(lines.len(), 11);
+    }
+
+    #[tokio::test]
+    async fn producers_wait_while_connected_and_over_the_bound() {
+        let limits = OutboxLimits {
+            backlog_bytes: 10,
+            ..OutboxLimits::default()
+        };
+        let outbox = std::sync::Arc::new(Outbox::new(limits));
+        outbox.set_connected(true);
+        let a = job("a");
+        outbox.push_lines(&a, 0, vec!["0123456789ab".into()]).await;
+        let producer = {
+            let outbox = outbox.clone();
+            let a = a.clone();
+            tokio::spawn(async move { outbox.push_lines(&a, 0, vec!["second".into()]).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!producer.is_finished());
+        let mut pacer = unlimited();
+        let first = outbox.next_frame(&mut pacer).await;
+        assert!(first.text.contains("0123456789ab"));
+        producer.await.unwrap();
+        let second = outbox.next_frame(&mut pacer).await;
+        assert!(second.text.contains("second"));
+    }
+
+    #[tokio::test]
+    async fn chunks_never_exceed_the_frame_limit_and_keep_every_line() {
+        let limits = OutboxLimits {
+            max_frame_bytes: 64 * 1024,
+            backlog_bytes: 64 * 1024 * 1024,
+            ..OutboxLimits::default()
+        };
+        let outbox = Outbox::new(limits);
+        outbox.set_connected(true);
+        let a = job("a");
+        let lines: Vec<String> = (0..20_000).map(|i| format!("{i:08} \"quoted\" {}", "x".repeat(60))).collect();
+        outbox.push_lines(&a, 3, lines.clone()).await;
+        let mut pacer = unlimited();
+        let mut got = Vec::new();
+        while !outbox.is_empty() {
+            let frame = outbox.next_frame(&mut pacer).await;
+            assert!(frame.text.len() <= 64 * 1024, "frame of {}", frame.text.len());
+            let v: serde_json::Value = serde_json::from_str(&frame.text).unwrap();
+            assert_eq!(v["stepIndex"], 3);
+            got.extend(v["lines"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()));
+        }
+        assert_eq!(got, lines);
+    }
+
+    #[test]
+    fn pacer_waits_for_tokens() {
+        let now = Instant::now();
+        let mut pacer = Pacer::new(10.0, 1.0, 1000.0, 1000.0);
+        assert_eq!(pacer.wait_for(500, now), Duration::ZERO);
+        pacer.consume(500, now);
+        // No message token left: 1/10 s; bytes: 1000 - 500 < 800 -> 0.3 s.
+        let wait = pacer.wait_for(800, now);
+        assert!(wait >= Duration::from_millis(299) && wait <= Duration::from_millis(301), "{wait:?}");
+        pacer.back_off(Duration::from_secs(2), now);
+        assert!(pacer.wait_for(1, now) >= Duration::from_secs(2));
+    }
+}

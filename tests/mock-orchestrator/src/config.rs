@@ -1,0 +1,87 @@
+//! Configuration of the mock: authentication mode, rate limits and protocol timers.
+//!
+//! The defaults are the real orchestrator's values (protocol.md §1.2, §2, §10); tests shorten the
+//! timers to keep runs fast.
+
+use std::time::Duration;
+
+/// The pre-shared agent token the mock accepts by default (`kat_` + 64 hex characters, §2.3).
+pub const TEST_TOKEN: &str = "kat_0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// How agents authenticate (the orchestrator's `KICI_AGENT_AUTH`, §2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMode {
+    /// Token mode: the first frame must be an `auth.request` carrying exactly this token.
+    Token(String),
+    /// None mode: the first frame must be `agent.register`; an `auth.request` is a 4003 close.
+    None,
+}
+
+/// Per-connection inbound token buckets (§1.2). Sizes are JS string lengths (UTF-16 code units).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimits {
+    /// Message bucket capacity.
+    pub msg_burst: f64,
+    /// Message bucket refill rate, messages per second.
+    pub msgs_per_sec: f64,
+    /// Byte bucket capacity; a single larger message is a 4003 close.
+    pub byte_burst: f64,
+    /// Byte bucket refill rate, units per second.
+    pub bytes_per_sec: f64,
+    /// A message above this size is a 4003 "Message too large" close.
+    pub hard_max_bytes: usize,
+    /// Being over budget continuously for longer than this is a 4003 close.
+    pub sustained_violation: Duration,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        RateLimits {
+            msg_burst: 200.0,
+            msgs_per_sec: 100.0,
+            byte_burst: 2_097_152.0,
+            bytes_per_sec: 512_000.0,
+            hard_max_bytes: 4 * 1024 * 1024,
+            sustained_violation: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything [`crate::MockOrchestrator::start`] needs.
+#[derive(Debug, Clone)]
+pub struct MockConfig {
+    /// Token or none mode.
+    pub auth: AuthMode,
+    /// Inbound rate limits applied to every connection.
+    pub rate_limits: RateLimits,
+    /// Token mode: time from socket open to a valid `auth.request` (4002 "Auth timeout").
+    pub auth_timeout: Duration,
+    /// Time from `auth.success` (token mode) or open (none mode) to `agent.register` (4002).
+    pub register_timeout: Duration,
+    /// Time after a dispatch for `job.ack`/`job.reject`/`job.status running` (job.cancel + 4031).
+    pub dispatch_ack_timeout: Duration,
+    /// Time without a `heartbeat` after registration before a 4004 close.
+    pub heartbeat_timeout: Duration,
+    /// Simulated duration of the asynchronous token lookup; any frame arriving meanwhile is a 4003.
+    pub auth_check_delay: Duration,
+    /// WebSocket port on 127.0.0.1; 0 picks a free one.
+    pub port: u16,
+    /// Print every frame, close and violation to stderr (defaults to `KICI_MOCK_TRACE` being set).
+    pub trace: bool,
+}
+
+impl Default for MockConfig {
+    fn default() -> Self {
+        MockConfig {
+            auth: AuthMode::Token(TEST_TOKEN.to_string()),
+            rate_limits: RateLimits::default(),
+            auth_timeout: Duration::from_secs(5),
+            register_timeout: Duration::from_secs(10),
+            dispatch_ack_timeout: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(180),
+            auth_check_delay: Duration::from_millis(20),
+            port: 0,
+            trace: std::env::var_os("KICI_MOCK_TRACE").is_some(),
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! The listening socket: accepts agent connections, and can stop listening and listen again on
+//! the same port to simulate an orchestrator outage.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::watch;
+
+use crate::connection::serve_connection;
+use crate::state::Shared;
+
+/// Listens on `addr` with SO_REUSEADDR, so the same port can be bound again after an outage.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Accepts connections until `stop` turns true. While `accepting` is false the listening socket is
+/// closed, so connection attempts are refused by the kernel.
+pub(crate) async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    mut accepting: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let addr = match listener.local_addr() {
+        Ok(addr) => addr,
+        Err(err) => {
+            shared.record_problem(format!("listener has no local address: {err}"));
+            return;
+        }
+    };
+    let mut listener = Some(listener);
+    shared.set_listening(true);
+    loop {
+        if *stop.borrow_and_update() {
+            break;
+        }
+        if !*accepting.borrow_and_update() {
+            if listener.take().is_some() {
+                shared.set_listening(false);
+            }
+        } else if listener.is_none() {
+            match bind(addr) {
+                Ok(rebound) => {
+                    listener = Some(rebound);
+                    shared.set_listening(true);
+                }
+                Err(err) => shared.record_problem(format!("cannot listen on {addr} again: {err}")),
+            }
+        }
+        let Some(active) = &listener else {
+            tokio::select! {
+                changed = accepting.changed() => if changed.is_err() { break },
+                _ = stop.changed() => break,
+            }
+            continue;
+        };
+        tokio::select! {
+            accepted = active.accept() => match accepted {
+                // A connection that raced with set_accepting(false) is dropped unanswered.
+                Ok((stream, _)) if *accepting.borrow() => {
+                    // Answers go out at once, like any latency-sensitive server's.
+                    if let Err(err) = stream.set_nodelay(true) {
+                        shared.record_problem(format!("cannot set TCP_NODELAY: {err}"));
+                    }
+                    tokio::spawn(serve_connection(Arc::clone(&shared), stream));
+                }
+                Ok(_) => {}
+                Err(err) => shared.record_problem(format!("accept failed: {err}")),
+            },
+            changed = accepting.changed() => if changed.is_err() { break },
+            _ = stop.changed() => break,
+        }
+    }
+    drop(listener);
+    shared.set_listening(false);
+}
