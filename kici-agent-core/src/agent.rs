@@ -134,7 +134,7 @@ impl Agent {
             .build()
             .map_err(AgentError::Runtime)?;
         let metrics = Metrics::new();
-        let outbox = Arc::new(Outbox::new(OutboxLimits::default()));
+        let outbox = Arc::new(Outbox::new(OutboxLimits::default(), metrics.clone()));
         let events = Arc::new(EventQueue::new(10_000));
         let services = Arc::new(JobServices {
             outbox: outbox.clone(),
@@ -191,10 +191,10 @@ impl Agent {
         }
         let shared = self.shared.clone();
         let addr = SocketAddr::new(shared.config.bind_address, shared.config.port);
-        let listener = shared
-            .runtime
-            .block_on(http::bind(addr))
-            .map_err(|source| AgentError::Http { addr, source })?;
+        let listener = {
+            let _runtime = shared.runtime.enter();
+            http::bind(addr).map_err(|source| AgentError::Http { addr, source })?
+        };
         let bound = listener.local_addr().ok();
         *lock(&self.http_addr) = bound;
         *started = true;

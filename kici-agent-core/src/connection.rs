@@ -147,7 +147,8 @@ async fn session(
     };
     let connect = tokio::time::timeout(
         settings.connect_timeout,
-        tokio_tungstenite::connect_async(settings.url.as_str()),
+        // Nagle off: a heartbeat or status should not wait behind a delayed ACK.
+        tokio_tungstenite::connect_async_with_config(settings.url.as_str(), None, true),
     );
     let mut socket = tokio::select! {
         result = connect => match result {

@@ -23,15 +23,19 @@ pub(crate) trait HealthView: Send + Sync {
     fn metrics_text(&self) -> String;
 }
 
-/// Binds the listener; on `::` falls back to `0.0.0.0` where IPv6 is unavailable.
-pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    match TcpListener::bind(addr).await {
+/// Binds the listener (falling back from `::` to `0.0.0.0` where IPv6 is unavailable).
+/// Synchronous so callers outside the runtime get the error at once; must run inside the
+/// runtime's context.
+pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = match std::net::TcpListener::bind(addr) {
         Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() => {
-            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
-            TcpListener::bind(v4).await.map_err(|_| e)
+            std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], addr.port())))
+                .map_err(|_| e)?
         }
-        other => other,
-    }
+        other => other?,
+    };
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
 }
 
 /// Serves the endpoints until `shutdown` fires.

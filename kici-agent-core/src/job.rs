@@ -92,6 +92,9 @@ pub(crate) async fn run_job(
         tracing::error!(error = %e, job_id = %job_ref.job_id, "secret masking is incomplete for this job");
     }
     let run = JobRunner {
+        log_cap: dispatch
+            .max_log_size_bytes
+            .unwrap_or(services.settings.max_log_size_bytes),
         services: services.clone(),
         job_ref: job_ref.clone(),
         masker,
@@ -217,6 +220,8 @@ struct RunState {
 
 struct JobRunner {
     services: Arc<JobServices>,
+    /// Per-step log cap: the dispatch's `maxLogSizeBytes`, else the agent's.
+    log_cap: u64,
     job_ref: JobRef,
     masker: SecretMasker,
     control: JobControl,
@@ -633,7 +638,7 @@ impl JobRunner {
         tokio::pin!(timer);
         let mut timed_out = false;
         let mut abandon_at: Option<tokio::time::Instant> = None;
-        let mut log = StepLog::new(self.masker.clone(), self.max_log_bytes());
+        let mut log = StepLog::new(self.masker.clone(), self.log_cap);
         let mut outputs: Vec<(String, serde_json::Value)> = Vec::new();
         let mut lines = Vec::new();
         let joined = loop {
@@ -737,10 +742,6 @@ impl JobRunner {
             .outbox
             .push_lines(&self.job_ref, i64::from(step_index), std::mem::take(lines))
             .await;
-    }
-
-    fn max_log_bytes(&self) -> u64 {
-        self.services.settings.max_log_size_bytes
     }
 
     async fn prepare_once(

@@ -191,11 +191,12 @@ pub async fn run(
         )));
         registry
     });
-    let outbox = Arc::new(Outbox::new(OutboxLimits::default()));
+    let metrics = Metrics::new();
+    let outbox = Arc::new(Outbox::new(OutboxLimits::default(), metrics.clone()));
     outbox.set_connected(true);
     let services = Arc::new(JobServices {
         outbox: outbox.clone(),
-        metrics: Metrics::new(),
+        metrics,
         executors,
         events: Arc::new(EventQueue::new(16)),
         settings: JobSettings {

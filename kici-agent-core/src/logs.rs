@@ -6,6 +6,7 @@
 use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
+use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -41,6 +42,16 @@ pub struct MaskerError {
 #[derive(Clone, Default)]
 pub struct SecretMasker {
     inner: Arc<MaskerInner>,
+}
+
+impl fmt::Debug for SecretMasker {
+    /// Shows how many patterns are registered, never the values.
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("SecretMasker")
+            .field("patterns", &self.inner.patterns.len())
+            .finish()
+    }
 }
 
 #[derive(Default)]
@@ -286,14 +297,13 @@ impl SampledSearch {
     /// spans, or `None` when the line needs more full comparisons than its budget.
     fn find(&self, line: &[u8]) -> Option<Vec<(usize, usize)>> {
         let mut found = Vec::new();
-        if line.len() < self.min_len {
+        if !self.may_match(line) {
             return Some(found);
         }
         let mut budget = Self::VERIFY_BASE + line.len() / Self::VERIFY_BYTES_PER_UNIT;
-        for probe in (0..=line.len() - self.gram_len).step_by(self.stride) {
+        for probe in self.probes(line) {
             let gram = gram_value(&line[probe..probe + self.gram_len]);
-            let slot = self.slot(gram);
-            if self.bits[slot >> 6] & (1 << (slot & 63)) == 0 {
+            if self.gram_bit(gram) == 0 {
                 continue;
             }
             let Ok(index) = self.grams.binary_search(&gram) else {
@@ -323,6 +333,35 @@ impl SampledSearch {
         Some(found)
     }
 
+    /// Whether any sampled gram of `line` passes the bit set. Branch-free, so the table
+    /// loads of one line overlap instead of stalling one after another.
+    fn may_match(&self, line: &[u8]) -> bool {
+        let mut any = 0;
+        for probe in self.probes(line) {
+            any |= self.gram_bit(gram_value(&line[probe..probe + self.gram_len]));
+        }
+        any != 0
+    }
+
+    /// The sampled positions of `line`: none when it is shorter than every pattern.
+    fn probes(&self, line: &[u8]) -> impl Iterator<Item = usize> {
+        let end = if line.len() < self.min_len {
+            0
+        } else {
+            line.len() - self.gram_len + 1
+        };
+        // Not `step_by`: its set-up divides, which costs as much as the probes of a short line.
+        let stride = self.stride;
+        std::iter::successors(Some(0), move |probe| Some(probe + stride))
+            .take_while(move |&probe| probe < end)
+    }
+
+    /// 1 when `gram` may be indexed, 0 when it certainly is not.
+    fn gram_bit(&self, gram: u32) -> u64 {
+        let slot = self.slot(gram);
+        (self.bits[slot >> 6] >> (slot & 63)) & 1
+    }
+
     fn slot(&self, gram: u32) -> usize {
         (gram.wrapping_mul(0x9E37_79B1) >> self.hash_shift) as usize
     }
@@ -334,7 +373,7 @@ fn gram_value(gram: &[u8]) -> u32 {
         [a, b, c, d] => u32::from_le_bytes([*a, *b, *c, *d]),
         _ => gram
             .iter()
-            .fold(0, |value, &byte| value << 8 | u32::from(byte)),
+            .fold(0, |value, &byte| (value << 8) | u32::from(byte)),
     }
 }
 
@@ -369,23 +408,27 @@ impl LineSplitter {
 
     /// Appends the lines completed by `bytes` to `out`.
     pub fn push(&mut self, bytes: &[u8], out: &mut Vec<String>) {
-        self.push_raw(bytes, |line| out.push(lossy_string(line)));
+        self.push_raw(bytes, &mut |line| out.push(line.to_owned()));
     }
 
     /// Appends the held partial line, if any, to `out` (end of stream).
     pub fn finish(&mut self, out: &mut Vec<String>) {
-        self.finish_raw(|line| out.push(lossy_string(line)));
+        self.finish_raw(&mut |line| out.push(line.to_owned()));
     }
 
-    /// Calls `on_line` with the raw bytes of every line completed by `bytes`.
-    fn push_raw(&mut self, mut bytes: &[u8], mut on_line: impl FnMut(&[u8])) {
+    /// Calls `on_line` with the text of every line completed by `bytes`.
+    fn push_raw(&mut self, bytes: &[u8], on_line: &mut impl FnMut(&str)) {
+        let mut bytes = bytes;
         if self.skip_leading_lf && !bytes.is_empty() {
             self.skip_leading_lf = false;
             if bytes[0] == b'\n' {
                 bytes = &bytes[1..];
             }
         }
-        while let Some(end) = find_line_end(bytes) {
+        let chunk = Validated::new(bytes);
+        let mut line_start = 0;
+        while let Some(offset) = find_line_end(&bytes[line_start..]) {
+            let end = line_start + offset;
             let mut next = end + 1;
             if bytes[end] == b'\r' {
                 match bytes.get(next) {
@@ -394,65 +437,80 @@ impl LineSplitter {
                     None => self.skip_leading_lf = true,
                 }
             }
-            let line = &bytes[..end];
             if self.partial.is_empty() {
-                emit_complete(line, &mut on_line);
+                chunk.emit_complete(line_start..end, on_line);
             } else {
-                self.partial.extend_from_slice(line);
-                emit_complete(&self.partial, &mut on_line);
+                self.partial.extend_from_slice(&bytes[line_start..end]);
+                Validated::new(&self.partial).emit_complete(0..self.partial.len(), on_line);
                 self.partial.clear();
             }
-            bytes = &bytes[next..];
+            line_start = next;
         }
-        self.hold_incomplete(bytes, &mut on_line);
+        // Hold the unterminated rest, emitting full-size pieces so that at most
+        // `MAX_LINE_BYTES` stay behind.
+        if self.partial.is_empty() {
+            let rest_start = chunk.emit_oversized(line_start..bytes.len(), on_line);
+            self.partial.extend_from_slice(&bytes[rest_start..]);
+        } else {
+            self.partial.extend_from_slice(&bytes[line_start..]);
+            if self.partial.len() > MAX_LINE_BYTES {
+                let rest_start =
+                    Validated::new(&self.partial).emit_oversized(0..self.partial.len(), on_line);
+                self.partial.drain(..rest_start);
+            }
+        }
     }
 
     /// Calls `on_line` with the held partial line, if any.
-    fn finish_raw(&mut self, mut on_line: impl FnMut(&[u8])) {
+    fn finish_raw(&mut self, on_line: &mut impl FnMut(&str)) {
         self.skip_leading_lf = false;
         if !self.partial.is_empty() {
-            on_line(&self.partial);
+            Validated::new(&self.partial).emit(0..self.partial.len(), on_line);
             self.partial.clear();
         }
     }
+}
 
-    /// Keeps the unterminated tail, emitting full-size pieces so at most `MAX_LINE_BYTES` stay.
-    fn hold_incomplete(&mut self, tail: &[u8], on_line: &mut impl FnMut(&[u8])) {
-        if self.partial.is_empty() {
-            let emitted = emit_oversized_pieces(tail, on_line);
-            self.partial.extend_from_slice(&tail[emitted..]);
-        } else {
-            self.partial.extend_from_slice(tail);
-            let emitted = emit_oversized_pieces(&self.partial, on_line);
-            self.partial.drain(..emitted);
+/// Bytes and their longest valid UTF-8 prefix: validating a whole write once is much cheaper
+/// than validating each of its lines.
+struct Validated<'a> {
+    bytes: &'a [u8],
+    text: &'a str,
+}
+
+impl<'a> Validated<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        let text = match std::str::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(error) => std::str::from_utf8(&bytes[..error.valid_up_to()]).unwrap_or_default(),
+        };
+        Self { bytes, text }
+    }
+
+    /// Emits `bytes[range]`, with U+FFFD for invalid UTF-8 when it is outside the valid prefix.
+    fn emit(&self, range: Range<usize>, on_line: &mut impl FnMut(&str)) {
+        match self.text.get(range.clone()) {
+            Some(line) => on_line(line),
+            None => on_line(&String::from_utf8_lossy(&self.bytes[range])),
         }
     }
-}
 
-/// `raw` as text, invalid UTF-8 replaced by U+FFFD (validating first: the lossy decoder is slow).
-fn lossy_string(raw: &[u8]) -> String {
-    match std::str::from_utf8(raw) {
-        Ok(text) => text.to_owned(),
-        Err(_) => String::from_utf8_lossy(raw).into_owned(),
+    /// Emits a complete line, cut into pieces when it is longer than `MAX_LINE_BYTES`.
+    fn emit_complete(&self, range: Range<usize>, on_line: &mut impl FnMut(&str)) {
+        let rest_start = self.emit_oversized(range.clone(), on_line);
+        self.emit(rest_start..range.end, on_line);
     }
-}
 
-/// Emits a complete line, cut into pieces when it is longer than `MAX_LINE_BYTES`.
-fn emit_complete(line: &[u8], on_line: &mut impl FnMut(&[u8])) {
-    let emitted = emit_oversized_pieces(line, on_line);
-    on_line(&line[emitted..]);
-}
-
-/// Emits leading pieces while more than `MAX_LINE_BYTES` remain; returns the bytes emitted.
-fn emit_oversized_pieces(data: &[u8], on_line: &mut impl FnMut(&[u8])) -> usize {
-    let mut emitted = 0;
-    while data.len() - emitted > MAX_LINE_BYTES {
-        let rest = &data[emitted..];
-        let cut = piece_end(rest);
-        on_line(&rest[..cut]);
-        emitted += cut;
+    /// Emits leading pieces while more than `MAX_LINE_BYTES` remain; returns where the rest
+    /// starts.
+    fn emit_oversized(&self, mut range: Range<usize>, on_line: &mut impl FnMut(&str)) -> usize {
+        while range.len() > MAX_LINE_BYTES {
+            let cut = range.start + piece_end(&self.bytes[range.clone()]);
+            self.emit(range.start..cut, on_line);
+            range.start = cut;
+        }
+        range.start
     }
-    emitted
 }
 
 /// Where to cut `data` (longer than `MAX_LINE_BYTES`): the last character boundary at or below
@@ -503,6 +561,7 @@ pub fn truncation_marker(cap_bytes: u64) -> String {
 /// cap, that line is replaced by [`truncation_marker`] (once) and every later line is dropped;
 /// so the last accepted line may overshoot the cap. Bytes are counted as the UTF-8 length of the
 /// masked line that is sent, without its line end. Empty lines are kept.
+#[derive(Debug)]
 pub struct StepLog {
     splitter: LineSplitter,
     gate: LineGate,
@@ -532,26 +591,28 @@ impl StepLog {
     /// Feeds raw output bytes; appends the lines ready to send to `out`.
     pub fn push_bytes(&mut self, bytes: &[u8], out: &mut Vec<String>) {
         let gate = &mut self.gate;
-        self.splitter.push_raw(bytes, |line| gate.accept(line, out));
+        self.splitter
+            .push_raw(bytes, &mut |line| gate.accept(line, out));
     }
 
     /// Feeds one whole line from an executor that emits lines; embedded line ends split it.
     /// Independent of any partial line held from [`StepLog::push_bytes`].
     pub fn push_line(&mut self, line: &str, out: &mut Vec<String>) {
         if line.is_empty() {
-            self.gate.accept(b"", out);
+            self.gate.accept("", out);
             return;
         }
         let gate = &mut self.gate;
+        let mut accept = |piece: &str| gate.accept(piece, out);
         let mut splitter = LineSplitter::new();
-        splitter.push_raw(line.as_bytes(), |piece| gate.accept(piece, out));
-        splitter.finish_raw(|piece| gate.accept(piece, out));
+        splitter.push_raw(line.as_bytes(), &mut accept);
+        splitter.finish_raw(&mut accept);
     }
 
     /// Flushes the held partial last line (end of the step's output).
     pub fn finish(&mut self, out: &mut Vec<String>) {
         let gate = &mut self.gate;
-        self.splitter.finish_raw(|line| gate.accept(line, out));
+        self.splitter.finish_raw(&mut |line| gate.accept(line, out));
     }
 
     /// The spec's `logBytesStreamed`: UTF-8 bytes of the accepted (masked) lines, marker excluded.
@@ -572,6 +633,7 @@ impl StepLog {
 }
 
 /// The mask-and-cap half of a [`StepLog`], applied to each split line.
+#[derive(Debug)]
 struct LineGate {
     masker: SecretMasker,
     cap_bytes: u64,
@@ -581,7 +643,7 @@ struct LineGate {
 }
 
 impl LineGate {
-    fn accept(&mut self, raw: &[u8], out: &mut Vec<String>) {
+    fn accept(&mut self, text: &str, out: &mut Vec<String>) {
         if self.truncated {
             self.dropped_lines += 1;
             return;
@@ -592,11 +654,305 @@ impl LineGate {
             out.push(truncation_marker(self.cap_bytes));
             return;
         }
-        let line = match std::str::from_utf8(raw) {
-            Ok(text) => self.masker.mask_line(text),
-            Err(_) => self.masker.mask_line(&String::from_utf8_lossy(raw)),
-        };
+        let line = self.masker.mask_line(text);
         self.bytes_streamed += line.len() as u64;
         out.push(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masker(secrets: &[&str]) -> SecretMasker {
+        let mut masker = SecretMasker::new();
+        masker
+            .add_all(secrets.iter().copied())
+            .expect("test secrets build");
+        masker
+    }
+
+    fn base64(value: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(value)
+    }
+
+    fn split_all(writes: &[&[u8]]) -> Vec<String> {
+        let mut splitter = LineSplitter::new();
+        let mut out = Vec::new();
+        for write in writes {
+            splitter.push(write, &mut out);
+        }
+        splitter.finish(&mut out);
+        out
+    }
+
+    fn step_lines(log: &mut StepLog, writes: &[&[u8]]) -> Vec<String> {
+        let mut out = Vec::new();
+        for write in writes {
+            log.push_bytes(write, &mut out);
+        }
+        log.finish(&mut out);
+        out
+    }
+
+    /// Deterministic pseudo-random numbers for the comparison tests.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn below(&mut self, bound: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % bound as u64) as usize
+        }
+
+        fn text(&mut self, alphabet: &[u8], len: usize) -> String {
+            (0..len)
+                .map(|_| char::from(alphabet[self.below(alphabet.len())]))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn masks_plain_and_base64_forms() {
+        let masker = masker(&["hunter2pass"]);
+        assert_eq!(masker.mask("login hunter2pass ok"), "login *** ok");
+        let encoded = format!("auth: {}", base64("hunter2pass"));
+        assert_eq!(masker.mask(&encoded), "auth: ***");
+
+        let mut log = StepLog::new(masker, u64::MAX);
+        let lines = step_lines(&mut log, &[encoded.as_bytes(), b"\nx hunter2pass\n"]);
+        assert_eq!(lines, ["auth: ***", "x ***"]);
+    }
+
+    #[test]
+    fn masks_each_line_of_a_multi_line_secret() {
+        let pem = "-----BEGIN KEY-----\nMIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX\n  6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu  \n-----END KEY-----\n";
+        let masker = masker(&[pem]);
+        let mut log = StepLog::new(masker.clone(), u64::MAX);
+        let lines = step_lines(&mut log, &[pem.as_bytes()]);
+        assert_eq!(lines, ["***", "***", "  ***  ", "***"]);
+        assert_eq!(masker.mask(&format!("error: {pem}")), "error: ***");
+        let line_base64 = base64("MIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX");
+        assert_eq!(masker.mask(&line_base64), "***");
+    }
+
+    #[test]
+    fn masks_a_secret_split_across_writes() {
+        let mut log = StepLog::new(masker(&["s3cr3t-token-value"]), u64::MAX);
+        let lines = step_lines(&mut log, &[b"token=s3cr3t-to", b"ken-value done\n"]);
+        assert_eq!(lines, ["token=*** done"]);
+    }
+
+    #[test]
+    fn longest_overlapping_secret_wins() {
+        let masker = masker(&["abcdef", "abcdefgh", "defghijk"]);
+        assert_eq!(masker.mask("x abcdefgh y"), "x *** y");
+        // Leftmost first, then longest at that start.
+        assert_eq!(masker.mask("abcdefghijk"), "***ijk");
+        let mut log = StepLog::new(masker, u64::MAX);
+        assert_eq!(step_lines(&mut log, &[b"abcdefghijk\n"]), ["***ijk"]);
+    }
+
+    #[test]
+    fn ignores_short_and_blank_values() {
+        let masker = masker(&["ab", "x", "", "   \t"]);
+        assert!(masker.is_empty());
+        assert!(matches!(masker.mask("ab x ab"), Cow::Borrowed("ab x ab")));
+        let masker = self::masker(&["abc"]);
+        assert_eq!(masker.mask("abcd ab"), "***d ab");
+    }
+
+    #[test]
+    fn registrations_accumulate_and_clones_are_snapshots() {
+        let mut masker = masker(&["first-secret"]);
+        assert_eq!(masker.mask("first-secret"), "***");
+        let before = masker.clone();
+        masker.add("second-secret").expect("builds");
+        assert_eq!(masker.mask("first-secret second-secret"), "*** ***");
+        assert_eq!(before.mask("second-secret"), "second-secret");
+        masker.add("first-secret").expect("duplicate is accepted");
+        assert_eq!(format!("{masker:?}"), "SecretMasker { patterns: 4 }");
+    }
+
+    #[test]
+    fn mask_borrows_when_nothing_matches() {
+        assert!(matches!(
+            SecretMasker::new().mask("plain"),
+            Cow::Borrowed("plain")
+        ));
+        let masker = masker(&["secret-value"]);
+        assert!(matches!(masker.mask("plain text"), Cow::Borrowed(_)));
+        assert!(matches!(masker.mask("a secret-value"), Cow::Owned(_)));
+    }
+
+    #[test]
+    fn set_masker_applies_to_lines_not_yet_complete() {
+        let mut log = StepLog::new(SecretMasker::new(), u64::MAX);
+        let mut out = Vec::new();
+        log.push_bytes(b"early oidc-token-123\nlate oidc-tok", &mut out);
+        log.set_masker(masker(&["oidc-token-123"]));
+        log.push_bytes(b"en-123\n", &mut out);
+        assert_eq!(out, ["early oidc-token-123", "late ***"]);
+    }
+
+    #[test]
+    fn sampled_line_search_agrees_with_the_automaton() {
+        let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+        // A tiny alphabet makes overlaps, shared grams and dense lines common.
+        let alphabet = b"abc";
+        for round in 0..200 {
+            let count = 1 + rng.below(12);
+            let secrets: Vec<String> = (0..count)
+                .map(|_| {
+                    let len = 3 + rng.below(if round % 2 == 0 { 4 } else { 20 });
+                    rng.text(alphabet, len)
+                })
+                .collect();
+            let masker = masker(&secrets.iter().map(String::as_str).collect::<Vec<_>>());
+            for _ in 0..20 {
+                let len = rng.below(120);
+                let line = rng.text(b"abcab -", len);
+                assert_eq!(
+                    masker.mask_line(&line),
+                    masker.mask(&line),
+                    "secrets {secrets:?}, line {line:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dense_lines_fall_back_to_the_automaton() {
+        let masker = masker(&["aaa", "aaaa", "aaaaa"]);
+        let line = "a".repeat(1000);
+        let search = &masker.inner.matcher.as_ref().expect("built").line_search;
+        assert!(search.find(line.as_bytes()).is_none());
+        assert_eq!(masker.mask_line(&line), masker.mask(&line));
+    }
+
+    #[test]
+    fn splits_on_lf_crlf_and_bare_cr() {
+        assert_eq!(
+            split_all(&[b"one\ntwo\r\nthree\rfour\r\rfive"]),
+            ["one", "two", "three", "four", "", "five"]
+        );
+        // "\r\n" split across writes is still one line end.
+        assert_eq!(split_all(&[b"a\r", b"\nb\r", b"", b"\nc"]), ["a", "b", "c"]);
+        assert_eq!(split_all(&[b"a\r", b"b"]), ["a", "b"]);
+        assert_eq!(split_all(&[b"\n\n"]), ["", ""]);
+    }
+
+    #[test]
+    fn holds_the_partial_last_line_until_finish() {
+        let mut splitter = LineSplitter::new();
+        let mut out = Vec::new();
+        splitter.push(b"par", &mut out);
+        splitter.push(b"tial", &mut out);
+        assert!(out.is_empty());
+        splitter.finish(&mut out);
+        assert_eq!(out, ["partial"]);
+        splitter.finish(&mut out);
+        assert_eq!(out.len(), 1, "nothing left to flush");
+    }
+
+    #[test]
+    fn replaces_invalid_utf8_and_keeps_the_rest() {
+        assert_eq!(
+            split_all(&[b"ok \xff\xfe tail\n"]),
+            ["ok \u{FFFD}\u{FFFD} tail"]
+        );
+        // A character split across writes is reassembled, not replaced.
+        let euro = "€".as_bytes();
+        assert_eq!(split_all(&[&euro[..1], &euro[1..], b"\n"]), ["€"]);
+        let mut log = StepLog::new(masker(&["secret-value"]), u64::MAX);
+        let lines = step_lines(&mut log, &[b"\xc3 secret-value \xff\n"]);
+        assert_eq!(lines, ["\u{FFFD} *** \u{FFFD}"]);
+    }
+
+    #[test]
+    fn cuts_overlong_lines_at_a_character_boundary() {
+        let mut splitter = LineSplitter::new();
+        let mut out = Vec::new();
+        // Two-byte characters placed so that the limit falls inside one.
+        let long = format!("x{}", "é".repeat(MAX_LINE_BYTES));
+        splitter.push(long.as_bytes(), &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|piece| piece.len() <= MAX_LINE_BYTES));
+        assert!(out.iter().all(|piece| !piece.contains('\u{FFFD}')));
+        assert!(splitter.partial.len() <= MAX_LINE_BYTES);
+        splitter.push(b"\n", &mut out);
+        assert_eq!(out.concat(), long);
+
+        let exact = "y".repeat(MAX_LINE_BYTES);
+        assert_eq!(split_all(&[exact.as_bytes(), b"\n"]), [exact]);
+    }
+
+    #[test]
+    fn caps_output_with_one_marker() {
+        let mut log = StepLog::new(SecretMasker::new(), 10);
+        let lines = step_lines(&mut log, &[b"12345\n\n67890\nabc\ndef\nghi"]);
+        assert_eq!(
+            lines,
+            [
+                "12345",
+                "",
+                "67890",
+                "[TRUNCATED: log output exceeded 10 bytes]"
+            ]
+        );
+        assert_eq!(log.bytes_streamed(), 10);
+        assert!(log.truncated());
+        assert_eq!(log.dropped_lines(), 3);
+        let mut out = Vec::new();
+        log.push_line("more", &mut out);
+        assert!(out.is_empty());
+        assert_eq!(log.dropped_lines(), 4);
+    }
+
+    #[test]
+    fn the_line_that_crosses_the_cap_is_still_sent() {
+        let mut log = StepLog::new(SecretMasker::new(), 3);
+        let lines = step_lines(&mut log, &[b"123456789\nnext\n"]);
+        assert_eq!(lines, ["123456789", &truncation_marker(3)]);
+        assert_eq!(log.bytes_streamed(), 9);
+        assert_eq!(log.dropped_lines(), 1);
+    }
+
+    #[test]
+    fn counts_the_masked_text() {
+        let mut log = StepLog::new(masker(&["a-long-secret-value"]), u64::MAX);
+        let lines = step_lines(&mut log, &[b"k=a-long-secret-value\n"]);
+        assert_eq!(lines, ["k=***"]);
+        assert_eq!(log.bytes_streamed(), 5);
+        assert!(!log.truncated());
+    }
+
+    #[test]
+    fn push_line_splits_embedded_line_ends() {
+        let mut log = StepLog::new(masker(&["pa55word"]), u64::MAX);
+        let mut out = Vec::new();
+        log.push_line("[0] info pa55word\nsecond\r\n", &mut out);
+        log.push_line("", &mut out);
+        assert_eq!(out, ["[0] info ***", "second", ""]);
+        assert_eq!(log.bytes_streamed(), 18);
+    }
+
+    #[test]
+    fn push_line_leaves_the_byte_stream_partial_alone() {
+        let mut log = StepLog::new(SecretMasker::new(), u64::MAX);
+        let mut out = Vec::new();
+        log.push_bytes(b"progress", &mut out);
+        log.push_line("structured", &mut out);
+        log.push_bytes(b" done\n", &mut out);
+        assert_eq!(out, ["structured", "progress done"]);
+    }
+
+    #[test]
+    fn marker_text_matches_the_spec() {
+        assert_eq!(
+            truncation_marker(10_485_760),
+            "[TRUNCATED: log output exceeded 10485760 bytes]"
+        );
     }
 }

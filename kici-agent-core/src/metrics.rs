@@ -144,6 +144,10 @@ impl Metrics {
         for status in ["success", "failed", "skipped", "cancelled"] {
             steps_total.with_label_values(&[status]);
         }
+        for mode in ["pause", "drop"] {
+            log_backpressure_events_total.with_label_values(&[mode]);
+            log_backpressure_active.with_label_values(&[mode]);
+        }
         Metrics {
             registry,
             jobs_total,
@@ -219,8 +223,6 @@ mod tests {
     #[test]
     fn every_spec_metric_is_exposed_with_its_type() {
         let metrics = Metrics::new();
-        metrics.log_backpressure_events_total.with_label_values(&["pause"]);
-        metrics.log_backpressure_active.with_label_values(&["pause"]);
         let text = metrics.render();
         for (name, kind) in SPEC_METRICS {
             assert!(

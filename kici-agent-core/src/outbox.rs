@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::metrics::Metrics;
 use crate::protocol::{
     json_string_len, new_message_id, now_ms, JobHeartbeat, JobRef, LogChunk, Outbound,
 };
@@ -199,8 +200,8 @@ struct State {
     next_status_seq: u64,
     backlog_bytes: usize,
     connected: bool,
-    /// Lines dropped in total (for the metric), since the last read.
-    dropped_total: u64,
+    /// Producers waiting for backlog space (backpressure is active while > 0).
+    waiting_producers: usize,
 }
 
 impl State {
@@ -215,7 +216,9 @@ impl State {
         &mut self.lanes[index]
     }
 
-    fn drop_oldest_lines_over(&mut self, bound: usize) {
+    /// Drops the oldest lines until the backlog fits `bound`; returns how many went.
+    fn drop_oldest_lines_over(&mut self, bound: usize) -> u64 {
+        let mut dropped = 0;
         while self.backlog_bytes > bound {
             // The lane holding the oldest queued line loses it.
             let Some(lane) = self
@@ -230,9 +233,10 @@ impl State {
                 self.backlog_bytes -= line.text.len();
                 lane.lines_done += 1;
                 lane.dropped_unannounced += 1;
-                self.dropped_total += 1;
+                dropped += 1;
             }
         }
+        dropped
     }
 }
 
@@ -248,6 +252,7 @@ enum Plan {
 pub struct Outbox {
     state: Mutex<State>,
     limits: OutboxLimits,
+    metrics: Metrics,
     /// Woken when something was queued or the connection state changed.
     changed: Notify,
     /// Woken when backlog space was freed or the connection dropped.
@@ -255,11 +260,12 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// An empty outbox.
-    pub fn new(limits: OutboxLimits) -> Self {
+    /// An empty outbox that reports backpressure, drops and backlog to `metrics`.
+    pub fn new(limits: OutboxLimits, metrics: Metrics) -> Self {
         Outbox {
             state: Mutex::new(State::default()),
             limits,
+            metrics,
             changed: Notify::new(),
             space: Notify::new(),
         }
@@ -309,6 +315,7 @@ impl Outbox {
         if lines.is_empty() {
             return;
         }
+        let mut waited = false;
         loop {
             let space = self.space.notified();
             {
@@ -316,14 +323,39 @@ impl Outbox {
                 if !state.connected || state.backlog_bytes < self.limits.backlog_bytes {
                     self.enqueue_lines(&mut state, job, step_index, lines);
                     if !state.connected {
-                        state.drop_oldest_lines_over(self.limits.backlog_bytes);
+                        let dropped = state.drop_oldest_lines_over(self.limits.backlog_bytes);
+                        self.metrics.log_lines_dropped_total.inc_by(dropped);
                     }
+                    if waited {
+                        state.waiting_producers -= 1;
+                        if state.waiting_producers == 0 {
+                            self.backpressure_gauge().set(0);
+                        }
+                    }
+                    self.metrics.outbox_backlog_bytes.set(state.backlog_bytes as i64);
                     break;
+                }
+                if !waited {
+                    waited = true;
+                    state.waiting_producers += 1;
+                    if state.waiting_producers == 1 {
+                        self.metrics
+                            .log_backpressure_events_total
+                            .with_label_values(&["pause"])
+                            .inc();
+                        self.backpressure_gauge().set(1);
+                    }
                 }
             }
             space.await;
         }
         self.changed.notify_one();
+    }
+
+    fn backpressure_gauge(&self) -> prometheus::IntGauge {
+        self.metrics
+            .log_backpressure_active
+            .with_label_values(&["pause"])
     }
 
     /// Queues log lines without waiting (for callers that cannot await; the bound still holds
@@ -334,7 +366,8 @@ impl Outbox {
         }
         let mut state = self.lock();
         self.enqueue_lines(&mut state, job, step_index, lines);
-        state.drop_oldest_lines_over(self.limits.backlog_bytes);
+        let dropped = state.drop_oldest_lines_over(self.limits.backlog_bytes);
+        self.metrics.log_lines_dropped_total.inc_by(dropped);
         drop(state);
         self.changed.notify_one();
     }
@@ -359,7 +392,8 @@ impl Outbox {
             state
                 .control
                 .retain(|m| matches!(m, Outbound::JobAck(_)));
-            state.drop_oldest_lines_over(self.limits.backlog_bytes);
+            let dropped = state.drop_oldest_lines_over(self.limits.backlog_bytes);
+            self.metrics.log_lines_dropped_total.inc_by(dropped);
         }
         drop(state);
         self.space.notify_waiters();
@@ -384,11 +418,6 @@ impl Outbox {
     /// Log bytes waiting.
     pub fn backlog_bytes(&self) -> usize {
         self.lock().backlog_bytes
-    }
-
-    /// Lines dropped (disconnected overflow) since the last call.
-    pub fn take_dropped(&self) -> u64 {
-        std::mem::take(&mut self.lock().dropped_total)
     }
 
     /// Whether nothing at all waits to be sent.
@@ -526,6 +555,7 @@ impl Outbox {
                 let max = budget.min(self.limits.max_frame_bytes);
                 let (chunk, bytes) = pack_chunk(&mut state.lanes[lane], max);
                 state.backlog_bytes -= bytes;
+                self.metrics.outbox_backlog_bytes.set(state.backlog_bytes as i64);
                 if state.lanes[lane].is_done() {
                     state.lanes.remove(lane);
                 }
@@ -644,7 +674,7 @@ mod tests {
 
     #[tokio::test]
     async fn statuses_wait_for_earlier_lines_but_overtake_later_ones() {
-        let outbox = Outbox::new(OutboxLimits::default());
+        let outbox = Outbox::new(OutboxLimits::default(), Metrics::new());
         outbox.set_connected(true);
         let a = job("a");
         outbox.push_status(&a, status(&a, JobState::Running), false);
@@ -663,7 +693,7 @@ mod tests {
 
     #[tokio::test]
     async fn held_while_disconnected_and_listed_as_in_flight() {
-        let outbox = Outbox::new(OutboxLimits::default());
+        let outbox = Outbox::new(OutboxLimits::default(), Metrics::new());
         let a = job("a");
         outbox.push_status(&a, status(&a, JobState::Running), false);
         outbox.push_status(&a, status(&a, JobState::Failed), true);
@@ -685,7 +715,7 @@ mod tests {
             backlog_bytes: 100,
             ..OutboxLimits::default()
         };
-        let outbox = Outbox::new(limits);
+        let outbox = Outbox::new(limits, Metrics::new());
         let a = job("a");
         for i in 0..50 {
             outbox.push_lines(&a, 0, vec![format!("line {i:04}")]).await;
@@ -709,7 +739,7 @@ mod tests {
             backlog_bytes: 10,
             ..OutboxLimits::default()
         };
-        let outbox = std::sync::Arc::new(Outbox::new(limits));
+        let outbox = std::sync::Arc::new(Outbox::new(limits, Metrics::new()));
         outbox.set_connected(true);
         let a = job("a");
         outbox.push_lines(&a, 0, vec!["0123456789ab".into()]).await;
@@ -735,7 +765,7 @@ mod tests {
             backlog_bytes: 64 * 1024 * 1024,
             ..OutboxLimits::default()
         };
-        let outbox = Outbox::new(limits);
+        let outbox = Outbox::new(limits, Metrics::new());
         outbox.set_connected(true);
         let a = job("a");
         let lines: Vec<String> = (0..20_000).map(|i| format!("{i:08} \"quoted\" {}", "x".repeat(60))).collect();

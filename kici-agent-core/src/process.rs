@@ -35,7 +35,16 @@ use tracing::{debug, warn};
 
 /// Host variables a step inherits from the agent's environment when set (spec §10.1, Unix part).
 const HOST_ALLOWLIST: [&str; 10] = [
-    "PATH", "HOME", "USER", "SHELL", "LANG", "LC_ALL", "TERM", "TMPDIR", "NODE_PATH", "TZ",
+    "PATH",
+    "HOME",
+    "USER",
+    "SHELL",
+    "LANG",
+    "LC_ALL",
+    "TERM",
+    "TMPDIR",
+    "NODE_PATH",
+    "TZ",
 ];
 
 /// Size of one read from a step's output pipe, hence the largest chunk sent to the consumer.
@@ -653,8 +662,7 @@ async fn pump_output(
                 continue;
             }
             () = sleep(DRAIN_IDLE_LIMIT), if drained_after_kill.is_some() => {
-                warn!("step output still open after its process group was killed; a process \
-                       that left the group holds it; stopped reading");
+                warn!("step output held open by a process outside its group; stopped reading");
                 break;
             }
         };
@@ -662,8 +670,7 @@ async fn pump_output(
         if let Some(drained) = drained_after_kill.as_mut() {
             *drained += chunk.len();
             if *drained > DRAIN_BYTE_LIMIT {
-                warn!("step output kept coming after its process group was killed; a process \
-                       that left the group writes it; stopped reading");
+                warn!("step output still flowing from outside its group; stopped reading");
                 break;
             }
         }
@@ -677,21 +684,22 @@ async fn pump_output(
 /// A step's stdout and stderr, read as one stream of chunks.
 ///
 /// The pipes take turns so neither can starve the other, except that after a chunk ending
-/// mid-line the same pipe goes first again (up to [`MAX_PARTIAL_LINE_READS`] times): when both
-/// hold data, the rest of that line then follows before the other pipe's output, instead of
-/// being spliced apart by it.
+/// mid-line the same pipe goes first again: when both hold data, the rest of that line then
+/// follows before the other pipe's output instead of being spliced apart by it. A pipe that
+/// stays readable without ending a line keeps that priority for [`MAX_PARTIAL_LINE_BYTES`].
+/// (A line still in the writer's buffer, not yet in the pipe, can be split: nothing to read.)
 struct MergedPipes {
     stdout: Option<ChildStdout>,
     stderr: Option<ChildStderr>,
     /// Which pipe is polled first next time.
     stderr_first: bool,
-    /// Chunks read in a row from one pipe while finishing a partial line.
-    partial_line_reads: usize,
+    /// Bytes read in a row from one pipe without reaching a line end or catching up.
+    partial_line_bytes: usize,
     buf: Box<[u8]>,
 }
 
-/// How many chunks in a row one pipe may be preferred while its line is unfinished.
-const MAX_PARTIAL_LINE_READS: usize = 4;
+/// How much output one pipe may deliver in a row while the other waits, if it ends no line.
+const MAX_PARTIAL_LINE_BYTES: usize = 1024 * 1024;
 
 impl MergedPipes {
     fn new(stdout: Option<ChildStdout>, stderr: Option<ChildStderr>) -> Self {
@@ -699,7 +707,7 @@ impl MergedPipes {
             stdout,
             stderr,
             stderr_first: false,
-            partial_line_reads: 0,
+            partial_line_bytes: 0,
             buf: vec![0; READ_CHUNK_BYTES].into_boxed_slice(),
         }
     }
@@ -713,12 +721,12 @@ impl MergedPipes {
                 poll_pipe(&mut self.stdout, cx, &mut self.buf)
             };
             if let Some(chunk) = chunk {
+                self.partial_line_bytes += chunk.len();
                 let mid_line = chunk.last() != Some(&b'\n');
-                if mid_line && self.partial_line_reads < MAX_PARTIAL_LINE_READS {
-                    self.partial_line_reads += 1;
+                if mid_line && self.partial_line_bytes < MAX_PARTIAL_LINE_BYTES {
                     self.stderr_first = from_stderr;
                 } else {
-                    self.partial_line_reads = 0;
+                    self.partial_line_bytes = 0;
                     self.stderr_first = !from_stderr;
                 }
                 return Poll::Ready(Some(chunk));
@@ -727,6 +735,8 @@ impl MergedPipes {
         if self.stdout.is_none() && self.stderr.is_none() {
             Poll::Ready(None)
         } else {
+            // Caught up with the writers: the other pipe is not being starved.
+            self.partial_line_bytes = 0;
             Poll::Pending
         }
     }
@@ -796,7 +806,10 @@ mod tests {
     /// Receives output into `seen` until it contains `marker`.
     async fn read_until(receiver: &mut mpsc::Receiver<Vec<u8>>, seen: &mut String, marker: &str) {
         while !seen.contains(marker) {
-            let chunk = receiver.recv().await.expect("output ended before the marker");
+            let chunk = receiver
+                .recv()
+                .await
+                .expect("output ended before the marker");
             seen.push_str(&String::from_utf8_lossy(&chunk));
         }
     }
@@ -824,7 +837,9 @@ mod tests {
         std::fs::read_dir("/proc")
             .expect("/proc")
             .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|&pid| matches!(proc_state(pid), Some((state, pgrp)) if pgrp == pgid && state != 'Z'))
+            .filter(|&pid| {
+                proc_state(pid).is_some_and(|(state, pgrp)| pgrp == pgid && state != 'Z')
+            })
             .collect()
     }
 
@@ -891,7 +906,10 @@ mod tests {
         let mut env = StepEnv::default();
         env.set("TOKEN", "hunter2");
         let shown = format!("{env:?}");
-        assert!(shown.contains("TOKEN") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("TOKEN") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -1054,10 +1072,10 @@ mod tests {
         };
         let (report, _) = run_collect(spec, RunLimits::default()).await;
         let error = report.expect_err("spawn must fail");
-        assert!(
-            matches!(&error, ProcessError::Spawn { program, .. } if program.contains("kici-no-such-program")),
-            "{error}"
-        );
+        let ProcessError::Spawn { program, .. } = &error else {
+            panic!("not a spawn error: {error}");
+        };
+        assert!(program.contains("kici-no-such-program"), "{error}");
     }
 
     #[tokio::test]
@@ -1122,9 +1140,13 @@ mod tests {
     async fn dropped_receiver_does_not_block_the_step() {
         let (sender, receiver) = mpsc::channel(1);
         drop(receiver);
-        let report = run(bash("head -c 1000000 /dev/zero"), RunLimits::default(), sender)
-            .await
-            .expect("run");
+        let report = run(
+            bash("head -c 1000000 /dev/zero"),
+            RunLimits::default(),
+            sender,
+        )
+        .await
+        .expect("run");
         assert!(report.outcome.status().success());
     }
 
@@ -1140,20 +1162,23 @@ mod tests {
                 status: ExitStatus::Signal(libc::SIGTERM),
             }
         );
-        assert!(report.duration < Duration::from_secs(10), "no wait for the grace");
+        assert!(
+            report.duration < Duration::from_secs(10),
+            "no wait for the grace"
+        );
     }
 
     #[tokio::test]
     async fn timeout_kills_a_step_that_ignores_sigterm_and_its_background_child() {
         // The background sleep inherits the ignored SIGTERM; only SIGKILL stops either.
         let script = "trap '' TERM; sleep 300 & echo \"pids: $$ $!\"; wait";
-        let limits = limits_with_timeout(Duration::from_millis(300), Duration::from_millis(200));
+        let limits = limits_with_timeout(Duration::from_secs(1), Duration::from_millis(200));
         let (report, output) = run_collect(bash(script), limits).await;
         let report = report.expect("run");
         assert_eq!(
             report.outcome,
             Outcome::TimedOut {
-                after: Duration::from_millis(300),
+                after: Duration::from_secs(1),
                 status: ExitStatus::Signal(libc::SIGKILL),
             }
         );
@@ -1170,8 +1195,11 @@ mod tests {
         let report = report.expect("run");
         assert_eq!(report.outcome, Outcome::Exited(ExitStatus::Code(0)));
         assert!(report.duration < Duration::from_secs(10));
-        assert_all_dead(report.pid as i32, &printed_pids(&String::from_utf8_lossy(&output)))
-            .await;
+        assert_all_dead(
+            report.pid as i32,
+            &printed_pids(&String::from_utf8_lossy(&output)),
+        )
+        .await;
     }
 
     #[tokio::test]
@@ -1186,7 +1214,11 @@ mod tests {
         }
         let report = report.expect("run");
         assert_eq!(report.outcome, Outcome::Exited(ExitStatus::Code(0)));
-        assert!(report.duration < DRAIN_IDLE_LIMIT * 5, "{:?}", report.duration);
+        assert!(
+            report.duration < DRAIN_IDLE_LIMIT * 5,
+            "{:?}",
+            report.duration
+        );
     }
 
     #[tokio::test]
@@ -1221,7 +1253,10 @@ mod tests {
             }
         );
         assert!(seen.contains("worker-cleaned-up"), "{seen}");
-        assert!(report.duration < Duration::from_secs(10), "no wait for the grace");
+        assert!(
+            report.duration < Duration::from_secs(10),
+            "no wait for the grace"
+        );
     }
 
     #[tokio::test]

@@ -9,7 +9,10 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    Callback, ErrorResponse, Request, Response,
+};
+use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -38,15 +41,11 @@ const OWNERSHIP_STRIKES: usize = 5;
 
 /// Accepts the WebSocket handshake on `stream` and runs the connection until it ends.
 pub(crate) async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
-    let check_shared = Arc::clone(&shared);
-    let check_request = move |request: &Request, response: Response| {
-        check_handshake(&check_shared, request, response)
-    };
     let config = WebSocketConfig::default()
         .max_message_size(Some(WS_MAX_PAYLOAD_BYTES))
         .max_frame_size(Some(WS_MAX_PAYLOAD_BYTES));
-    let handshake =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, check_request, Some(config));
+    let check = HandshakeCheck(Arc::clone(&shared));
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
     let ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(err)) => {
@@ -62,24 +61,25 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
 }
 
 /// Only `GET /ws`, with no subprotocol (§1), is a valid agent handshake.
-fn check_handshake(
-    shared: &Shared,
-    request: &Request,
-    response: Response,
-) -> Result<Response, ErrorResponse> {
-    if request.uri().path() != WS_PATH {
-        shared.record_problem(format!(
-            "WebSocket upgrade on `{}` instead of `{WS_PATH}`",
-            request.uri()
-        ));
-        let mut not_found = ErrorResponse::new(Some("Not Found".to_string()));
-        *not_found.status_mut() = tokio_tungstenite::tungstenite::http::StatusCode::NOT_FOUND;
-        return Err(not_found);
+struct HandshakeCheck(Arc<Shared>);
+
+impl Callback for HandshakeCheck {
+    fn on_request(self, request: &Request, response: Response) -> Result<Response, ErrorResponse> {
+        if request.uri().path() != WS_PATH {
+            self.0.record_problem(format!(
+                "WebSocket upgrade on `{}` instead of `{WS_PATH}`",
+                request.uri()
+            ));
+            let mut not_found = ErrorResponse::new(Some("Not Found".to_string()));
+            *not_found.status_mut() = StatusCode::NOT_FOUND;
+            return Err(not_found);
+        }
+        if request.headers().contains_key("sec-websocket-protocol") {
+            self.0
+                .record_problem("agent asked for a WebSocket subprotocol; the protocol uses none");
+        }
+        Ok(response)
     }
-    if request.headers().contains_key("sec-websocket-protocol") {
-        shared.record_problem("agent asked for a WebSocket subprotocol; the protocol uses none");
-    }
-    Ok(response)
 }
 
 /// How the socket loop ended.

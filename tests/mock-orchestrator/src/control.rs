@@ -161,7 +161,7 @@ async fn route(
                 Some(agent_id) => ok(&json!({"agentId": agent_id})),
                 None => error(StatusCode::REQUEST_TIMEOUT, "no agent registered"),
             },
-            Err(response) => response,
+            Err(problem) => error(StatusCode::BAD_REQUEST, problem),
         },
         (&Method::GET, "/wait_close") => wait_close(&mock, &query).await,
         (&Method::POST, path) => {
@@ -247,7 +247,7 @@ async fn post(mock: &MockOrchestrator, path: &str, body: &Value) -> HttpResponse
 async fn wait_message(mock: &MockOrchestrator, query: &[(String, String)]) -> HttpResponse {
     let timeout = match wait_timeout(query) {
         Ok(timeout) => timeout,
-        Err(response) => return response,
+        Err(problem) => return error(StatusCode::BAD_REQUEST, problem),
     };
     let Some(msg_type) = query_value(query, "type") else {
         return error(StatusCode::BAD_REQUEST, "missing query parameter `type`");
@@ -255,9 +255,7 @@ async fn wait_message(mock: &MockOrchestrator, query: &[(String, String)]) -> Ht
     let state = query_value(query, "state");
     let job_id = query_value(query, "jobId");
     let matches_field = |msg: &Value, name: &str, wanted: Option<&str>| {
-        wanted.map_or(true, |wanted| {
-            msg.get(name).and_then(Value::as_str) == Some(wanted)
-        })
+        wanted.is_none_or(|wanted| msg.get(name).and_then(Value::as_str) == Some(wanted))
     };
     let found = mock
         .wait_for_message(
@@ -278,7 +276,7 @@ async fn wait_message(mock: &MockOrchestrator, query: &[(String, String)]) -> Ht
 async fn wait_close(mock: &MockOrchestrator, query: &[(String, String)]) -> HttpResponse {
     let timeout = match wait_timeout(query) {
         Ok(timeout) => timeout,
-        Err(response) => return response,
+        Err(problem) => return error(StatusCode::BAD_REQUEST, problem),
     };
     let code = match query_value(query, "code").map(str::parse::<u16>) {
         None => None,
@@ -287,7 +285,7 @@ async fn wait_close(mock: &MockOrchestrator, query: &[(String, String)]) -> Http
     };
     match mock
         .wait_for_close(
-            |close| code.map_or(true, |code| close.code == Some(code)),
+            |close| code.is_none_or(|code| close.code == Some(code)),
             timeout,
         )
         .await
@@ -297,14 +295,11 @@ async fn wait_close(mock: &MockOrchestrator, query: &[(String, String)]) -> Http
     }
 }
 
-fn wait_timeout(query: &[(String, String)]) -> Result<Duration, HttpResponse> {
+fn wait_timeout(query: &[(String, String)]) -> Result<Duration, String> {
     match query_value(query, "timeoutMs").map(str::parse::<u64>) {
         None => Ok(DEFAULT_WAIT),
         Some(Ok(ms)) => Ok(Duration::from_millis(ms)),
-        Some(Err(err)) => Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("bad `timeoutMs`: {err}"),
-        )),
+        Some(Err(err)) => Err(format!("bad `timeoutMs`: {err}")),
     }
 }
 

@@ -485,7 +485,8 @@ fn check_nested(msg_type: &str, object: &Map<String, Value>) -> Result<(), Strin
 }
 
 /// Findings that the orchestrator accepts but that are bugs in an agent of ours: things the real
-/// orchestrator would mis-store or silently ignore. Call only on messages that passed the schema.
+/// orchestrator would mis-store or silently ignore. Call only on messages that passed the schema,
+/// after registration.
 pub(crate) fn quality_findings(msg: &Value) -> Vec<String> {
     let mut findings = Vec::new();
     let data_error_is_not_string = msg
@@ -505,6 +506,9 @@ pub(crate) fn quality_findings(msg: &Value) -> Vec<String> {
                     "job.status state `{state}` is not one an agent should send (ignored or only logged)"
                 ));
             }
+        }
+        Some("auth.request") => {
+            findings.push("auth.request after registration (the orchestrator ignores it)".into());
         }
         Some("step.status") if data_error_is_not_string => findings
             .push("step.status data.error is not a string (stored as \"[object Object]\")".into()),
@@ -610,6 +614,8 @@ mod tests {
         assert_eq!(check_union_member(&msg), Ok(()));
         assert_eq!(quality_findings(&msg).len(), 1);
         let msg = json!({"type":"job.status","messageId":"m","runId":"r","jobId":"j","state":"queued","timestamp":1});
+        assert_eq!(quality_findings(&msg).len(), 1);
+        let msg = json!({"type":"auth.request","token":"t","protocolVersion":1});
         assert_eq!(quality_findings(&msg).len(), 1);
         let msg = json!({"type":"log.chunk","messageId":"m","runId":"r","jobId":"j","stepIndex":-1,"lines":[1],"timestamp":1});
         assert_eq!(check_union_member(&msg), Ok(()));

@@ -1,0 +1,92 @@
+//! The checked-in C header is exactly what the pinned cbindgen generates from this crate, and
+//! its version macros match Cargo.toml.
+//!
+//! Regenerate the header with `KICI_UPDATE_HEADER=1 cargo test -p kici-agent-ffi --test header`.
+
+use std::ffi::CStr;
+use std::path::{Path, PathBuf};
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn header_path() -> PathBuf {
+    crate_dir().join("../include/kici_agent.h")
+}
+
+fn generate(crate_dir: &Path) -> Vec<u8> {
+    let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))
+        .unwrap_or_else(|e| panic!("reading cbindgen.toml: {e}"));
+    let bindings = cbindgen::Builder::new()
+        .with_crate(crate_dir)
+        .with_config(config)
+        .generate()
+        .unwrap_or_else(|e| panic!("cbindgen failed: {e}"));
+    let mut header = Vec::new();
+    bindings.write(&mut header);
+    header
+}
+
+#[test]
+fn the_checked_in_header_is_what_cbindgen_generates() {
+    let generated = generate(&crate_dir());
+    let path = header_path();
+    if std::env::var_os("KICI_UPDATE_HEADER").is_some() {
+        std::fs::write(&path, &generated)
+            .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        return;
+    }
+    let checked_in =
+        std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    if generated != checked_in {
+        let generated = String::from_utf8_lossy(&generated);
+        let checked_in = String::from_utf8_lossy(&checked_in);
+        let first_difference = generated
+            .lines()
+            .zip(checked_in.lines())
+            .position(|(new, old)| new != old)
+            .map_or_else(|| generated.lines().count().min(checked_in.lines().count()), |i| i);
+        panic!(
+            "include/kici_agent.h differs from the generated header from line {}; regenerate it \
+             with KICI_UPDATE_HEADER=1 cargo test -p kici-agent-ffi --test header",
+            first_difference + 1
+        );
+    }
+}
+
+/// The value of `#define NAME value` in the header.
+fn macro_value<'a>(header: &'a str, name: &str) -> &'a str {
+    let prefix = format!("#define {name} ");
+    header
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("{name} is not defined in the header"))
+        .trim()
+}
+
+#[test]
+fn the_version_macros_and_function_match_cargo_toml() {
+    let header = std::fs::read_to_string(header_path()).expect("the header is readable");
+    assert_eq!(
+        macro_value(&header, "KICI_AGENT_VERSION"),
+        format!("\"{}\"", env!("CARGO_PKG_VERSION"))
+    );
+    for (name, expected) in [
+        ("KICI_AGENT_VERSION_MAJOR", env!("CARGO_PKG_VERSION_MAJOR")),
+        ("KICI_AGENT_VERSION_MINOR", env!("CARGO_PKG_VERSION_MINOR")),
+        ("KICI_AGENT_VERSION_PATCH", env!("CARGO_PKG_VERSION_PATCH")),
+    ] {
+        assert_eq!(macro_value(&header, name), expected, "{name}");
+    }
+    // SAFETY: kici_version returns a static NUL-terminated string.
+    let version = unsafe { CStr::from_ptr(kici_agent::kici_version()) };
+    assert_eq!(version.to_str().ok(), Some(env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn the_pkg_config_template_names_the_library_and_takes_the_version() {
+    let template = std::fs::read_to_string(crate_dir().join("kici_agent.pc.in"))
+        .expect("kici_agent.pc.in is readable");
+    assert!(template.contains("-lkici_agent"), "{template}");
+    assert!(template.contains("Version: @VERSION@"), "{template}");
+}

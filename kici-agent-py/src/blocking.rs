@@ -1,0 +1,36 @@
+//! Blocking with the GIL released, while still answering Ctrl-C.
+
+use std::time::{Duration, Instant};
+
+use pyo3::prelude::*;
+
+/// How long the GIL stays released between two checks for Ctrl-C.
+const SLICE: Duration = Duration::from_millis(50);
+
+/// Calls `attempt` with the GIL released, in slices of at most [`SLICE`], until it returns a
+/// value or `timeout` (`None` = no limit) has passed. Between slices it runs Python's signal
+/// handlers, so Ctrl-C raises `KeyboardInterrupt` here (on the main thread).
+pub fn wait_interruptibly<T, F>(
+    py: Python<'_>,
+    timeout: Option<Duration>,
+    mut attempt: F,
+) -> PyResult<Option<T>>
+where
+    T: Send,
+    F: FnMut(Duration) -> Option<T> + Send,
+{
+    let deadline = timeout.map(|timeout| Instant::now() + timeout);
+    loop {
+        let slice = match deadline {
+            Some(deadline) => deadline.saturating_duration_since(Instant::now()).min(SLICE),
+            None => SLICE,
+        };
+        if let Some(value) = py.detach(|| attempt(slice)) {
+            return Ok(Some(value));
+        }
+        py.check_signals()?;
+        if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            return Ok(None);
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! Python callables as step executors, and the [`Router`] that picks one per step.
+//!
+//! The router is the core's only executor, so functions can be registered before and after the
+//! agent starts. Each call runs on a blocking thread of the agent's runtime, never on one of its
+//! async workers, and takes the GIL only there.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use kici_agent_core::config::AgentConfig;
+use kici_agent_core::executor::StepMapError;
+use kici_agent_core::{
+    Executor, JobContext, ProcessExecutor, ShellExecutor, StepContext as CoreStepContext,
+    StepFailure, StepIo, StepResult,
+};
+use pyo3::exceptions::PySystemExit;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyInt};
+
+use crate::context::{Cancellation, Job, Step, StepContext};
+use crate::convert::type_name;
+
+/// One registered Python step function.
+pub struct StepFunction {
+    /// Shared so that no GIL is needed to hand it to a blocking thread.
+    function: Arc<Py<PyAny>>,
+    /// Whether the function may read the job's secrets.
+    secrets: bool,
+}
+
+impl StepFunction {
+    pub fn new(function: Py<PyAny>, secrets: bool) -> Self {
+        StepFunction {
+            function: Arc::new(function),
+            secrets,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for StepFunction {
+    fn name(&self) -> &str {
+        "python"
+    }
+
+    async fn run_step(&self, job: &JobContext, step: &CoreStepContext, io: StepIo) -> StepResult {
+        let call = Call {
+            function: self.function.clone(),
+            secrets: self.secrets,
+            job: job.clone(),
+            step: step.clone(),
+            io,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        match tokio::task::spawn_blocking(move || call.run()).await {
+            Ok(result) => result,
+            Err(e) => Err(StepFailure::new(format!(
+                "the Python step function did not complete: {e}"
+            ))),
+        }
+    }
+}
+
+/// One call of a step function, carried to a blocking thread.
+struct Call {
+    function: Arc<Py<PyAny>>,
+    secrets: bool,
+    job: JobContext,
+    step: CoreStepContext,
+    io: StepIo,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Call {
+    fn run(self) -> StepResult {
+        Python::attach(|py| {
+            let cancellation = Cancellation::new(self.io.cancellation().clone(), &self.runtime);
+            let cancelled = match Bound::new(py, cancellation) {
+                Ok(cancelled) => cancelled,
+                Err(err) => return Err(python_failure(py, &err, None)),
+            };
+            let result = self.invoke(py, &cancelled);
+            cancelled.get().release();
+            result
+        })
+    }
+
+    fn invoke(&self, py: Python<'_>, cancelled: &Bound<'_, Cancellation>) -> StepResult {
+        let context = match self.context(py, cancelled) {
+            Ok(arguments) => arguments,
+            Err(err) => return Err(python_failure(py, &err, None)),
+        };
+        let (step, ctx) = context;
+        let returned = self
+            .function
+            .bind(py)
+            .call1((step, ctx.clone()))
+            .and_then(|value| finish_awaitable(py, value, cancelled));
+        match returned {
+            Ok(value) => returned_outcome(&value),
+            Err(err) if err.is_instance_of::<PySystemExit>(py) => exit_outcome(py, &err),
+            Err(err) => Err(python_failure(py, &err, Some(ctx.get()))),
+        }
+    }
+
+    fn context<'py>(
+        &self,
+        py: Python<'py>,
+        cancelled: &Bound<'py, Cancellation>,
+    ) -> PyResult<(Bound<'py, Step>, Bound<'py, StepContext>)> {
+        let step = Bound::new(py, Step::new(py, &self.step)?)?;
+        let job = Bound::new(py, Job::new(py, &self.job, self.secrets)?)?;
+        let ctx = StepContext::new(
+            py,
+            step.clone().unbind(),
+            job.unbind(),
+            &self.step,
+            self.io.clone(),
+            cancelled.clone().unbind(),
+        )?;
+        Ok((step, Bound::new(py, ctx)?))
+    }
+}
+
+/// Runs what an `async def` step function returned to completion (see `kici_agent._aio`);
+/// passes anything else through.
+fn finish_awaitable<'py>(
+    py: Python<'py>,
+    value: Bound<'py, PyAny>,
+    cancelled: &Bound<'py, Cancellation>,
+) -> PyResult<Bound<'py, PyAny>> {
+    if !value.hasattr("__await__")? {
+        return Ok(value);
+    }
+    py.import("kici_agent._aio")?
+        .getattr("run")?
+        .call1((value, cancelled))
+}
+
+/// `None` is success and an `int` is an exit code; anything else is a mistake worth failing on.
+fn returned_outcome(value: &Bound<'_, PyAny>) -> StepResult {
+    if value.is_none() {
+        return Ok(());
+    }
+    if value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>() {
+        return match value.extract::<i32>() {
+            Ok(0) => Ok(()),
+            Ok(code) => Err(StepFailure {
+                message: format!("Step function returned exit code {code}"),
+                exit_code: Some(code),
+            }),
+            Err(_) => Err(StepFailure::new(format!(
+                "Step function returned {value}, which is not an exit code"
+            ))),
+        };
+    }
+    Err(StepFailure::new(format!(
+        "Step function returned a {}; return None for success or an int exit code",
+        type_name(value)
+    )))
+}
+
+/// `sys.exit(code)` in a step function ends the step like returning `code` would.
+fn exit_outcome(py: Python<'_>, exit: &PyErr) -> StepResult {
+    let code = match exit.value(py).getattr("code") {
+        Ok(code) => code,
+        Err(err) => return Err(python_failure(py, &err, None)),
+    };
+    if code.is_none() {
+        return Ok(());
+    }
+    if code.is_instance_of::<PyInt>() && !code.is_instance_of::<PyBool>() {
+        return returned_outcome(&code);
+    }
+    // Like the interpreter: any other code is a message, and the exit status is 1.
+    Err(StepFailure {
+        message: code.to_string(),
+        exit_code: Some(1),
+    })
+}
+
+/// A step failure for a Python exception; its traceback goes to the step log when there is one.
+fn python_failure(py: Python<'_>, err: &PyErr, ctx: Option<&StepContext>) -> StepFailure {
+    if let Some(ctx) = ctx {
+        match format_traceback(py, err) {
+            Ok(text) => ctx.write_log(py, text),
+            Err(_) => ctx.write_log(py, format!("{err}\n")),
+        }
+    }
+    let value = err.value(py);
+    let kind = type_name(value.as_any());
+    let message = value.str().map(|s| s.to_string()).unwrap_or_default();
+    StepFailure::new(if message.is_empty() {
+        kind
+    } else {
+        format!("{kind}: {message}")
+    })
+}
+
+fn format_traceback(py: Python<'_>, err: &PyErr) -> PyResult<String> {
+    let lines = py.import("traceback")?.getattr("format_exception")?.call1((
+        err.get_type(py),
+        err.value(py),
+        err.traceback(py),
+    ))?;
+    let mut text = String::new();
+    for line in lines.try_iter()? {
+        text.push_str(&line?.extract::<String>()?);
+    }
+    Ok(text)
+}
+
+/// Which function runs which step: by step name, then by job name, then the default, then the
+/// core's built-in executor.
+pub struct Router {
+    routes: RwLock<Routes>,
+    builtin: Arc<dyn Executor>,
+}
+
+#[derive(Default)]
+struct Routes {
+    by_step: HashMap<String, Arc<StepFunction>>,
+    by_job: HashMap<String, Arc<StepFunction>>,
+    default: Option<Arc<StepFunction>>,
+}
+
+/// Where a step function is registered.
+pub enum Route {
+    /// Steps with this name.
+    Step(String),
+    /// Every step of jobs with this name.
+    Job(String),
+    /// Every other step.
+    Default,
+}
+
+impl Router {
+    /// A router with no functions yet, falling back to the executor the core would pick for
+    /// `config` (the process executor, else the shell executor with the step map).
+    pub fn new(config: &AgentConfig) -> Result<Self, StepMapError> {
+        let builtin: Arc<dyn Executor> = match &config.process_executor {
+            Some(program) => Arc::new(ProcessExecutor::new(program.clone(), config.cancel_grace)),
+            None => {
+                let step_map = match &config.step_map_file {
+                    Some(path) => ShellExecutor::load_step_map(path)?,
+                    None => Default::default(),
+                };
+                Arc::new(ShellExecutor::new(step_map, config.cancel_grace))
+            }
+        };
+        Ok(Router {
+            routes: RwLock::new(Routes::default()),
+            builtin,
+        })
+    }
+
+    /// Registers `function` for `route`, replacing an earlier one.
+    pub fn add(&self, route: Route, function: StepFunction) {
+        let function = Arc::new(function);
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        match route {
+            Route::Step(name) => {
+                routes.by_step.insert(name, function);
+            }
+            Route::Job(name) => {
+                routes.by_job.insert(name, function);
+            }
+            Route::Default => routes.default = Some(function),
+        }
+    }
+
+    fn resolve(&self, job: &str, step: &str) -> Arc<dyn Executor> {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        match routes
+            .by_step
+            .get(step)
+            .or_else(|| routes.by_job.get(job))
+            .or(routes.default.as_ref())
+        {
+            Some(function) => function.clone(),
+            None => self.builtin.clone(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for Router {
+    fn name(&self) -> &str {
+        "python"
+    }
+
+    async fn prepare(&self, job: &JobContext) -> Result<(), StepFailure> {
+        self.builtin.prepare(job).await
+    }
+
+    async fn run_step(&self, job: &JobContext, step: &CoreStepContext, io: StepIo) -> StepResult {
+        self.resolve(&job.name, &step.name)
+            .run_step(job, step, io)
+            .await
+    }
+
+    async fn cleanup(&self, job: &JobContext) {
+        self.builtin.cleanup(job).await;
+    }
+}
