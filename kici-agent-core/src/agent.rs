@@ -20,8 +20,8 @@ use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxLimits, Pacer};
 use crate::protocol::{
-    new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, JobAck, JobCancel,
-    JobDispatch, JobRef, JobReject, JobState, JobStatus, JobStatusData, Outbound, RejectReason,
+    new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, JobAck, JobCancel, JobDispatch,
+    JobRef, JobReject, JobState, JobStatus, JobStatusData, Outbound, RejectReason,
 };
 
 /// The agent version (`agent.register.version`, `/health`).
@@ -206,6 +206,10 @@ impl Agent {
             "Agent starting"
         );
         shared.runtime.spawn(supervise(shared.clone(), listener));
+        // Leftovers of a crashed agent; never delays or fails the start.
+        shared.runtime.spawn_blocking(|| {
+            crate::workspace::collect_stale(&std::env::temp_dir(), crate::workspace::STALE_AFTER)
+        });
         Ok(())
     }
 
@@ -235,7 +239,11 @@ impl Agent {
         let mut status = lock(&self.shared.status);
         while !status.stopped {
             status = match deadline {
-                None => self.shared.stopped.wait(status).unwrap_or_else(|e| e.into_inner()),
+                None => self
+                    .shared
+                    .stopped
+                    .wait(status)
+                    .unwrap_or_else(|e| e.into_inner()),
                 Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
                     None => return false,
                     Some(left) => {
@@ -276,7 +284,9 @@ impl Drop for Agent {
     fn drop(&mut self) {
         if *lock(&self.started) && !self.shared.state().stopped {
             self.shutdown(self.shared.config.shutdown_grace);
-            self.wait(Some(self.shared.config.shutdown_grace + Duration::from_secs(10)));
+            self.wait(Some(
+                self.shared.config.shutdown_grace + Duration::from_secs(10),
+            ));
         }
         if let Some(runtime) = lock(&self.runtime).take() {
             runtime.shutdown_background();
@@ -344,10 +354,7 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
     }
     // Deliver what is queued, within what is left of the grace (at least a moment).
     let flush_until = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
-    let registered = matches!(
-        lock(&shared.status).connection,
-        ConnectionState::Registered
-    );
+    let registered = matches!(lock(&shared.status).connection, ConnectionState::Registered);
     if registered
         && tokio::time::timeout_at(flush_until, shared.outbox.wait_empty())
             .await
@@ -569,7 +576,9 @@ impl SessionHandler for Shared {
         // Answer it (REC of spec §4.1): ack, then fail, so it does not wait for the ack deadline.
         self.ack(&job);
         let data = JobStatusData {
-            error: Some(format!("the agent could not read the job dispatch: {error}")),
+            error: Some(format!(
+                "the agent could not read the job dispatch: {error}"
+            )),
             ..JobStatusData::default()
         };
         self.outbox.push_status(

@@ -20,8 +20,8 @@ use crate::config::Secret;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pacer};
 use crate::protocol::{
-    now_ms, parse_inbound, AgentRegister, AuthRequest, Heartbeat, Inbound, InboundError,
-    JobCancel, JobDispatch, JobRef, Outbound, PROTOCOL_VERSION,
+    now_ms, parse_inbound, AgentRegister, AuthRequest, Heartbeat, Inbound, InboundError, JobCancel,
+    JobDispatch, JobRef, Outbound, PROTOCOL_VERSION,
 };
 
 /// Close code: agent authentication failed (permanent).
@@ -98,7 +98,10 @@ pub(crate) async fn run(
     let mut pacer = settings.pacer.clone();
     loop {
         handler.state_changed(ConnectionState::Connecting);
-        let end = session(&settings, &outbox, &handler, &metrics, &mut pacer, &shutdown).await;
+        let end = session(
+            &settings, &outbox, &handler, &metrics, &mut pacer, &shutdown,
+        )
+        .await;
         outbox.set_connected(false);
         metrics.connection_status.set(0);
         match end {

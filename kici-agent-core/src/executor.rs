@@ -127,10 +127,7 @@ impl StepIo {
 
     /// Sets a step output.
     pub async fn set_output(&self, key: impl Into<String>, value: serde_json::Value) {
-        let _ = self
-            .events
-            .send(StepEvent::Output(key.into(), value))
-            .await;
+        let _ = self.events.send(StepEvent::Output(key.into(), value)).await;
     }
 
     /// [`StepIo::write`] for threads outside the async runtime (C and Python executors).
@@ -425,8 +422,14 @@ mod tests {
         let path = dir.path().join("map.json");
         std::fs::write(&path, "[1]").unwrap();
         let err = ShellExecutor::load_step_map(&path).unwrap_err().to_string();
-        assert!(err.contains("map.json") && err.contains("step name"), "{err}");
+        assert!(
+            err.contains("map.json") && err.contains("step name"),
+            "{err}"
+        );
         std::fs::write(&path, r#"{"say-hello":"echo hi"}"#).unwrap();
-        assert_eq!(ShellExecutor::load_step_map(&path).unwrap()["say-hello"], "echo hi");
+        assert_eq!(
+            ShellExecutor::load_step_map(&path).unwrap()["say-hello"],
+            "echo hi"
+        );
     }
 }

@@ -18,17 +18,18 @@ pub fn facts() -> HostFacts {
     let (os_release, os_version) = unsafe {
         let mut names: libc::utsname = std::mem::zeroed();
         if libc::uname(&mut names) == 0 {
-            (
-                Some(c_chars(&names.release)),
-                Some(c_chars(&names.version)),
-            )
+            (Some(c_chars(&names.release)), Some(c_chars(&names.version)))
         } else {
             (None, None)
         }
     };
     // SAFETY: sysconf has no preconditions.
-    let (pages, page_size) =
-        unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
     let total_memory_mb =
         (pages > 0 && page_size > 0).then(|| (pages as u64 * page_size as u64) / (1024 * 1024));
     // SAFETY: getuid cannot fail.
@@ -74,7 +75,13 @@ fn user_name(uid: libc::uid_t) -> Option<String> {
     unsafe {
         let mut record: libc::passwd = std::mem::zeroed();
         let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(uid, &mut record, buffer.as_mut_ptr(), buffer.len(), &mut result);
+        let rc = libc::getpwuid_r(
+            uid,
+            &mut record,
+            buffer.as_mut_ptr(),
+            buffer.len(),
+            &mut result,
+        );
         if rc != 0 || result.is_null() || record.pw_name.is_null() {
             return None;
         }

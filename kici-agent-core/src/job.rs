@@ -17,9 +17,9 @@ use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::process::{HandoffFiles, StepEnv};
 use crate::protocol::{
-    new_message_id, now_ms, ConcurrencyKind, GitAuthKind, JobDispatch, JobRef, JobState,
-    JobStatus, JobStatusData, Outbound, SshHostKeyPolicy, StepEntry, StepSpec, StepState,
-    StepStatus, StepStatusData, StepType,
+    new_message_id, now_ms, ConcurrencyKind, GitAuthKind, JobDispatch, JobRef, JobState, JobStatus,
+    JobStatusData, Outbound, SshHostKeyPolicy, StepEntry, StepSpec, StepState, StepStatus,
+    StepStatusData, StepType,
 };
 
 /// Index of job-level log lines (`log.chunk.stepIndex`).
@@ -70,7 +70,11 @@ pub(crate) async fn run_job(
     let started = Instant::now();
     let job_ref = dispatch.job_ref();
     let outbox = services.outbox.clone();
-    outbox.push_status(&job_ref, job_status(&job_ref, JobState::Running, None), false);
+    outbox.push_status(
+        &job_ref,
+        job_status(&job_ref, JobState::Running, None),
+        false,
+    );
 
     let heartbeat = {
         let outbox = outbox.clone();
@@ -265,11 +269,7 @@ impl JobRunner {
             self.job_log(format!("Run: {} | Trace: {request}", dispatch.run_id))
                 .await;
         }
-        let workspace = match tempfile::Builder::new()
-            .prefix("kici-")
-            .rand_bytes(6)
-            .tempdir()
-        {
+        let workspace = match crate::workspace::create() {
             Ok(dir) => dir,
             Err(e) => {
                 let error = format!("could not create the job workspace: {e}");
@@ -288,7 +288,9 @@ impl JobRunner {
             })
         });
 
-        let outcome = self.execute_in(dispatch, workspace.path().to_path_buf()).await;
+        let outcome = self
+            .execute_in(dispatch, workspace.path().to_path_buf())
+            .await;
 
         if let Some(deadline) = deadline {
             deadline.abort();
@@ -428,7 +430,14 @@ impl JobRunner {
                 let name = child.spec.name.clone();
                 let _slot = slots.acquire().await;
                 let end = self.run_step(context, child, Some(group_id), &stop).await;
-                if fail_fast && matches!(end, StepEnd::Failed { continue_on_error: false }) {
+                if fail_fast
+                    && matches!(
+                        end,
+                        StepEnd::Failed {
+                            continue_on_error: false
+                        }
+                    )
+                {
                     stop.cancel();
                 }
                 (name, end)
@@ -436,7 +445,14 @@ impl JobRunner {
         });
         let ends = futures_util::future::join_all(runs).await;
         ends.into_iter()
-            .find(|(_, end)| matches!(end, StepEnd::Failed { continue_on_error: false }))
+            .find(|(_, end)| {
+                matches!(
+                    end,
+                    StepEnd::Failed {
+                        continue_on_error: false
+                    }
+                )
+            })
             .map(|(name, _)| name)
     }
 
@@ -502,9 +518,19 @@ impl JobRunner {
                 Some(executor) => self.attempt(context, &step, executor, attempt, stop).await,
             };
             let duration_ms = started.elapsed().as_millis() as u64;
-            let error = failure.as_ref().map(|f| self.masker.mask(&f.message).into_owned());
+            let error = failure
+                .as_ref()
+                .map(|f| self.masker.mask(&f.message).into_owned());
             let exit_code = failure.as_ref().and_then(|f| f.exit_code);
-            self.finish_step(&step, group, state, error.clone(), exit_code, duration_ms, log_bytes);
+            self.finish_step(
+                &step,
+                group,
+                state,
+                error.clone(),
+                exit_code,
+                duration_ms,
+                log_bytes,
+            );
             match state {
                 StepState::Success => return StepEnd::Success,
                 StepState::Failed if attempt < max_attempts && !stop.is_cancelled() => {
@@ -597,12 +623,18 @@ impl JobRunner {
             Err(e) => {
                 return (
                     StepState::Failed,
-                    Some(StepFailure::new(format!("could not create $KICI_ENV files: {e}"))),
+                    Some(StepFailure::new(format!(
+                        "could not create $KICI_ENV files: {e}"
+                    ))),
                     0,
                 )
             }
         };
-        let mut env = self.lock().env.clone().unwrap_or_else(|| StepEnv::from_host(Vec::new()));
+        let mut env = self
+            .lock()
+            .env
+            .clone()
+            .unwrap_or_else(|| StepEnv::from_host(Vec::new()));
         if let Some(step_env) = &step.spec.env {
             env.extend(step_env.clone());
         }
@@ -633,7 +665,11 @@ impl JobRunner {
                 .timeout
                 .unwrap_or(self.services.settings.default_step_timeout.as_millis() as u64),
         );
-        let timeout_grace = self.services.settings.cancel_grace.min(Duration::from_secs(10));
+        let timeout_grace = self
+            .services
+            .settings
+            .cancel_grace
+            .min(Duration::from_secs(10));
         let timer = tokio::time::sleep(timeout);
         tokio::pin!(timer);
         let mut timed_out = false;
@@ -823,8 +859,13 @@ impl JobRunner {
         env
     }
 
-    async fn checkout(&self, dispatch: &JobDispatch, workspace: &std::path::Path) -> Result<(), String> {
-        let credentials = clone_credentials(dispatch, self.services.settings.github_token.as_deref());
+    async fn checkout(
+        &self,
+        dispatch: &JobDispatch,
+        workspace: &std::path::Path,
+    ) -> Result<(), String> {
+        let credentials =
+            clone_credentials(dispatch, self.services.settings.github_token.as_deref());
         let repo_url = dispatch.repo_url.clone();
         let git_ref = dispatch.git_ref.clone();
         let sha = dispatch.sha.clone();
@@ -863,7 +904,9 @@ impl JobRunner {
                 Ok(())
             }
             Ok(Err(e)) => Err(format!("Checkout failed: {e}")),
-            Err(e) => Err(format!("Checkout failed: the clone task ended abnormally: {e}")),
+            Err(e) => Err(format!(
+                "Checkout failed: the clone task ended abnormally: {e}"
+            )),
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod process;
 pub mod protocol;
+pub mod workspace;
 
 pub use agent::{Agent, AgentError, AgentState, VERSION};
 pub use config::{AgentConfig, ConfigError};

@@ -246,7 +246,10 @@ mod tests {
         let err = LocalJob::load(&path).unwrap_err().to_string();
         assert!(err.contains("job.json") && err.contains("nope"), "{err}");
         std::fs::write(&path, r#"{"name":"x","steps":[]}"#).unwrap();
-        assert!(matches!(LocalJob::load(&path), Err(LocalJobError::NoSteps { .. })));
+        assert!(matches!(
+            LocalJob::load(&path),
+            Err(LocalJobError::NoSteps { .. })
+        ));
     }
 
     #[tokio::test]

@@ -23,6 +23,9 @@ pub const MIN_SECRET_CHARS: usize = 3;
 /// bytes so that a stream without newlines cannot grow memory without bound.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
+/// What ends a line, for the splitter and for splitting multi-line secrets alike.
+const LINE_ENDS: [char; 2] = ['\n', '\r'];
+
 /// Registering secrets failed because the combined matcher could not be built (only happens
 /// with an absurd amount of secret material). The masker keeps its previous secrets.
 #[derive(Debug, thiserror::Error)]
@@ -145,9 +148,6 @@ impl SecretMasker {
         masked.unwrap_or_else(|| line.to_owned())
     }
 }
-
-/// What ends a line, for the splitter and for splitting multi-line secrets alike.
-const LINE_ENDS: [char; 2] = ['\n', '\r'];
 
 impl Matcher {
     fn build(patterns: &BTreeSet<String>) -> Result<Self, MaskerError> {
@@ -392,12 +392,23 @@ fn register_with_encodings(patterns: &mut BTreeSet<String>, value: &str) {
 /// A partial last line is held until more bytes arrive or [`LineSplitter::finish`]; a line
 /// longer than [`MAX_LINE_BYTES`] is cut into pieces (at a character boundary when the bytes
 /// are UTF-8). Invalid UTF-8 is replaced with U+FFFD, keeping the rest of the line.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct LineSplitter {
     /// Bytes of the line not yet ended (never more than `MAX_LINE_BYTES` between calls).
     partial: Vec<u8>,
     /// The previous call ended with `\r`: a `\n` at the start of the next one belongs to it.
     skip_leading_lf: bool,
+}
+
+impl fmt::Debug for LineSplitter {
+    /// Shows how much is held, never the (unmasked) bytes.
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("LineSplitter")
+            .field("held_bytes", &self.partial.len())
+            .field("skip_leading_lf", &self.skip_leading_lf)
+            .finish()
+    }
 }
 
 impl LineSplitter {
@@ -773,6 +784,9 @@ mod tests {
         assert_eq!(before.mask("second-secret"), "second-secret");
         masker.add("first-secret").expect("duplicate is accepted");
         assert_eq!(format!("{masker:?}"), "SecretMasker { patterns: 4 }");
+        let mut splitter = LineSplitter::new();
+        splitter.push(b"first-secret", &mut Vec::new());
+        assert!(!format!("{splitter:?}").contains("first"));
     }
 
     #[test]
@@ -865,6 +879,12 @@ mod tests {
         // A character split across writes is reassembled, not replaced.
         let euro = "€".as_bytes();
         assert_eq!(split_all(&[&euro[..1], &euro[1..], b"\n"]), ["€"]);
+        assert_eq!(split_all(&[b"a\n\xe2\x82", b"\xac\n"]), ["a", "€"]);
+        // Lines after an invalid one in the same write are unaffected.
+        assert_eq!(
+            split_all(&[b"good\nbad \xff\nafter \xc3\xa9\n"]),
+            ["good", "bad \u{FFFD}", "after é"]
+        );
         let mut log = StepLog::new(masker(&["secret-value"]), u64::MAX);
         let lines = step_lines(&mut log, &[b"\xc3 secret-value \xff\n"]);
         assert_eq!(lines, ["\u{FFFD} *** \u{FFFD}"]);
@@ -883,6 +903,18 @@ mod tests {
         assert!(splitter.partial.len() <= MAX_LINE_BYTES);
         splitter.push(b"\n", &mut out);
         assert_eq!(out.concat(), long);
+
+        // Small writes adding up past the limit are cut the same way.
+        let mut out = Vec::new();
+        let quarter = "z".repeat(MAX_LINE_BYTES / 4 + 1);
+        for _ in 0..4 {
+            splitter.push(quarter.as_bytes(), &mut out);
+        }
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len(), MAX_LINE_BYTES);
+        assert_eq!(splitter.partial.len(), 4);
+        splitter.finish(&mut out);
+        assert_eq!(out[1], "zzzz");
 
         let exact = "y".repeat(MAX_LINE_BYTES);
         assert_eq!(split_all(&[exact.as_bytes(), b"\n"]), [exact]);

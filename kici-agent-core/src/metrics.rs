@@ -68,8 +68,8 @@ impl Metrics {
             "mode",
         );
         let counter = |name: &str, help: &str| {
-            let metric = IntCounter::new(name, help)
-                .unwrap_or_else(|e| unreachable!("metric {name}: {e}"));
+            let metric =
+                IntCounter::new(name, help).unwrap_or_else(|e| unreachable!("metric {name}: {e}"));
             register(&registry, metric)
         };
         let log_bytes_total = counter(
@@ -114,10 +114,9 @@ impl Metrics {
             .unwrap_or_else(|e| unreachable!("backpressure gauge: {e}")),
         );
         let histogram = |name: &str, help: &str, buckets: &[f64]| {
-            let metric = Histogram::with_opts(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-            )
-            .unwrap_or_else(|e| unreachable!("metric {name}: {e}"));
+            let metric =
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+                    .unwrap_or_else(|e| unreachable!("metric {name}: {e}"));
             register(&registry, metric)
         };
         let step_duration_seconds = histogram(
@@ -239,7 +238,11 @@ mod tests {
         let a = Metrics::new();
         let b = Metrics::new();
         a.job_finished(JobState::Failed);
-        assert!(a.render().contains("kici_agent_jobs_total{status=\"failed\"} 1"));
-        assert!(b.render().contains("kici_agent_jobs_total{status=\"failed\"} 0"));
+        assert!(a
+            .render()
+            .contains("kici_agent_jobs_total{status=\"failed\"} 1"));
+        assert!(b
+            .render()
+            .contains("kici_agent_jobs_total{status=\"failed\"} 0"));
     }
 }

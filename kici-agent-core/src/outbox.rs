@@ -78,7 +78,9 @@ impl Pacer {
     }
 
     fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.refilled_at).as_secs_f64();
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
         self.refilled_at = now;
         self.msg_tokens = (self.msg_tokens + elapsed * self.msgs_per_sec).min(self.msg_burst);
         self.byte_tokens = (self.byte_tokens + elapsed * self.bytes_per_sec).min(self.byte_burst);
@@ -243,9 +245,17 @@ impl State {
 /// What the sender will send next, before pacing.
 enum Plan {
     Control,
-    Status { lane: usize },
-    JobHeartbeat { lane: usize },
-    Lines { lane: usize, bytes: usize, ready_in: Duration },
+    Status {
+        lane: usize,
+    },
+    JobHeartbeat {
+        lane: usize,
+    },
+    Lines {
+        lane: usize,
+        bytes: usize,
+        ready_in: Duration,
+    },
 }
 
 /// The outbox shared by job runners (producers) and the connection (consumer).
@@ -332,7 +342,9 @@ impl Outbox {
                             self.backpressure_gauge().set(0);
                         }
                     }
-                    self.metrics.outbox_backlog_bytes.set(state.backlog_bytes as i64);
+                    self.metrics
+                        .outbox_backlog_bytes
+                        .set(state.backlog_bytes as i64);
                     break;
                 }
                 if !waited {
@@ -377,8 +389,11 @@ impl Outbox {
         let lane = state.lane_mut(job);
         lane.oldest_line_at.get_or_insert_with(Instant::now);
         lane.lines_queued += lines.len() as u64;
-        lane.lines
-            .extend(lines.into_iter().map(|text| QueuedLine { step_index, text }));
+        lane.lines.extend(
+            lines
+                .into_iter()
+                .map(|text| QueuedLine { step_index, text }),
+        );
         state.backlog_bytes += added;
     }
 
@@ -389,9 +404,7 @@ impl Outbox {
         if !connected {
             // Acks of jobs we run are still owed; everything else in the control lane is
             // regenerated on the next registration or no longer meaningful.
-            state
-                .control
-                .retain(|m| matches!(m, Outbound::JobAck(_)));
+            state.control.retain(|m| matches!(m, Outbound::JobAck(_)));
             let dropped = state.drop_oldest_lines_over(self.limits.backlog_bytes);
             self.metrics.log_lines_dropped_total.inc_by(dropped);
         }
@@ -478,7 +491,9 @@ impl Outbox {
         };
         // Ask the pacer for a worthwhile chunk: what is queued, up to a quarter frame.
         let queued: usize = l.lines.iter().take(4096).map(|q| q.text.len() + 3).sum();
-        let bytes = queued.min(self.limits.max_frame_bytes / 4).min(budget_hint.max(1));
+        let bytes = queued
+            .min(self.limits.max_frame_bytes / 4)
+            .min(budget_hint.max(1));
         Some(Plan::Lines {
             lane,
             bytes: bytes + 200,
@@ -555,7 +570,9 @@ impl Outbox {
                 let max = budget.min(self.limits.max_frame_bytes);
                 let (chunk, bytes) = pack_chunk(&mut state.lanes[lane], max);
                 state.backlog_bytes -= bytes;
-                self.metrics.outbox_backlog_bytes.set(state.backlog_bytes as i64);
+                self.metrics
+                    .outbox_backlog_bytes
+                    .set(state.backlog_bytes as i64);
                 if state.lanes[lane].is_done() {
                     state.lanes.remove(lane);
                 }
@@ -700,7 +717,8 @@ mod tests {
         assert_eq!(outbox.undelivered_jobs(), vec![a.clone()]);
         let mut pacer = unlimited();
         // Nothing goes while disconnected.
-        let pending = tokio::time::timeout(Duration::from_millis(20), outbox.next_frame(&mut pacer));
+        let pending =
+            tokio::time::timeout(Duration::from_millis(20), outbox.next_frame(&mut pacer));
         assert!(pending.await.is_err());
         outbox.set_connected(true);
         let sent = drain(&outbox, &mut pacer).await;
@@ -768,16 +786,28 @@ mod tests {
         let outbox = Outbox::new(limits, Metrics::new());
         outbox.set_connected(true);
         let a = job("a");
-        let lines: Vec<String> = (0..20_000).map(|i| format!("{i:08} \"quoted\" {}", "x".repeat(60))).collect();
+        let lines: Vec<String> = (0..20_000)
+            .map(|i| format!("{i:08} \"quoted\" {}", "x".repeat(60)))
+            .collect();
         outbox.push_lines(&a, 3, lines.clone()).await;
         let mut pacer = unlimited();
         let mut got = Vec::new();
         while !outbox.is_empty() {
             let frame = outbox.next_frame(&mut pacer).await;
-            assert!(frame.text.len() <= 64 * 1024, "frame of {}", frame.text.len());
+            assert!(
+                frame.text.len() <= 64 * 1024,
+                "frame of {}",
+                frame.text.len()
+            );
             let v: serde_json::Value = serde_json::from_str(&frame.text).unwrap();
             assert_eq!(v["stepIndex"], 3);
-            got.extend(v["lines"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_string()));
+            got.extend(
+                v["lines"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|l| l.as_str().unwrap().to_string()),
+            );
         }
         assert_eq!(got, lines);
     }
@@ -790,7 +820,10 @@ mod tests {
         pacer.consume(500, now);
         // No message token left: 1/10 s; bytes: 1000 - 500 < 800 -> 0.3 s.
         let wait = pacer.wait_for(800, now);
-        assert!(wait >= Duration::from_millis(299) && wait <= Duration::from_millis(301), "{wait:?}");
+        assert!(
+            wait >= Duration::from_millis(299) && wait <= Duration::from_millis(301),
+            "{wait:?}"
+        );
         pacer.back_off(Duration::from_secs(2), now);
         assert!(pacer.wait_for(1, now) >= Duration::from_secs(2));
     }

@@ -47,7 +47,9 @@ pub enum Inbound {
     /// The message we just sent was dropped by the orchestrator's rate limiter.
     RateLimitWarning(RateLimitWarning),
     /// A valid JSON object whose `type` this agent does not handle. Ignored.
-    Unknown { message_type: String },
+    Unknown {
+        message_type: String,
+    },
 }
 
 /// Why an inbound frame could not be used.
@@ -221,7 +223,10 @@ impl JobDispatch {
     pub fn secret_values(&self) -> Vec<&str> {
         let mut values: Vec<&str> = Vec::new();
         values.extend(self.token.as_deref());
-        for auth in [&self.source_auth, &self.workflow_auth].into_iter().flatten() {
+        for auth in [&self.source_auth, &self.workflow_auth]
+            .into_iter()
+            .flatten()
+        {
             values.push(&auth.secret);
         }
         if let Some(secrets) = &self.secrets {
@@ -519,9 +524,8 @@ impl Outbound {
     pub fn to_frame(&self) -> String {
         // Serialising these plain structs cannot fail: no maps with non-string keys, no
         // fallible Serialize impls.
-        serde_json::to_string(self).unwrap_or_else(|e| {
-            unreachable!("outbound message failed to serialise: {e}")
-        })
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| unreachable!("outbound message failed to serialise: {e}"))
     }
 
     /// The wire `type` of this message.
@@ -809,11 +813,7 @@ pub struct StepStatus {
     pub timestamp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<StepStatusData>,
-    #[serde(
-        rename = "step_type",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "step_type", default, skip_serializing_if = "Option::is_none")]
     pub step_type: Option<StepType>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency_kind: Option<ConcurrencyKind>,
@@ -937,11 +937,7 @@ mod tests {
                 let parsed: Outbound = serde_json::from_value(original.clone())
                     .unwrap_or_else(|e| panic!("{name}: {line}: {e}"));
                 let back = serde_json::to_value(&parsed).unwrap();
-                assert_eq!(
-                    back,
-                    original,
-                    "{name}: {line} changed in a round trip"
-                );
+                assert_eq!(back, original, "{name}: {line} changed in a round trip");
                 seen += 1;
             }
         }
@@ -987,8 +983,8 @@ mod tests {
 
     #[test]
     fn malformed_dispatch_keeps_ids_so_it_can_be_answered() {
-        let err = parse_inbound(r#"{"type":"job.dispatch","runId":"r1","jobId":"j1"}"#)
-            .unwrap_err();
+        let err =
+            parse_inbound(r#"{"type":"job.dispatch","runId":"r1","jobId":"j1"}"#).unwrap_err();
         match err {
             InboundError::Schema { job: Some(job), .. } => {
                 assert_eq!(job.run_id, "r1");
@@ -1178,7 +1174,12 @@ mod tests {
             ),
         ];
         for (message, expected) in cases {
-            assert_eq!(keys(&message), sorted(&expected), "{}", message.message_type());
+            assert_eq!(
+                keys(&message),
+                sorted(&expected),
+                "{}",
+                message.message_type()
+            );
             let frame = message.to_frame();
             assert!(
                 frame.starts_with(&format!("{{\"type\":\"{}\"", message.message_type())),
@@ -1200,8 +1201,20 @@ mod tests {
 
     #[test]
     fn json_string_len_matches_serde_json() {
-        for s in ["plain", "quo\"te", "back\\slash", "ctl\u{1}\u{1f}", "tab\t\r\n", "ünï©ødé 😀", ""] {
-            assert_eq!(json_string_len(s), serde_json::to_string(s).unwrap().len(), "{s:?}");
+        for s in [
+            "plain",
+            "quo\"te",
+            "back\\slash",
+            "ctl\u{1}\u{1f}",
+            "tab\t\r\n",
+            "ünï©ødé 😀",
+            "",
+        ] {
+            assert_eq!(
+                json_string_len(s),
+                serde_json::to_string(s).unwrap().len(),
+                "{s:?}"
+            );
         }
     }
 

@@ -19,18 +19,36 @@ async fn token_auth_registers_and_heartbeats_only_after_the_ack() {
         .await
         .expect("heartbeat");
     let received = h.mock.received();
-    let types: Vec<&str> = received.iter().filter_map(|r| r.msg["type"].as_str()).collect();
+    let types: Vec<&str> = received
+        .iter()
+        .filter_map(|r| r.msg["type"].as_str())
+        .collect();
     assert_eq!(&types[..2], ["auth.request", "agent.register"]);
-    let register = received.iter().find(|r| r.msg["type"] == "agent.register").unwrap();
+    let register = received
+        .iter()
+        .find(|r| r.msg["type"] == "agent.register")
+        .unwrap();
     assert!(first_beat.at > register.at);
     let msg = &register.msg;
     assert_eq!(msg["maxConcurrency"], 1);
-    let labels: Vec<&str> = msg["labels"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    let labels: Vec<&str> = msg["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
     assert!(labels.iter().any(|l| l.starts_with("kici:os:")));
-    assert!(!labels.iter().any(|l| l.starts_with("kici:role:")), "{labels:?}");
+    assert!(
+        !labels.iter().any(|l| l.starts_with("kici:role:")),
+        "{labels:?}"
+    );
     assert!(msg.get("inFlightJobs").is_none());
     // Heartbeats keep coming at the configured interval.
-    assert!(h.mock.wait_until(|m| m.messages_of_type("heartbeat").len() >= 3, WAIT).await);
+    assert!(
+        h.mock
+            .wait_until(|m| m.messages_of_type("heartbeat").len() >= 3, WAIT)
+            .await
+    );
     let (status, body) = h.http_get("/ready").await;
     assert_eq!((status, body.contains("\"connected\":true")), (200, true));
     h.assert_no_violations();
@@ -39,7 +57,10 @@ async fn token_auth_registers_and_heartbeats_only_after_the_ack() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn none_mode_registers_without_auth() {
     let h = start_with(
-        MockConfig { auth: AuthMode::None, ..MockConfig::default() },
+        MockConfig {
+            auth: AuthMode::None,
+            ..MockConfig::default()
+        },
         |c| c,
         ExecutorRegistry::new(),
     )
@@ -52,23 +73,47 @@ async fn none_mode_registers_without_auth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_failure_stops_reconnecting_and_health_says_why() {
     let h = start(|c| c.with_token(format!("kat_{}", "0".repeat(64)))).await;
-    let state = common::wait_state(&h.agent, |s| matches!(s.connection, ConnectionState::AuthFailed(_))).await;
-    assert!(state.last_error.unwrap().contains("Invalid or expired token"));
+    let state = common::wait_state(&h.agent, |s| {
+        matches!(s.connection, ConnectionState::AuthFailed(_))
+    })
+    .await;
+    assert!(state
+        .last_error
+        .unwrap()
+        .contains("Invalid or expired token"));
     let (status, body) = h.http_get("/health").await;
     assert_eq!(status, 200);
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert!(health["stoppedReason"].as_str().unwrap().contains("authentication failed"), "{health}");
+    assert!(
+        health["stoppedReason"]
+            .as_str()
+            .unwrap()
+            .contains("authentication failed"),
+        "{health}"
+    );
     assert!(!body.contains(&"0".repeat(64)), "token leaked into /health");
     assert_eq!(h.http_get("/ready").await.0, 503);
     // No second attempt: the backoff would have retried within 1.5 s.
-    let attempts = || h.mock.received().iter().filter(|r| r.msg["type"] == "auth.request").count();
-    assert!(!h.mock.wait_until(|_| attempts() > 1, Duration::from_millis(2500)).await);
+    let attempts = || {
+        h.mock
+            .received()
+            .iter()
+            .filter(|r| r.msg["type"] == "auth.request")
+            .count()
+    };
+    assert!(
+        !h.mock
+            .wait_until(|_| attempts() > 1, Duration::from_millis(2500))
+            .await
+    );
     assert_eq!(attempts(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_is_503_until_registered_and_after_a_disconnect_then_reconnects_within_backoff() {
-    let mock = kici_mock_orchestrator::MockOrchestrator::start(MockConfig::default()).await.unwrap();
+    let mock = kici_mock_orchestrator::MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
     mock.set_accepting(false);
     let config = common::config_for(&mock).build().unwrap();
     let agent = kici_agent_core::Agent::new(config).unwrap();
@@ -90,13 +135,26 @@ async fn ready_is_503_until_registered_and_after_a_disconnect_then_reconnects_wi
     common::wait_state(&h.agent, |s| !s.registered).await;
     assert_eq!(h.http_get("/ready").await.0, 503);
     let metrics = h.http_get("/metrics").await.1;
-    assert!(metrics.contains("kici_agent_connection_status 0"), "{metrics}");
+    assert!(
+        metrics.contains("kici_agent_connection_status 0"),
+        "{metrics}"
+    );
     h.mock.set_accepting(true);
-    assert!(h.mock.wait_until(|m| m.registrations().len() > registrations_before, WAIT).await);
+    assert!(
+        h.mock
+            .wait_until(|m| m.registrations().len() > registrations_before, WAIT)
+            .await
+    );
     let delay = lost_at.elapsed();
     // First retry after a registered session: 1.0-1.5 s (plus scheduling slack).
-    assert!(delay >= Duration::from_millis(1000), "reconnected after {delay:?}");
-    assert!(delay <= Duration::from_millis(2000), "reconnected after {delay:?}");
+    assert!(
+        delay >= Duration::from_millis(1000),
+        "reconnected after {delay:?}"
+    );
+    assert!(
+        delay <= Duration::from_millis(2000),
+        "reconnected after {delay:?}"
+    );
     h.assert_no_violations();
 }
 
@@ -105,12 +163,28 @@ async fn unknown_inbound_types_and_garbage_are_ignored() {
     let h = start(|c| c).await;
     h.registered().await;
     let id = h.agent_id();
-    h.mock.send_raw(&id, r#"{"type":"fleet.logs.request","requestId":"x","logWindowHours":1,"maxBytes":10}"#).await.unwrap();
-    h.mock.send_raw(&id, r#"{"type":"something.new"}"#).await.unwrap();
+    h.mock
+        .send_raw(
+            &id,
+            r#"{"type":"fleet.logs.request","requestId":"x","logWindowHours":1,"maxBytes":10}"#,
+        )
+        .await
+        .unwrap();
+    h.mock
+        .send_raw(&id, r#"{"type":"something.new"}"#)
+        .await
+        .unwrap();
     h.mock.send_raw(&id, "this is not json").await.unwrap();
-    h.mock.send_raw(&id, r#"{"type":"job.cancel","runId":"r","jobId":"unknown-job","reason":"x"}"#).await.unwrap();
+    h.mock
+        .send_raw(
+            &id,
+            r#"{"type":"job.cancel","runId":"r","jobId":"unknown-job","reason":"x"}"#,
+        )
+        .await
+        .unwrap();
     // Still connected: a job still runs end to end on the same connection.
-    h.dispatch("after-garbage", json!([{"name": "s", "run": "echo fine"}])).await;
+    h.dispatch("after-garbage", json!([{"name": "s", "run": "echo fine"}]))
+        .await;
     assert_eq!(h.terminal_status("after-garbage").await["state"], "success");
     assert_eq!(h.mock.registrations().len(), 1, "the agent reconnected");
     h.assert_no_violations();
@@ -145,7 +219,8 @@ async fn a_five_mib_burst_is_split_under_the_limits() {
     let h = start(|c| c).await;
     h.registered().await;
     // 5 MiB of 1000-byte lines written as fast as the shell can.
-    let step = json!([{"name": "burst", "run": "head -c 5242880 /dev/zero | tr '\\0' x | fold -w 1000"}]);
+    let step =
+        json!([{"name": "burst", "run": "head -c 5242880 /dev/zero | tr '\\0' x | fold -w 1000"}]);
     h.dispatch("burst", step).await;
     assert_eq!(h.terminal_status("burst").await["state"], "success");
     let lines = h.lines("burst", 0);

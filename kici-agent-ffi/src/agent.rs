@@ -12,7 +12,7 @@ use kici_agent_core::{Agent, AgentError, Executor, ExecutorRegistry};
 use crate::boundary::{guard, guard_infallible, object, out, text};
 use crate::config::kici_config;
 use crate::error::{kici_error, kici_result, Failure, FfiResult};
-use crate::executor::kici_executor;
+use crate::executor::{kici_executor, ExecutorLease};
 use crate::string::{c_string_lossy, into_c_owned};
 use crate::KICI_WAIT_FOREVER;
 
@@ -31,12 +31,15 @@ use crate::KICI_WAIT_FOREVER;
 pub struct kici_agent {
     agent_id: CString,
     phase: Mutex<Phase>,
+    /// The registered C executors, kept alive until the agent is freed. Declared after `phase`
+    /// so that they are released after the core agent stopped (fields drop in order).
+    leases: Mutex<Vec<ExecutorLease>>,
 }
 
 enum Phase {
     /// Collecting executors; nothing runs yet.
     Created {
-        config: AgentConfig,
+        config: Box<AgentConfig>,
         executors: ExecutorRegistry,
     },
     Started(Arc<Agent>),
@@ -81,8 +84,14 @@ fn refuse_on_agent_thread(call: &str) -> FfiResult {
     Ok(())
 }
 
+/// Durations beyond this are as good as forever; capping them keeps the core's deadline
+/// arithmetic (`Instant + Duration`) from overflowing.
+const LONGEST_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
+/// A wait in milliseconds: `None` (no limit) for `KICI_WAIT_FOREVER` or anything over a year.
 fn timeout(millis: u64) -> Option<Duration> {
-    (millis != KICI_WAIT_FOREVER).then(|| Duration::from_millis(millis))
+    let duration = Duration::from_millis(millis);
+    (millis != KICI_WAIT_FOREVER && duration <= LONGEST_DURATION).then_some(duration)
 }
 
 /// Runs `body` with the agent behind `agent`.
@@ -114,13 +123,21 @@ unsafe fn register(
     // SAFETY: forwarded caller contract.
     unsafe {
         with_agent(agent, err, |agent| {
-            let executor = object(executor, "executor")?.shared();
+            let executor = object(executor, "executor")?;
             match &mut *agent.phase() {
-                Phase::Created { executors, .. } => add(executors, executor),
-                _ => Err(Failure::state(
-                    "executors must be registered before kici_agent_start",
-                )),
+                Phase::Created { executors, .. } => add(executors, executor.shared())?,
+                _ => {
+                    return Err(Failure::state(
+                        "executors must be registered before kici_agent_start",
+                    ))
+                }
             }
+            agent
+                .leases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(executor.lease());
+            Ok(())
         })
     }
 }
@@ -147,9 +164,10 @@ pub unsafe extern "C" fn kici_agent_new(
         let agent = kici_agent {
             agent_id: c_string_lossy(config.agent_id.clone()),
             phase: Mutex::new(Phase::Created {
-                config,
+                config: Box::new(config),
                 executors: ExecutorRegistry::new(),
             }),
+            leases: Mutex::new(Vec::new()),
         };
         slot.write(Box::into_raw(Box::new(agent)));
         Ok(())
@@ -238,7 +256,7 @@ pub unsafe extern "C" fn kici_agent_start(
             let Phase::Created { config, executors } = &*phase else {
                 return Err(Failure::state("the agent was already started or stopped"));
             };
-            let core = Agent::with_executors(config.clone(), executors.clone())
+            let core = Agent::with_executors((**config).clone(), executors.clone())
                 .map_err(agent_failure)?;
             core.start().map_err(agent_failure)?;
             *phase = Phase::Started(Arc::new(core));
@@ -271,7 +289,8 @@ pub unsafe extern "C" fn kici_agent_drain(
     }
 }
 
-/// Stops: no new jobs; running jobs get `grace_ms` to finish, then they are cancelled (C
+/// Stops: no new jobs; running jobs get `grace_ms` (at most a year) to finish, then they are
+/// cancelled (C
 /// executors see `kici_step_context_is_cancelled`) and reported cancelled. Returns at once; see
 /// `kici_agent_wait`. Before `kici_agent_start` it just marks the agent stopped.
 ///
@@ -288,7 +307,9 @@ pub unsafe extern "C" fn kici_agent_shutdown(
             let mut phase = agent.phase();
             match &*phase {
                 Phase::Created { .. } => *phase = Phase::Stopped,
-                Phase::Started(core) => core.shutdown(Duration::from_millis(grace_ms)),
+                Phase::Started(core) => {
+                    core.shutdown(Duration::from_millis(grace_ms).min(LONGEST_DURATION))
+                }
                 Phase::Stopped => {}
             }
             Ok(())
@@ -296,7 +317,8 @@ pub unsafe extern "C" fn kici_agent_shutdown(
     }
 }
 
-/// Waits until the agent stopped, at most `timeout_ms` (`KICI_WAIT_FOREVER`: no limit):
+/// Waits until the agent stopped, at most `timeout_ms` (`KICI_WAIT_FOREVER` or over a year: no
+/// limit):
 /// `KICI_RESULT_OK` once stopped, `KICI_RESULT_TIMEOUT` if still running.
 /// `KICI_RESULT_INVALID_STATE` if it was never started nor stopped.
 ///
@@ -327,9 +349,12 @@ pub unsafe extern "C" fn kici_agent_wait(
     }
 }
 
-/// The next event, waiting up to `timeout_ms` (`KICI_WAIT_FOREVER`: no limit), as one JSON
-/// object with a `type`: `registered`, `disconnected`, `auth_failed`, `job_started`,
-/// `job_rejected`, `step_finished`, `job_finished`, `stopped` (see the README for the fields).
+/// The next event, waiting up to `timeout_ms` (`KICI_WAIT_FOREVER` or over a year: no limit),
+/// as one JSON object with a `type`:
+/// `registered` {agentId}; `disconnected`; `auth_failed` {reason};
+/// `job_started` {runId, jobId, name}; `job_rejected` {runId, jobId, reason};
+/// `step_finished` {runId, jobId, stepIndex, stepName, state, durationMs, error?};
+/// `job_finished` {runId, jobId, name, state, durationMs, error?}; `stopped`.
 /// `KICI_RESULT_TIMEOUT` when none came, `KICI_RESULT_CLOSED` once the agent stopped and every
 /// event was read. Events are kept (up to 10000, oldest dropped) until read; read them from one
 /// thread.
@@ -347,7 +372,8 @@ pub unsafe extern "C" fn kici_agent_next_event(
     unsafe {
         with_agent(agent, err, |agent| {
             let slot = out(out_json, "out_json")?;
-            let closed = || Failure::new(kici_result::Closed, "the agent stopped; no event is left");
+            let closed =
+                || Failure::new(kici_result::Closed, "the agent stopped; no event is left");
             let Some(core) = agent.started()? else {
                 return Err(closed());
             };
@@ -440,9 +466,10 @@ pub unsafe extern "C" fn kici_agent_id(
 }
 
 /// Frees an agent. NULL does nothing. A running agent is shut down first with the configured
-/// shutdown grace, and this call waits for it (at most the grace plus 10 s). Executors
-/// registered only with this agent are released (their `free_user_data` runs once their last
-/// callback returned).
+/// shutdown grace, and this call waits for it (at most the grace plus 10 s). Then the agent's
+/// references to its executors are released: an executor nothing else holds runs its
+/// `free_user_data` before this call returns (or, for a callback that ignored a cancel, when
+/// that callback returns).
 ///
 /// Ownership: takes `agent`. Thread safety: the last call on `agent`, from a host thread, never
 /// from an executor callback.
@@ -468,12 +495,24 @@ mod tests {
         // SAFETY: every pointer is a live local or a literal; the config is freed once.
         unsafe {
             let mut config = ptr::null_mut();
-            assert_eq!(kici_config_new(&mut config, ptr::null_mut()), kici_result::Ok);
+            assert_eq!(
+                kici_config_new(&mut config, ptr::null_mut()),
+                kici_result::Ok
+            );
             let url = c"ws://127.0.0.1:9/ws".as_ptr();
-            assert_eq!(kici_config_set_orchestrator_url(config, url, ptr::null_mut()), kici_result::Ok);
-            assert_eq!(kici_config_set_port(config, 0, ptr::null_mut()), kici_result::Ok);
+            assert_eq!(
+                kici_config_set_orchestrator_url(config, url, ptr::null_mut()),
+                kici_result::Ok
+            );
+            assert_eq!(
+                kici_config_set_port(config, 0, ptr::null_mut()),
+                kici_result::Ok
+            );
             let mut agent = ptr::null_mut();
-            assert_eq!(kici_agent_new(config, &mut agent, ptr::null_mut()), kici_result::Ok);
+            assert_eq!(
+                kici_agent_new(config, &mut agent, ptr::null_mut()),
+                kici_result::Ok
+            );
             kici_config_free(config);
             agent
         }
@@ -486,13 +525,31 @@ mod tests {
         unsafe {
             let mut json = ptr::null_mut();
             let mut port = 0u16;
-            assert_eq!(kici_agent_wait(agent, 0, ptr::null_mut()), kici_result::InvalidState);
-            assert_eq!(kici_agent_next_event(agent, 0, &mut json, ptr::null_mut()), kici_result::InvalidState);
-            assert_eq!(kici_agent_http_port(agent, &mut port, ptr::null_mut()), kici_result::InvalidState);
-            assert_eq!(kici_agent_shutdown(agent, 0, ptr::null_mut()), kici_result::Ok);
+            assert_eq!(
+                kici_agent_wait(agent, 0, ptr::null_mut()),
+                kici_result::InvalidState
+            );
+            assert_eq!(
+                kici_agent_next_event(agent, 0, &mut json, ptr::null_mut()),
+                kici_result::InvalidState
+            );
+            assert_eq!(
+                kici_agent_http_port(agent, &mut port, ptr::null_mut()),
+                kici_result::InvalidState
+            );
+            assert_eq!(
+                kici_agent_shutdown(agent, 0, ptr::null_mut()),
+                kici_result::Ok
+            );
             assert_eq!(kici_agent_wait(agent, 0, ptr::null_mut()), kici_result::Ok);
-            assert_eq!(kici_agent_next_event(agent, 0, &mut json, ptr::null_mut()), kici_result::Closed);
-            assert_eq!(kici_agent_start(agent, ptr::null_mut()), kici_result::InvalidState);
+            assert_eq!(
+                kici_agent_next_event(agent, 0, &mut json, ptr::null_mut()),
+                kici_result::Closed
+            );
+            assert_eq!(
+                kici_agent_start(agent, ptr::null_mut()),
+                kici_result::InvalidState
+            );
             assert!(json.is_null());
             kici_agent_free(agent);
         }
@@ -504,13 +561,37 @@ mod tests {
         // SAFETY: `agent` is live until the free at the end; outputs are live locals.
         unsafe {
             assert_eq!(kici_agent_start(agent, ptr::null_mut()), kici_result::Ok);
-            assert_eq!(kici_agent_start(agent, ptr::null_mut()), kici_result::InvalidState);
+            assert_eq!(
+                kici_agent_start(agent, ptr::null_mut()),
+                kici_result::InvalidState
+            );
             let mut text = ptr::null_mut();
-            assert_eq!(kici_agent_metrics(agent, &mut text, ptr::null_mut()), kici_result::Ok);
-            assert!(std::ffi::CStr::from_ptr(text).to_string_lossy().contains("kici_agent"));
+            assert_eq!(
+                kici_agent_metrics(agent, &mut text, ptr::null_mut()),
+                kici_result::Ok
+            );
+            assert!(std::ffi::CStr::from_ptr(text)
+                .to_string_lossy()
+                .contains("kici_agent"));
             crate::string::kici_string_free(text);
-            assert_eq!(kici_agent_shutdown(agent, 0, ptr::null_mut()), kici_result::Ok);
-            assert_eq!(kici_agent_wait(agent, 20_000, ptr::null_mut()), kici_result::Ok);
+            // Huge timeouts are capped instead of overflowing the core's deadlines.
+            let huge = KICI_WAIT_FOREVER - 1;
+            assert_eq!(
+                kici_agent_wait(agent, 10, ptr::null_mut()),
+                kici_result::Timeout
+            );
+            assert_eq!(
+                kici_agent_shutdown(agent, huge, ptr::null_mut()),
+                kici_result::Ok
+            );
+            assert_eq!(
+                kici_agent_shutdown(agent, 0, ptr::null_mut()),
+                kici_result::Ok
+            );
+            assert_eq!(
+                kici_agent_wait(agent, huge, ptr::null_mut()),
+                kici_result::Ok
+            );
             let mut json = ptr::null_mut();
             loop {
                 match kici_agent_next_event(agent, 0, &mut json, ptr::null_mut()) {

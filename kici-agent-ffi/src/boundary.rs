@@ -84,7 +84,10 @@ pub(crate) unsafe fn text<'a>(ptr: *const c_char, name: &str) -> FfiResult<&'a s
 ///
 /// # Safety
 /// `ptr` must be NULL or point to writable storage for a `T` for `'a`.
-pub(crate) unsafe fn out<'a, T>(ptr: *mut T, name: &str) -> FfiResult<&'a mut std::mem::MaybeUninit<T>> {
+pub(crate) unsafe fn out<'a, T>(
+    ptr: *mut T,
+    name: &str,
+) -> FfiResult<&'a mut std::mem::MaybeUninit<T>> {
     // SAFETY: guaranteed by the caller; MaybeUninit does not read the old value.
     unsafe { ptr.cast::<std::mem::MaybeUninit<T>>().as_mut() }.ok_or_else(|| Failure::null(name))
 }
@@ -115,7 +118,10 @@ mod tests {
         let (code, message) = take_error(error);
         assert_eq!(code, kici_result::Panic);
         assert!(message.contains("boom at the boundary"), "{message}");
-        assert_eq!(guard(ptr::null_mut(), || panic!("no error wanted")), kici_result::Panic);
+        assert_eq!(
+            guard(ptr::null_mut(), || panic!("no error wanted")),
+            kici_result::Panic
+        );
         assert_eq!(guard_infallible(7, || panic!("swallowed")), 7);
     }
 
@@ -125,7 +131,10 @@ mod tests {
         assert_eq!(guard(&mut error, || Ok(())), kici_result::Ok);
         assert!(error.is_null());
         let code = guard(&mut error, || Err(Failure::state("not started")));
-        assert_eq!(take_error(error), (kici_result::InvalidState, "not started".into()));
+        assert_eq!(
+            take_error(error),
+            (kici_result::InvalidState, "not started".into())
+        );
         assert_eq!(code, kici_result::InvalidState);
         let code = guard(ptr::null_mut(), || Err(Failure::null("agent")));
         assert_eq!(code, kici_result::NullArgument);

@@ -235,7 +235,10 @@ pub unsafe extern "C" fn kici_config_warning(
         let warning = config.warnings.get(index).ok_or_else(|| {
             Failure::new(
                 kici_result::NotFound,
-                format!("there are {} warnings, no warning {index}", config.warnings.len()),
+                format!(
+                    "there are {} warnings, no warning {index}",
+                    config.warnings.len()
+                ),
             )
         })?;
         slot.write(warning.as_ptr());
@@ -394,7 +397,9 @@ pub unsafe extern "C" fn kici_config_set_bind_address(
     unsafe {
         update_text(config, address, "address", err, |config, address| {
             config.bind_address = address.parse().map_err(|_| {
-                Failure::invalid(format!("`address`: expected an IP address, got {address:?}"))
+                Failure::invalid(format!(
+                    "`address`: expected an IP address, got {address:?}"
+                ))
             })?;
             Ok(())
         })
@@ -917,31 +922,83 @@ mod tests {
         // SAFETY: `config` is live until the free at the end; every other pointer is a live
         // local or a C string literal.
         unsafe {
-            assert_eq!(kici_config_validate(config, ptr::null_mut()), kici_result::InvalidConfig);
+            assert_eq!(
+                kici_config_validate(config, ptr::null_mut()),
+                kici_result::InvalidConfig
+            );
             let set = |code: kici_result| assert_eq!(code, kici_result::Ok);
-            set(kici_config_set_orchestrator_url(config, c"ws://127.0.0.1:9/ws".as_ptr(), ptr::null_mut()));
-            set(kici_config_set_agent_id(config, c"runner-7".as_ptr(), ptr::null_mut()));
+            set(kici_config_set_orchestrator_url(
+                config,
+                c"ws://127.0.0.1:9/ws".as_ptr(),
+                ptr::null_mut(),
+            ));
+            set(kici_config_set_agent_id(
+                config,
+                c"runner-7".as_ptr(),
+                ptr::null_mut(),
+            ));
             let labels = [c"gpu".as_ptr(), c" Linux ".as_ptr()];
-            set(kici_config_set_labels(config, labels.as_ptr(), labels.len(), ptr::null_mut()));
-            set(kici_config_set_property(config, c"cores".as_ptr(), c"8".as_ptr(), ptr::null_mut()));
-            set(kici_config_set_property(config, c"cores".as_ptr(), c"16".as_ptr(), ptr::null_mut()));
+            set(kici_config_set_labels(
+                config,
+                labels.as_ptr(),
+                labels.len(),
+                ptr::null_mut(),
+            ));
+            set(kici_config_set_property(
+                config,
+                c"cores".as_ptr(),
+                c"8".as_ptr(),
+                ptr::null_mut(),
+            ));
+            set(kici_config_set_property(
+                config,
+                c"cores".as_ptr(),
+                c"16".as_ptr(),
+                ptr::null_mut(),
+            ));
             set(kici_config_set_port(config, 0, ptr::null_mut()));
-            set(kici_config_set_log_level(config, c"debug".as_ptr(), ptr::null_mut()));
-            set(kici_config_set_token(config, c"kat_x".as_ptr(), ptr::null_mut()));
-            set(kici_config_set_execution_mode(config, c"bare-metal".as_ptr(), ptr::null_mut()));
+            set(kici_config_set_log_level(
+                config,
+                c"debug".as_ptr(),
+                ptr::null_mut(),
+            ));
+            set(kici_config_set_token(
+                config,
+                c"kat_x".as_ptr(),
+                ptr::null_mut(),
+            ));
+            set(kici_config_set_execution_mode(
+                config,
+                c"bare-metal".as_ptr(),
+                ptr::null_mut(),
+            ));
             set(kici_config_set_max_concurrency(config, 3, ptr::null_mut()));
-            set(kici_config_set_cancel_grace_ms(config, 250, ptr::null_mut()));
-            assert_eq!(kici_config_validate(config, ptr::null_mut()), kici_result::Ok);
+            set(kici_config_set_cancel_grace_ms(
+                config,
+                250,
+                ptr::null_mut(),
+            ));
+            assert_eq!(
+                kici_config_validate(config, ptr::null_mut()),
+                kici_result::Ok
+            );
             let core = (*config).agent_config();
             assert_eq!(core.agent_id, "runner-7");
             assert_eq!(core.labels, vec!["gpu", " Linux "]);
-            assert_eq!(core.properties, vec![("cores".to_string(), PropertyValue::Number(16.into()))]);
+            assert_eq!(
+                core.properties,
+                vec![("cores".to_string(), PropertyValue::Number(16.into()))]
+            );
             assert_eq!((core.port, core.max_concurrency), (0, 3));
             assert_eq!(core.log_level, LogLevel::Debug);
             assert_eq!(core.execution_mode, Some(ExecutionMode::BareMetal));
             assert_eq!(core.cancel_grace, Duration::from_millis(250));
             set(kici_config_set_token(config, c"".as_ptr(), ptr::null_mut()));
-            set(kici_config_set_execution_mode(config, c"".as_ptr(), ptr::null_mut()));
+            set(kici_config_set_execution_mode(
+                config,
+                c"".as_ptr(),
+                ptr::null_mut(),
+            ));
             let core = (*config).agent_config();
             assert!(core.token.is_none() && core.execution_mode.is_none());
             kici_config_free(config);
@@ -966,17 +1023,38 @@ mod tests {
             let code = kici_config_set_bind_address(config, c"not-an-ip".as_ptr(), ptr::null_mut());
             assert_eq!(code, kici_result::InvalidArgument);
             let roles = [c"all".as_ptr()];
-            assert_eq!(kici_config_set_roles(config, roles.as_ptr(), 1, ptr::null_mut()), kici_result::Ok);
-            assert_eq!((*config).agent_config().roles, vec![Role::Builder, Role::InitRunner]);
+            assert_eq!(
+                kici_config_set_roles(config, roles.as_ptr(), 1, ptr::null_mut()),
+                kici_result::Ok
+            );
+            assert_eq!(
+                (*config).agent_config().roles,
+                vec![Role::Builder, Role::InitRunner]
+            );
             set_url_and_expect(config, kici_result::InvalidConfig);
-            assert_eq!(kici_config_set_port(ptr::null_mut(), 1, ptr::null_mut()), kici_result::NullArgument);
-            assert_eq!(kici_config_new(ptr::null_mut(), ptr::null_mut()), kici_result::NullArgument);
-            assert_eq!(kici_config_from_env(ptr::null_mut(), ptr::null_mut()), kici_result::NullArgument);
+            assert_eq!(
+                kici_config_set_port(ptr::null_mut(), 1, ptr::null_mut()),
+                kici_result::NullArgument
+            );
+            assert_eq!(
+                kici_config_new(ptr::null_mut(), ptr::null_mut()),
+                kici_result::NullArgument
+            );
+            assert_eq!(
+                kici_config_from_env(ptr::null_mut(), ptr::null_mut()),
+                kici_result::NullArgument
+            );
             let mut count = 9;
-            assert_eq!(kici_config_warning_count(config, &mut count, ptr::null_mut()), kici_result::Ok);
+            assert_eq!(
+                kici_config_warning_count(config, &mut count, ptr::null_mut()),
+                kici_result::Ok
+            );
             assert_eq!(count, 0);
             let mut warning = ptr::null();
-            assert_eq!(kici_config_warning(config, 0, &mut warning, ptr::null_mut()), kici_result::NotFound);
+            assert_eq!(
+                kici_config_warning(config, 0, &mut warning, ptr::null_mut()),
+                kici_result::NotFound
+            );
             assert!(warning.is_null());
             kici_config_free(config);
         }
@@ -986,7 +1064,11 @@ mod tests {
     unsafe fn set_url_and_expect(config: *mut kici_config, expected: kici_result) {
         // SAFETY: forwarded caller contract.
         unsafe {
-            kici_config_set_orchestrator_url(config, c"ws://127.0.0.1:9/ws".as_ptr(), ptr::null_mut());
+            kici_config_set_orchestrator_url(
+                config,
+                c"ws://127.0.0.1:9/ws".as_ptr(),
+                ptr::null_mut(),
+            );
             assert_eq!(kici_config_validate(config, ptr::null_mut()), expected);
         }
     }

@@ -100,7 +100,9 @@ impl Failure {
 /// Results of the internal functions behind the exports.
 pub(crate) type FfiResult<T = ()> = Result<T, Failure>;
 
-/// An error: a [`kici_result`] code and a UTF-8 message. Opaque.
+/// An error: a `kici_result` code and a UTF-8 message. Opaque.
+///
+/// Thread safety: immutable; may be read from any thread, also at the same time.
 pub struct kici_error {
     code: kici_result,
     message: CString,
@@ -199,7 +201,10 @@ mod tests {
             assert_eq!(message.to_str().ok(), Some("no event within 5 ms"));
             kici_error_free(error);
             assert_eq!(kici_error_code(std::ptr::null()), kici_result::NullArgument);
-            assert_eq!(CStr::from_ptr(kici_error_message(std::ptr::null())).to_bytes(), b"");
+            assert_eq!(
+                CStr::from_ptr(kici_error_message(std::ptr::null())).to_bytes(),
+                b""
+            );
             kici_error_free(std::ptr::null_mut());
         }
     }

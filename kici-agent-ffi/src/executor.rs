@@ -4,7 +4,7 @@
 
 use std::ffi::{c_char, c_void, CString};
 use std::mem::{offset_of, size_of};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use kici_agent_core::{Executor, JobContext, StepContext, StepFailure, StepIo, StepResult};
 use serde::Serialize;
@@ -46,7 +46,8 @@ pub struct kici_executor_vtable {
     >,
     /// Optional. Called once per job before the first step this executor runs in it; a
     /// non-zero return fails that step.
-    pub prepare_job: Option<unsafe extern "C" fn(user_data: *mut c_void, job_json: *const c_char) -> i32>,
+    pub prepare_job:
+        Option<unsafe extern "C" fn(user_data: *mut c_void, job_json: *const c_char) -> i32>,
     /// Optional. Called after the job's steps when `prepare_job` ran (also after failure or
     /// cancel, not after a forced cancel); may be called more than once.
     pub cleanup_job: Option<unsafe extern "C" fn(user_data: *mut c_void, job_json: *const c_char)>,
@@ -75,22 +76,40 @@ impl Drop for Callbacks {
     }
 }
 
-/// A C executor as the core sees it.
+/// Keeps a C executor's callbacks (and so its `user_data`) alive. Held by `kici_executor`
+/// handles, by the agents it is registered with, and by every callback call in flight, so that
+/// `free_user_data` runs as soon as the last of them is gone: at the latest when
+/// `kici_agent_free` returns, not whenever the agent's runtime threads drop their tasks.
+#[derive(Clone)]
+pub(crate) struct ExecutorLease {
+    /// Only held, never read: dropping the last lease frees `user_data`.
+    _callbacks: Arc<Callbacks>,
+}
+
+/// A C executor as the core sees it: it only borrows the callbacks (see [`ExecutorLease`]).
 struct CExecutor {
     name: String,
-    callbacks: Arc<Callbacks>,
+    callbacks: Weak<Callbacks>,
 }
 
 impl CExecutor {
+    /// The callbacks for one call, or a failure once every lease is gone (only possible for a
+    /// task the agent's runtime still runs after `kici_agent_free`).
+    fn callbacks(&self) -> Result<Arc<Callbacks>, StepFailure> {
+        self.callbacks
+            .upgrade()
+            .ok_or_else(|| self.failure("the executor was released"))
+    }
+
     fn failure(&self, what: &str) -> StepFailure {
         StepFailure::new(format!("C executor '{}': {what}", self.name))
     }
 
     fn json(&self, value: &impl Serialize) -> Result<CString, StepFailure> {
         let json = serde_json::to_string(value)
-            .map_err(|e| self.failure(&format!("could not serialise the step: {e}")))?;
+            .map_err(|e| self.failure(&format!("could not serialise the job or step: {e}")))?;
         // serde_json escapes control characters, so a NUL byte cannot appear.
-        CString::new(json).map_err(|e| self.failure(&format!("NUL in the step JSON: {e}")))
+        CString::new(json).map_err(|e| self.failure(&format!("NUL in the job or step JSON: {e}")))
     }
 
     /// Runs `call` on a blocking thread of the agent's runtime.
@@ -111,11 +130,11 @@ impl Executor for CExecutor {
     }
 
     async fn prepare(&self, job: &JobContext) -> Result<(), StepFailure> {
-        let Some(prepare_job) = self.callbacks.table.prepare_job else {
+        let callbacks = self.callbacks()?;
+        let Some(prepare_job) = callbacks.table.prepare_job else {
             return Ok(());
         };
         let job_json = self.json(job)?;
-        let callbacks = self.callbacks.clone();
         // SAFETY: the table's contract; the JSON outlives the call.
         let code = self
             .blocking(move || unsafe { prepare_job(callbacks.table.user_data, job_json.as_ptr()) })
@@ -130,14 +149,13 @@ impl Executor for CExecutor {
     }
 
     async fn run_step(&self, job: &JobContext, step: &StepContext, io: StepIo) -> StepResult {
-        let run_step = self
-            .callbacks
+        let callbacks = self.callbacks()?;
+        let run_step = callbacks
             .table
             .run_step
             .ok_or_else(|| self.failure("no run_step callback"))?;
         let (job_json, step_json) = (self.json(job)?, self.json(step)?);
         let context = kici_step_context::new(io, step);
-        let callbacks = self.callbacks.clone();
         let (code, message) = self
             .blocking(move || {
                 let context_ptr = std::ptr::from_ref(&context).cast_mut();
@@ -169,13 +187,15 @@ impl Executor for CExecutor {
     }
 
     async fn cleanup(&self, job: &JobContext) {
-        let Some(cleanup_job) = self.callbacks.table.cleanup_job else {
+        let Ok(callbacks) = self.callbacks() else {
+            return;
+        };
+        let Some(cleanup_job) = callbacks.table.cleanup_job else {
             return;
         };
         let Ok(job_json) = self.json(job) else {
             return;
         };
-        let callbacks = self.callbacks.clone();
         // SAFETY: the table's contract; the JSON outlives the call.
         let done = self
             .blocking(move || unsafe { cleanup_job(callbacks.table.user_data, job_json.as_ptr()) })
@@ -193,6 +213,7 @@ impl Executor for CExecutor {
 /// Thread safety: immutable; may be used from any thread, also at the same time.
 pub struct kici_executor {
     executor: Arc<CExecutor>,
+    lease: ExecutorLease,
 }
 
 impl kici_executor {
@@ -201,6 +222,11 @@ impl kici_executor {
     pub(crate) fn shared(&self) -> Arc<dyn Executor> {
         self.executor.clone()
     }
+
+    /// A lease for an agent the executor is registered with.
+    pub(crate) fn lease(&self) -> ExecutorLease {
+        self.lease.clone()
+    }
 }
 
 /// Reads a caller's table, accepting older (shorter) and newer (longer) layouts.
@@ -208,7 +234,9 @@ impl kici_executor {
 /// # Safety
 /// `vtable` must point to at least `struct_size` readable bytes, and `struct_size` bytes must
 /// include the `struct_size` field itself.
-unsafe fn read_vtable(vtable: *const kici_executor_vtable) -> Result<kici_executor_vtable, Failure> {
+unsafe fn read_vtable(
+    vtable: *const kici_executor_vtable,
+) -> Result<kici_executor_vtable, Failure> {
     // SAFETY: every table starts with `struct_size`.
     let struct_size = unsafe { std::ptr::addr_of!((*vtable).struct_size).read_unaligned() };
     if struct_size < MIN_VTABLE_SIZE {
@@ -259,12 +287,16 @@ pub unsafe extern "C" fn kici_executor_new(
         if table.run_step.is_none() {
             return Err(Failure::invalid("`vtable->run_step` must not be NULL"));
         }
+        let callbacks = Arc::new(Callbacks { table });
         let executor = CExecutor {
             name: name.to_owned(),
-            callbacks: Arc::new(Callbacks { table }),
+            callbacks: Arc::downgrade(&callbacks),
         };
         slot.write(Box::into_raw(Box::new(kici_executor {
             executor: Arc::new(executor),
+            lease: ExecutorLease {
+                _callbacks: callbacks,
+            },
         })));
         Ok(())
     })
@@ -307,6 +339,10 @@ mod tests {
         0
     }
 
+    unsafe extern "C" fn refuse_to_prepare(_: *mut c_void, _: *const c_char) -> i32 {
+        1
+    }
+
     fn table() -> kici_executor_vtable {
         kici_executor_vtable {
             struct_size: size_of::<kici_executor_vtable>(),
@@ -321,7 +357,8 @@ mod tests {
     fn create(table: &kici_executor_vtable) -> Result<*mut kici_executor, kici_result> {
         let mut executor = ptr::null_mut();
         // SAFETY: `table` is a live table of `struct_size` bytes; the name is a literal.
-        let code = unsafe { kici_executor_new(table, c"test".as_ptr(), &mut executor, ptr::null_mut()) };
+        let code =
+            unsafe { kici_executor_new(table, c"test".as_ptr(), &mut executor, ptr::null_mut()) };
         match code {
             kici_result::Ok => Ok(executor),
             code => Err(code),
@@ -333,9 +370,19 @@ mod tests {
         let before = FREED.load(Ordering::SeqCst);
         let executor = create(&table()).expect("valid table");
         // SAFETY: `executor` is live until freed below.
-        let registered = unsafe { (*executor).shared() };
+        let (registered, lease) = unsafe { ((*executor).shared(), (*executor).lease()) };
         unsafe { kici_executor_free(executor) };
-        assert_eq!(FREED.load(Ordering::SeqCst), before, "the registry still holds it");
+        assert_eq!(
+            FREED.load(Ordering::SeqCst),
+            before,
+            "an agent still holds a lease"
+        );
+        drop(lease);
+        assert_eq!(
+            FREED.load(Ordering::SeqCst),
+            before + 1,
+            "registries do not keep it"
+        );
         drop(registered);
         assert_eq!(FREED.load(Ordering::SeqCst), before + 1);
 
@@ -344,15 +391,22 @@ mod tests {
         assert_eq!(create(&too_small).err(), Some(kici_result::InvalidArgument));
         let mut no_run_step = table();
         no_run_step.run_step = None;
-        assert_eq!(create(&no_run_step).err(), Some(kici_result::InvalidArgument));
-        assert_eq!(FREED.load(Ordering::SeqCst), before + 1, "refused tables are not freed");
+        assert_eq!(
+            create(&no_run_step).err(),
+            Some(kici_result::InvalidArgument)
+        );
+        assert_eq!(
+            FREED.load(Ordering::SeqCst),
+            before + 1,
+            "refused tables are not freed"
+        );
     }
 
     #[test]
     fn fields_beyond_struct_size_count_as_null() {
         let mut short = table();
         short.struct_size = MIN_VTABLE_SIZE;
-        short.prepare_job = Some(|_, _| 1);
+        short.prepare_job = Some(refuse_to_prepare);
         // SAFETY: `short` is a live table.
         let read = unsafe { read_vtable(&short) }.expect("minimal table");
         assert!(read.prepare_job.is_none() && read.run_step.is_some());

@@ -37,7 +37,7 @@ pub use string::*;
 use std::ffi::c_char;
 
 /// A timeout meaning "wait as long as it takes" (for `kici_agent_wait` and
-/// `kici_agent_next_event`).
+/// `kici_agent_next_event`); any timeout over a year means the same.
 pub const KICI_WAIT_FOREVER: u64 = u64::MAX;
 
 /// The library's version, `MAJOR.MINOR.PATCH`, as a NUL-terminated string; compare it with

@@ -290,7 +290,10 @@ pub unsafe extern "C" fn kici_step_context_env_entry(
             let (name, value) = context.env.get(index).ok_or_else(|| {
                 Failure::new(
                     kici_result::NotFound,
-                    format!("the environment has {} variables, no variable {index}", context.env.len()),
+                    format!(
+                        "the environment has {} variables, no variable {index}",
+                        context.env.len()
+                    ),
                 )
             })?;
             name_slot.write(name.as_ptr());

@@ -45,7 +45,7 @@ fn the_checked_in_header_is_what_cbindgen_generates() {
             .lines()
             .zip(checked_in.lines())
             .position(|(new, old)| new != old)
-            .map_or_else(|| generated.lines().count().min(checked_in.lines().count()), |i| i);
+            .unwrap_or_else(|| generated.lines().count().min(checked_in.lines().count()));
         panic!(
             "include/kici_agent.h differs from the generated header from line {}; regenerate it \
              with KICI_UPDATE_HEADER=1 cargo test -p kici-agent-ffi --test header",

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kici_agent_core::{Agent as CoreAgent, AgentConfig, AgentError as CoreAgentError, Event as CoreEvent};
+use kici_agent_core::{
+    Agent as CoreAgent, AgentConfig, AgentError as CoreAgentError, Event as CoreEvent,
+};
 use pyo3::exceptions::{PyKeyboardInterrupt, PyTypeError, PyUserWarning};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyType};
@@ -17,10 +19,6 @@ use crate::convert::{json_to_py, Seconds};
 use crate::executor::{Route, Router, StepFunction};
 use crate::{AgentError, ConfigError};
 
-/// How much longer than its grace a shutdown may take before dropping the agent stops waiting
-/// (the core abandons unresponsive steps and flushes the log in that time).
-const DROP_WAIT_EXTRA: Duration = Duration::from_secs(15);
-
 /// A KiCI agent running inside this process, with Python functions as step executors.
 ///
 /// Register step functions with the `step`, `job` and `default` decorators, then `start()` it
@@ -29,20 +27,21 @@ const DROP_WAIT_EXTRA: Duration = Duration::from_secs(15);
 /// step's `run` field, or `step_map_file`) or `process_executor`.
 #[pyclass(frozen, module = "kici_agent")]
 pub struct Agent {
-    core: CoreAgent,
+    /// Shared with [`crate::exit`], which shuts it down at interpreter exit.
+    core: Arc<CoreAgent>,
     router: Arc<Router>,
     shutdown_grace: Duration,
 }
 
 impl Agent {
     fn from_config(config: AgentConfig) -> PyResult<Self> {
-        let router = Arc::new(
-            Router::new(&config).map_err(|e| ConfigError::new_err(e.to_string()))?,
-        );
+        let router =
+            Arc::new(Router::new(&config).map_err(|e| ConfigError::new_err(e.to_string()))?);
         let shutdown_grace = config.shutdown_grace;
         let mut executors = kici_agent_core::ExecutorRegistry::new();
         executors.set_default(router.clone());
-        let core = CoreAgent::with_executors(config, executors).map_err(agent_error)?;
+        let core = Arc::new(CoreAgent::with_executors(config, executors).map_err(agent_error)?);
+        crate::exit::track(&core, shutdown_grace);
         Ok(Agent {
             core,
             router,
@@ -78,7 +77,10 @@ impl Agent {
 
     fn wait_stopped(&self, py: Python<'_>, timeout: Option<Duration>) -> PyResult<bool> {
         let core = &self.core;
-        Ok(wait_interruptibly(py, timeout, |slice| core.wait(Some(slice)).then_some(()))?.is_some())
+        Ok(
+            wait_interruptibly(py, timeout, |slice| core.wait(Some(slice)).then_some(()))?
+                .is_some(),
+        )
     }
 }
 
@@ -282,12 +284,12 @@ impl Agent {
                     interrupts += 1;
                     match interrupts {
                         1 => {
-                            announce(py, "Ctrl-C: draining; running jobs finish, no new jobs are taken (Ctrl-C again to stop)");
                             self.core.drain();
+                            announce(py, "Ctrl-C: draining; running jobs finish, no new jobs are taken (Ctrl-C again to stop)");
                         }
                         2 => {
-                            announce(py, &format!("Ctrl-C again: stopping; running steps get {:.1}s, then are cancelled (Ctrl-C again to abandon them)", grace.as_secs_f64()));
                             self.core.shutdown(grace);
+                            announce(py, &format!("Ctrl-C again: stopping; running steps get {:.1}s, then are cancelled (Ctrl-C again to abandon them)", grace.as_secs_f64()));
                         }
                         _ => return Err(err),
                     }
@@ -398,7 +400,7 @@ impl Drop for Agent {
             Python::attach(|py| {
                 py.detach(|| {
                     core.shutdown(grace);
-                    core.wait(Some(grace + DROP_WAIT_EXTRA));
+                    core.wait(Some(grace + crate::exit::STOP_EXTRA));
                 })
             });
         }
@@ -447,8 +449,10 @@ impl Registration {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .ok_or_else(|| PyTypeError::new_err("this decorator was already used"))?;
-        self.router
-            .add(route, StepFunction::new(function.clone_ref(py), self.secrets));
+        self.router.add(
+            route,
+            StepFunction::new(function.clone_ref(py), self.secrets),
+        );
         Ok(function)
     }
 }

@@ -4,12 +4,15 @@ use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
 
+use crate::exit::WaitGuard;
+
 /// How long the GIL stays released between two checks for Ctrl-C.
 const SLICE: Duration = Duration::from_millis(50);
 
 /// Calls `attempt` with the GIL released, in slices of at most [`SLICE`], until it returns a
 /// value or `timeout` (`None` = no limit) has passed. Between slices it runs Python's signal
-/// handlers, so Ctrl-C raises `KeyboardInterrupt` here (on the main thread).
+/// handlers, so Ctrl-C raises `KeyboardInterrupt` here (on the main thread). Once the
+/// interpreter is exiting it returns `None` at once (see [`crate::exit`]).
 pub fn wait_interruptibly<T, F>(
     py: Python<'_>,
     timeout: Option<Duration>,
@@ -22,10 +25,17 @@ where
     let deadline = timeout.map(|timeout| Instant::now() + timeout);
     loop {
         let slice = match deadline {
-            Some(deadline) => deadline.saturating_duration_since(Instant::now()).min(SLICE),
+            Some(deadline) => deadline
+                .saturating_duration_since(Instant::now())
+                .min(SLICE),
             None => SLICE,
         };
-        if let Some(value) = py.detach(|| attempt(slice)) {
+        let Some(guard) = WaitGuard::enter() else {
+            return Ok(None);
+        };
+        let attempted = py.detach(|| attempt(slice));
+        drop(guard);
+        if let Some(value) = attempted {
             return Ok(Some(value));
         }
         py.check_signals()?;

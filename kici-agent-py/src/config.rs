@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use kici_agent_core::config::ConfigError as CoreConfigError;
 use kici_agent_core::config::{PropertyValue, RateLimits};
 use kici_agent_core::AgentConfig;
 use pyo3::prelude::*;
@@ -12,7 +13,8 @@ use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
 use crate::convert::{type_name, Seconds};
 use crate::ConfigError;
 
-/// Every option of `Agent(...)` but the URL. `None` (or `false`) keeps the core's default.
+/// Every option of `Agent(...)` but the URL; each field is the keyword argument of the same name
+/// (documented in `_native.pyi`). `None` (or `false`) keeps the core's default.
 #[derive(Default)]
 pub struct Options {
     pub agent_id: Option<String>,
@@ -164,10 +166,39 @@ impl Options {
             bytes_per_sec: self.rate_bytes_per_sec.unwrap_or(defaults.bytes_per_sec),
             byte_burst: self.rate_byte_burst.unwrap_or(defaults.byte_burst),
         });
-        builder
-            .build()
-            .map_err(|e| ConfigError::new_err(e.to_string()))
+        builder.build().map_err(|error| match error {
+            CoreConfigError::Invalid(issues) => ConfigError::new_err(format!(
+                "invalid agent settings:{}",
+                issues
+                    .iter()
+                    .map(|issue| format!(
+                        "\n  - {}: {}",
+                        argument_name(&issue.setting),
+                        issue.message
+                    ))
+                    .collect::<String>()
+            )),
+            other => ConfigError::new_err(other.to_string()),
+        })
     }
+}
+
+/// Keyword arguments whose name is not their variable's name without `KICI_` and `_MS`.
+const RENAMED: &[(&str, &str)] = &[
+    ("KICI_ORCHESTRATOR_URL", "url"),
+    ("KICI_AGENT_TOKEN", "token"),
+    ("KICI_STEP_MAP", "step_map_file"),
+    ("KICI_CONTAINER_IMAGE", "default_container_image"),
+    ("KICI_AGENT_IS_ORCHESTRATOR_HOST", "is_orchestrator_host"),
+];
+
+/// The keyword argument of a setting the core names by its environment variable.
+fn argument_name(setting: &str) -> String {
+    if let Some((_, argument)) = RENAMED.iter().find(|(variable, _)| *variable == setting) {
+        return (*argument).to_owned();
+    }
+    let name = setting.strip_prefix("KICI_").unwrap_or(setting);
+    name.strip_suffix("_MS").unwrap_or(name).to_lowercase()
 }
 
 /// `properties={...}`: `bool`, `int`, `float` and `str` values, in the dict's order.
@@ -175,7 +206,10 @@ pub fn parse_properties(dict: &Bound<'_, PyDict>) -> PyResult<Vec<(String, Prope
     dict.iter()
         .map(|(key, value)| {
             let key: String = key.extract().map_err(|_| {
-                ConfigError::new_err(format!("properties: keys must be str, got {}", type_name(&key)))
+                ConfigError::new_err(format!(
+                    "properties: keys must be str, got {}",
+                    type_name(&key)
+                ))
             })?;
             let value = property_value(&key, &value)?;
             Ok((key, value))
@@ -189,7 +223,9 @@ fn property_value(key: &str, value: &Bound<'_, PyAny>) -> PyResult<PropertyValue
     }
     if value.is_instance_of::<PyInt>() {
         let integer: i64 = value.extract().map_err(|_| {
-            ConfigError::new_err(format!("properties[{key:?}]: integer does not fit in 64 bits"))
+            ConfigError::new_err(format!(
+                "properties[{key:?}]: integer does not fit in 64 bits"
+            ))
         })?;
         return Ok(PropertyValue::Number(integer.into()));
     }
@@ -207,4 +243,36 @@ fn property_value(key: &str, value: &Bound<'_, PyAny>) -> PyResult<PropertyValue
         "properties[{key:?}]: expected bool, int, float or str, got {}",
         type_name(value)
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_named_by_their_keyword_argument() {
+        assert_eq!(argument_name("KICI_ORCHESTRATOR_URL"), "url");
+        assert_eq!(argument_name("KICI_MAX_CONCURRENCY"), "max_concurrency");
+        assert_eq!(argument_name("KICI_CANCEL_GRACE_MS"), "cancel_grace");
+        assert_eq!(argument_name("KICI_RATE_MSGS_PER_SEC"), "rate_msgs_per_sec");
+        assert_eq!(argument_name("hostname"), "hostname");
+    }
+
+    #[test]
+    fn invalid_settings_are_all_reported_by_argument_name() {
+        Python::initialize();
+        let options = Options {
+            max_concurrency: Some(0),
+            ..Options::default()
+        };
+        let message = options
+            .into_config("http://x".into())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("- url: must be a ws:// or wss:// URL"),
+            "{message}"
+        );
+        assert!(message.contains("- max_concurrency: "), "{message}");
+    }
 }

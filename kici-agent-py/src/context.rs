@@ -41,6 +41,7 @@ impl Step {
 }
 
 impl Step {
+    /// The Python view of a step attempt.
     pub fn new(py: Python<'_>, step: &CoreStepContext) -> PyResult<Self> {
         let spec = serde_json::to_value(&step.spec)
             .map_err(|e| PyTypeError::new_err(format!("step spec: {e}")))?;
@@ -97,6 +98,7 @@ impl Job {
 }
 
 impl Job {
+    /// The Python view of a job; the secrets only `with_secrets`.
     pub fn new(py: Python<'_>, job: &JobContext, with_secrets: bool) -> PyResult<Self> {
         let config = serde_json::to_value(&job.config)
             .map_err(|e| PyTypeError::new_err(format!("job config: {e}")))?;
@@ -245,6 +247,7 @@ pub struct StepContext {
 }
 
 impl StepContext {
+    /// The context of one step attempt, writing through `io`.
     pub fn new(
         py: Python<'_>,
         step: Py<Step>,

@@ -90,19 +90,22 @@ fn to_json_at(object: &Bound<'_, PyAny>, depth: usize) -> PyResult<Value> {
         return Ok(Value::String(text.to_str()?.to_owned()));
     }
     if let Ok(list) = object.cast::<PyList>() {
-        return list.iter().map(|item| to_json_at(&item, depth + 1)).collect();
+        return list
+            .iter()
+            .map(|item| to_json_at(&item, depth + 1))
+            .collect();
     }
     if let Ok(tuple) = object.cast::<PyTuple>() {
-        return tuple.iter().map(|item| to_json_at(&item, depth + 1)).collect();
+        return tuple
+            .iter()
+            .map(|item| to_json_at(&item, depth + 1))
+            .collect();
     }
     if let Ok(dict) = object.cast::<PyDict>() {
         let mut map = Map::with_capacity(dict.len());
         for (key, item) in dict.iter() {
             let key = key.cast::<PyString>().map_err(|_| {
-                PyTypeError::new_err(format!(
-                    "dict keys must be str, got {}",
-                    type_name(&key)
-                ))
+                PyTypeError::new_err(format!("dict keys must be str, got {}", type_name(&key)))
             })?;
             map.insert(key.to_str()?.to_owned(), to_json_at(&item, depth + 1)?);
         }
@@ -169,7 +172,8 @@ mod tests {
     fn json_survives_a_round_trip_through_python() {
         Python::initialize();
         Python::attach(|py| {
-            let value = json!({"a": [1, -2, 3.5, true, null, "x"], "big": u64::MAX, "nested": {"k": {}}});
+            let value =
+                json!({"a": [1, -2, 3.5, true, null, "x"], "big": u64::MAX, "nested": {"k": {}}});
             let object = json_to_py(py, &value).unwrap();
             assert_eq!(py_to_json(&object).unwrap(), value);
         });
@@ -201,9 +205,18 @@ mod tests {
             assert_eq!(seconds("1.5").unwrap().0, Duration::from_millis(1500));
             assert_eq!(seconds("2").unwrap().0, Duration::from_secs(2));
             let timedelta = eval(py, "__import__('datetime').timedelta(milliseconds=250)");
-            assert_eq!(timedelta.extract::<Seconds>().unwrap().0, Duration::from_millis(250));
-            assert!(seconds("-1").unwrap_err().to_string().contains("zero or more"));
-            assert!(seconds("True").unwrap_err().to_string().contains("got bool"));
+            assert_eq!(
+                timedelta.extract::<Seconds>().unwrap().0,
+                Duration::from_millis(250)
+            );
+            assert!(seconds("-1")
+                .unwrap_err()
+                .to_string()
+                .contains("zero or more"));
+            assert!(seconds("True")
+                .unwrap_err()
+                .to_string()
+                .contains("got bool"));
             assert!(seconds("'5'").unwrap_err().to_string().contains("got str"));
         });
     }

@@ -29,6 +29,7 @@ pub struct StepFunction {
 }
 
 impl StepFunction {
+    /// A step function; with `secrets` it may read the job's secrets.
     pub fn new(function: Py<PyAny>, secrets: bool) -> Self {
         StepFunction {
             function: Arc::new(function),
@@ -198,11 +199,10 @@ fn python_failure(py: Python<'_>, err: &PyErr, ctx: Option<&StepContext>) -> Ste
 }
 
 fn format_traceback(py: Python<'_>, err: &PyErr) -> PyResult<String> {
-    let lines = py.import("traceback")?.getattr("format_exception")?.call1((
-        err.get_type(py),
-        err.value(py),
-        err.traceback(py),
-    ))?;
+    let lines = py
+        .import("traceback")?
+        .getattr("format_exception")?
+        .call1((err.get_type(py), err.value(py), err.traceback(py)))?;
     let mut text = String::new();
     for line in lines.try_iter()? {
         text.push_str(&line?.extract::<String>()?);

@@ -11,6 +11,7 @@ mod config;
 mod context;
 mod convert;
 mod executor;
+mod exit;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -50,6 +51,7 @@ fn enable_logging(level: &str, format: &str) -> PyResult<bool> {
     };
     let builder = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::from(level))
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = if json {
         builder.json().flatten_event(true).try_init()
@@ -73,5 +75,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<context::StepContext>()?;
     m.add_class::<context::Cancellation>()?;
     m.add_function(wrap_pyfunction!(enable_logging, m)?)?;
+    m.py()
+        .import("atexit")?
+        .call_method1("register", (wrap_pyfunction!(exit::at_exit, m)?,))?;
     Ok(())
 }

@@ -1,8 +1,8 @@
 /*
  * test_jobs.c: one agent embedded in this process runs real jobs from the strict mock
  * orchestrator with executors written in C: success with log lines and outputs, failure with a
- * message (and the agent goes on), cancel observed through the step context, events, masking,
- * and the agent's own /health, /ready and /metrics.
+ * message (and the agent goes on), cancel observed through the step context, events (also for
+ * a lost connection), masking, and the agent's own /health, /ready and /metrics.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -205,6 +205,9 @@ static void test_success_with_log_lines_and_outputs(void) {
         CHECK(strstr(received, "partial end") != NULL);
     }
     free(received);
+    event = harness_wait_event(agent, "\"type\":\"job_started\"", "\"jobId\":\"job-ok\"", 10000);
+    CHECK(event != NULL && strstr(event, "\"name\":\"greeting-job\"") != NULL);
+    kici_string_free(event);
     event = harness_wait_event(agent, "\"type\":\"step_finished\"", "\"stepName\":\"greet\"",
                                10000);
     CHECK(event != NULL && strstr(event, "\"state\":\"success\"") != NULL);
@@ -294,6 +297,25 @@ static void test_health_ready_and_metrics_are_served(void) {
     kici_string_free(metrics);
 }
 
+static void test_a_lost_connection_is_an_event_and_the_agent_comes_back(void) {
+    char body[256];
+    char *event;
+    char *status;
+    snprintf(body, sizeof body, "{\"agentId\":\"%s\",\"code\":1012}", agent_id);
+    CHECK(mock_post("/disconnect", body) == 200);
+    event = harness_wait_event(agent, "\"type\":\"disconnected\"", NULL, 10000);
+    CHECK(event != NULL);
+    kici_string_free(event);
+    event = harness_wait_event(agent, "\"type\":\"registered\"", agent_id, 30000);
+    CHECK(event != NULL);
+    kici_string_free(event);
+    CHECK(mock_dispatch(agent_id, "run-back", "job-back", "greeting-job",
+                        "[{\"name\":\"greet\",\"hasOutputs\":true}]", NULL) == 200);
+    status = mock_wait("job.status", "success", "job-back", 30000);
+    CHECK(status != NULL);
+    free(status);
+}
+
 static void test_shutdown_wait_and_free(void) {
     kici_error *err = NULL;
     char *event;
@@ -318,6 +340,7 @@ int main(void) {
     RUN_TEST(test_failure_with_message_and_the_agent_goes_on);
     RUN_TEST(test_cancel_is_observed_through_the_context);
     RUN_TEST(test_health_ready_and_metrics_are_served);
+    RUN_TEST(test_a_lost_connection_is_an_event_and_the_agent_comes_back);
     RUN_TEST(test_shutdown_wait_and_free);
     return harness_finish("test_jobs");
 }

@@ -25,7 +25,12 @@ const USAGE: &str = "usage: kici-agent            run the agent (configured by K
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         [] => run_agent(),
         ["exec", file] => exec(Path::new(file)),
         ["--version" | "-V"] => {
@@ -53,7 +58,11 @@ fn init_logging(level: LogLevel, format: LogFormat) {
         .with_max_level(tracing::Level::from(level))
         .with_writer(std::io::stdout);
     if json {
-        builder.json().flatten_event(true).with_current_span(false).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
     } else {
         builder.init();
     }
@@ -233,7 +242,11 @@ impl Printer {
                 )
             }
             Outbound::LogChunk(chunk) => {
-                let prefix = if chunk.step_index < 0 { "  # " } else { "   | " };
+                let prefix = if chunk.step_index < 0 {
+                    "  # "
+                } else {
+                    "   | "
+                };
                 chunk
                     .lines
                     .iter()
@@ -242,7 +255,10 @@ impl Printer {
             Outbound::JobStatus(s) if s.state.is_terminal() => {
                 let data = s.data.clone().unwrap_or_default();
                 let results = data.step_results.unwrap_or_default();
-                let passed = results.iter().filter(|r| r.status == StepState::Success).count();
+                let passed = results
+                    .iter()
+                    .filter(|r| r.status == StepState::Success)
+                    .count();
                 let error = data.error.map(|e| format!(" ({e})")).unwrap_or_default();
                 writeln!(
                     out,

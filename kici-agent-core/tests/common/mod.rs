@@ -38,7 +38,9 @@ pub async fn start_with(
     configure: impl FnOnce(AgentConfigBuilder) -> AgentConfigBuilder,
     executors: ExecutorRegistry,
 ) -> Harness {
-    let mock = MockOrchestrator::start(mock_config).await.expect("mock starts");
+    let mock = MockOrchestrator::start(mock_config)
+        .await
+        .expect("mock starts");
     let config = configure(config_for(&mock)).build().expect("valid config");
     let agent = Agent::with_executors(config, executors).expect("agent builds");
     agent.start().expect("agent starts");
@@ -69,9 +71,15 @@ impl Harness {
         self.dispatch_with(job_id, steps, |_| {}).await
     }
 
-    pub async fn dispatch_with(&self, job_id: &str, steps: Value, edit: impl FnOnce(&mut Value)) -> String {
+    pub async fn dispatch_with(
+        &self,
+        job_id: &str,
+        steps: Value,
+        edit: impl FnOnce(&mut Value),
+    ) -> String {
         let run_id = format!("run-{job_id}");
-        let mut dispatch = kici_mock_orchestrator::sample_dispatch(&run_id, job_id, "", "main", "", steps);
+        let mut dispatch =
+            kici_mock_orchestrator::sample_dispatch(&run_id, job_id, "", "main", "", steps);
         edit(&mut dispatch);
         self.mock
             .dispatch(&self.agent_id(), dispatch)
@@ -88,7 +96,8 @@ impl Harness {
                 "job.status",
                 move |m| {
                     m["jobId"] == job_id.as_str()
-                        && ["success", "failed", "cancelled"].contains(&m["state"].as_str().unwrap_or(""))
+                        && ["success", "failed", "cancelled"]
+                            .contains(&m["state"].as_str().unwrap_or(""))
                 },
                 WAIT,
             )
@@ -122,17 +131,33 @@ impl Harness {
             .iter()
             .filter(|m| m["type"] != "log.chunk" && m["type"] != "job.heartbeat")
             .map(|m| {
-                let step = m["stepIndex"].as_i64().map(|i| format!(" {i}")).unwrap_or_default();
-                format!("{}{} {}", m["type"].as_str().unwrap_or(""), step, m["state"].as_str().unwrap_or(""))
-                    .trim_end()
-                    .to_owned()
+                let step = m["stepIndex"]
+                    .as_i64()
+                    .map(|i| format!(" {i}"))
+                    .unwrap_or_default();
+                format!(
+                    "{}{} {}",
+                    m["type"].as_str().unwrap_or(""),
+                    step,
+                    m["state"].as_str().unwrap_or("")
+                )
+                .trim_end()
+                .to_owned()
             })
             .collect()
     }
 
     pub fn assert_no_violations(&self) {
-        assert_eq!(self.mock.violations(), Vec::<String>::new(), "mock saw violations");
-        assert_eq!(self.mock.rate_limit_warnings_sent(), 0, "rate limit warnings");
+        assert_eq!(
+            self.mock.violations(),
+            Vec::<String>::new(),
+            "mock saw violations"
+        );
+        assert_eq!(
+            self.mock.rate_limit_warnings_sent(),
+            0,
+            "rate limit warnings"
+        );
     }
 
     /// GET on the agent's HTTP port: (status code, body).
@@ -144,9 +169,13 @@ impl Harness {
 
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to agent http");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to agent http");
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .unwrap();
     let mut response = String::new();
@@ -156,14 +185,19 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Ok(stat) => !stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
         Err(_) => false,
     }
 }
@@ -179,7 +213,10 @@ pub async fn wait_state(
         if pred(&state) {
             return state;
         }
-        assert!(std::time::Instant::now() < deadline, "state never reached: {state:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "state never reached: {state:?}"
+        );
         tokio::task::block_in_place(|| agent.next_event(Some(Duration::from_millis(50))));
     }
 }

@@ -1,0 +1,253 @@
+//! The standalone binary: configuration errors, local exec, and the agent against the strict
+//! mock orchestrator with signals (loopback only).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use kici_mock_orchestrator::{MockConfig, MockOrchestrator, TEST_TOKEN};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kici-agent");
+
+fn examples_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The binary with a clean environment: PATH and HOME, plus `vars`.
+fn agent_command(vars: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(BIN);
+    command.env_clear();
+    for key in ["PATH", "HOME"] {
+        if let Ok(value) = std::env::var(key) {
+            command.env(key, value);
+        }
+    }
+    command.envs(vars.iter().copied());
+    command
+}
+
+#[test]
+fn an_unknown_kici_variable_refuses_start_with_a_hint() {
+    let out = agent_command(&[
+        ("KICI_ORCHESTRATOR_URL", "ws://127.0.0.1:9/ws"),
+        ("KICI_PROT", "8081"),
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("KICI_PROT") && stderr.contains("did you mean KICI_PORT"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("KICI_DEV=true"), "{stderr}");
+}
+
+#[test]
+fn bad_configuration_exits_1_naming_the_variable() {
+    let out = agent_command(&[
+        ("KICI_ORCHESTRATOR_URL", "ws://127.0.0.1:9/ws"),
+        ("KICI_PORT", "eighty"),
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KICI_PORT"));
+    let out = agent_command(&[]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KICI_ORCHESTRATOR_URL"));
+}
+
+#[test]
+fn missing_git_exits_1() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("PATH", empty.path())
+        .env("KICI_ORCHESTRATOR_URL", "ws://127.0.0.1:9/ws")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("required-tools") && stderr.contains("git"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn exec_runs_the_sample_job_files() {
+    let out = agent_command(&[])
+        .arg("exec")
+        .arg(examples_dir().join("jobs/hello.json"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("hello from kici-agent"), "{stdout}");
+    assert!(
+        stdout.contains("the token is ***") && !stdout.contains("tok-3f9a"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("BUILD_ID is 42"), "{stdout}");
+    assert!(
+        stdout.contains("== job success: 6/6 steps succeeded"),
+        "{stdout}"
+    );
+
+    let out = agent_command(&[])
+        .arg("exec")
+        .arg(examples_dir().join("jobs/fails.json"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("step boom failed") && stdout.contains("exit code 3"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("unreachable"), "{stdout}");
+
+    let out = agent_command(&[])
+        .args(["exec", "/nonexistent/job.json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/job.json"));
+}
+
+/// A spawned agent, killed if a test fails before it exits.
+struct Spawned(std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Starts the binary against `mock`; returns the child and its HTTP port (from its log).
+fn spawn_agent(mock: &MockOrchestrator) -> (Spawned, u16, std::thread::JoinHandle<()>) {
+    let url = mock.ws_url();
+    let mut child = agent_command(&[
+        ("KICI_ORCHESTRATOR_URL", &url),
+        ("KICI_AGENT_TOKEN", TEST_TOKEN),
+        ("KICI_PORT", "0"),
+        ("KICI_BIND_ADDRESS", "127.0.0.1"),
+        ("KICI_LOG_FORMAT", "json"),
+    ])
+    .stdout(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let port = loop {
+        let line = lines
+            .next()
+            .expect("agent log ended before it started")
+            .unwrap();
+        let record: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+        if record["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Agent started on port"))
+        {
+            break record["port"].as_u64().unwrap() as u16;
+        }
+    };
+    // Keep draining the log so the agent never blocks on a full pipe.
+    let drain = std::thread::spawn(move || lines.for_each(drop));
+    (Spawned(child), port, drain)
+}
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        response.split_once("\r\n\r\n").unwrap().1.to_owned(),
+    )
+}
+
+fn signal(child: &Spawned, signal: i32) {
+    // SAFETY: kill with a pid we spawned.
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, signal) }, 0);
+}
+
+fn wait_exit(child: &mut Spawned) -> Option<i32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return status.code();
+        }
+        assert!(std::time::Instant::now() < deadline, "agent did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_registers_serves_endpoints_drains_on_usr1_and_stops_on_term() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (mut child, port, drain) = spawn_agent(&mock);
+    // config.ack follows the agent's own switch to registered.
+    assert!(mock
+        .wait_for_message("config.ack", |_| true, Duration::from_secs(20))
+        .await
+        .is_some());
+    let (status, body) = tokio::task::spawn_blocking(move || get(port, "/health"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["connected"], true);
+    let (status, _) = tokio::task::spawn_blocking(move || get(port, "/ready"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let (_, metrics) = tokio::task::spawn_blocking(move || get(port, "/metrics"))
+        .await
+        .unwrap();
+    assert!(metrics.contains("kici_agent_connection_status 1"));
+    signal(&child, libc::SIGUSR1);
+    assert_eq!(
+        tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+            .await
+            .unwrap()
+            .0,
+        Some(0)
+    );
+    drain.join().unwrap();
+
+    let (mut child, _, drain) = spawn_agent(&mock);
+    assert!(
+        mock.wait_until(|m| m.registrations().len() >= 2, Duration::from_secs(20))
+            .await
+    );
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+            .await
+            .unwrap()
+            .0,
+        Some(0)
+    );
+    drain.join().unwrap();
+    let normal_close = mock
+        .closes()
+        .iter()
+        .filter(|c| !c.by_server && c.code == Some(1000))
+        .count();
+    assert_eq!(normal_close, 2, "{:?}", mock.closes());
+    assert!(mock.violations().is_empty(), "{:?}", mock.violations());
+}
