@@ -22,6 +22,8 @@ usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
 ACTION=$1
 mkdir -p "$2"
 DIR=$(cd "$2" && pwd)
+# dockerd puts containerd's sockets under DIR/exec; longer paths fail to bind.
+[ ${#DIR} -le 60 ] || die "DIR must be at most 60 characters (unix socket paths are short): $DIR"
 SOCK=$DIR/docker.sock
 PIDFILE=$DIR/engine.pid
 LOG=$DIR/engine.log
@@ -79,16 +81,40 @@ start_engine() {
         --pidfile "$DIR/dockerd.pid" >"$LOG" 2>&1 &
       ;;
     podman)
-      podman system service --time=0 "unix://$SOCK" >"$LOG" 2>&1 &
+      podman --root "$DIR/storage" --runroot "$DIR/run" system service --time=0 "unix://$SOCK" >"$LOG" 2>&1 &
       ;;
   esac
   echo $! >"$PIDFILE"
   tries=0
   until ping_ok; do
-    engine_alive || { tail -n 30 "$LOG" >&2; die "$ENGINE exited before answering on $SOCK (log: $LOG)"; }
+    engine_alive || { tail -n 30 "$LOG" >&2; undo_start; die "$ENGINE exited before answering on $SOCK (log: $LOG)"; }
     tries=$((tries + 1))
-    [ $tries -lt 300 ] || { tail -n 30 "$LOG" >&2; die "$ENGINE did not answer _ping on $SOCK within 30 s (log: $LOG)"; }
+    [ $tries -lt 300 ] || { tail -n 30 "$LOG" >&2; undo_start; die "$ENGINE did not answer _ping on $SOCK within 30 s (log: $LOG)"; }
     sleep 0.1
+  done
+}
+
+# A failed start leaves nothing running or mounted.
+undo_start() {
+  kill "$(cat "$PIDFILE")" 2>/dev/null || true
+  rm -f "$PIDFILE"
+  unmount_under_dir
+}
+
+# Podman leaves a conmon per exec behind for exit_command_delay (10 s), which then runs a
+# `podman container cleanup` that mounts DIR's storage again: wait for them (they name DIR).
+wait_for_helpers() {
+  tries=0
+  while grep -lsaF "$DIR/" /proc/[0-9]*/cmdline | grep -qv "^/proc/$$/" && [ $tries -lt 200 ]; do
+    sleep 0.1
+    tries=$((tries + 1))
+  done
+}
+
+# Engines bind-mount their storage onto itself and do not always undo it when they stop.
+unmount_under_dir() {
+  for mount in $(awk -v dir="$DIR/" 'index($2, dir) == 1 { print $2 }' /proc/self/mounts | sort -r); do
+    umount "$mount" 2>/dev/null || true
   done
 }
 
@@ -149,6 +175,8 @@ stop() {
     rm -f "$PIDFILE"
   fi
   rm -f "$SOCK"
+  wait_for_helpers
+  unmount_under_dir
   echo "container-engine: stopped" >&2
 }
 

@@ -130,17 +130,23 @@ impl Drop for Spawned {
 
 /// Starts the binary against `mock`; returns the child and its HTTP port (from its log).
 fn spawn_agent(mock: &MockOrchestrator) -> (Spawned, u16, std::thread::JoinHandle<()>) {
+    spawn_agent_with(mock, &[])
+}
+
+fn spawn_agent_with(
+    mock: &MockOrchestrator,
+    extra: &[(&str, &str)],
+) -> (Spawned, u16, std::thread::JoinHandle<()>) {
     let url = mock.ws_url();
-    let mut child = agent_command(&[
-        ("KICI_ORCHESTRATOR_URL", &url),
+    let mut vars = vec![
+        ("KICI_ORCHESTRATOR_URL", url.as_str()),
         ("KICI_AGENT_TOKEN", TEST_TOKEN),
         ("KICI_PORT", "0"),
         ("KICI_BIND_ADDRESS", "127.0.0.1"),
         ("KICI_LOG_FORMAT", "json"),
-    ])
-    .stdout(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ];
+    vars.extend_from_slice(extra);
+    let mut child = agent_command(&vars).stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let port = loop {
         let line = lines
@@ -250,4 +256,79 @@ async fn the_binary_registers_serves_endpoints_drains_on_usr1_and_stops_on_term(
         .count();
     assert_eq!(normal_close, 2, "{:?}", mock.closes());
     assert!(mock.violations().is_empty(), "{:?}", mock.violations());
+}
+
+/// Peak RSS of a process (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+/// Stated bound: the agent's peak RSS stays under 64 MiB while a 100 MB log drains, because
+/// producers wait once 8 MiB of log lines are queued (the step's pipe is not read meanwhile).
+/// Rates are raised on both sides so the drain takes seconds rather than minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_memory_stays_bounded_while_a_100_mb_log_drains() {
+    let mock = MockOrchestrator::start(MockConfig {
+        rate_limits: kici_mock_orchestrator::RateLimits {
+            msgs_per_sec: 10_000.0,
+            msg_burst: 20_000.0,
+            bytes_per_sec: 40_000_000.0,
+            byte_burst: 8_000_000.0,
+            ..Default::default()
+        },
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let (child, _, drain) = spawn_agent_with(
+        &mock,
+        &[
+            ("KICI_MAX_LOG_SIZE_BYTES", "268435456"),
+            ("KICI_RATE_MSGS_PER_SEC", "5000"),
+            ("KICI_RATE_MSG_BURST", "10000"),
+            ("KICI_RATE_BYTES_PER_SEC", "25000000"),
+            ("KICI_RATE_BYTE_BURST", "2000000"),
+        ],
+    );
+    let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+    let dispatch = kici_mock_orchestrator::sample_dispatch(
+        "run-huge",
+        "huge",
+        "",
+        "main",
+        "",
+        serde_json::json!([{"name": "huge", "run": "awk 'BEGIN { s = sprintf(\"%079d\", 0); for (i = 0; i < 1250000; i++) print s }'"}]),
+    );
+    mock.dispatch(&agent_id, dispatch).await.unwrap();
+    let done = mock
+        .wait_for_message(
+            "job.status",
+            |m| m["state"] == "success",
+            Duration::from_secs(120),
+        )
+        .await;
+    assert!(done.is_some(), "the 100 MB job did not finish");
+    let peak = peak_rss(child.0.id());
+    let lines: usize = mock
+        .messages_of_type("log.chunk")
+        .iter()
+        .filter(|m| m["stepIndex"] == 0)
+        .map(|m| m["lines"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(lines, 1_250_000);
+    eprintln!(
+        "agent peak RSS while draining 100 MB: {:.1} MiB",
+        peak as f64 / 1048576.0
+    );
+    assert!(peak < 64 * 1024 * 1024, "peak RSS {peak} bytes");
+    assert_eq!(mock.rate_limit_warnings_sent(), 0);
+    drop(child);
+    drain.join().unwrap();
 }
