@@ -11,7 +11,7 @@
 # bytes. Needs root (apt-get, dockerd). Facts behind the choices: shared/notes/containers.md.
 set -eu
 
-ENGINE=${ENGINE:-docker}
+ENGINE=${ENGINE:-docker}   # `stop` uses the engine `start` recorded in DIR
 IMAGE=${KICI_TEST_IMAGE:-kici-test/busybox:latest}
 
 die() { echo "container-engine: $*" >&2; exit 1; }
@@ -85,6 +85,7 @@ start_engine() {
       ;;
   esac
   echo $! >"$PIDFILE"
+  echo "$ENGINE" >"$DIR/engine"
   tries=0
   until ping_ok; do
     engine_alive || { tail -n 30 "$LOG" >&2; undo_start; die "$ENGINE exited before answering on $SOCK (log: $LOG)"; }
@@ -102,10 +103,13 @@ undo_start() {
 }
 
 # Podman leaves a conmon per exec behind for exit_command_delay (10 s), which then runs a
-# `podman container cleanup` that mounts DIR's storage again: wait for them (they name DIR).
+# `podman container cleanup` that mounts DIR's storage again: wait for them (they name it).
 wait_for_helpers() {
   tries=0
-  while grep -lsaF "$DIR/" /proc/[0-9]*/cmdline | grep -qv "^/proc/$$/" && [ $tries -lt 200 ]; do
+  while [ $tries -lt 200 ]; do
+    # Listed before grep starts, so grep does not find its own pattern.
+    set -- /proc/[0-9]*/cmdline
+    grep -lsaF "$DIR/storage" "$@" | grep -qv "^/proc/$$/" || return 0
     sleep 0.1
     tries=$((tries + 1))
   done
@@ -158,6 +162,7 @@ start() {
 }
 
 stop() {
+  [ -f "$DIR/engine" ] && ENGINE=$(cat "$DIR/engine")
   if ping_ok; then
     for id in $(api "http://d/containers/json?all=true" | grep -o '"Id":"[0-9a-f]*"' | cut -d'"' -f4); do
       api -X DELETE "http://d/containers/$id?force=true&v=true" >/dev/null || true
@@ -175,7 +180,7 @@ stop() {
     rm -f "$PIDFILE"
   fi
   rm -f "$SOCK"
-  wait_for_helpers
+  [ "$ENGINE" = podman ] && wait_for_helpers
   unmount_under_dir
   echo "container-engine: stopped" >&2
 }

@@ -44,6 +44,22 @@ pub enum AgentError {
     },
     #[error("the agent was already started")]
     AlreadyStarted,
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// Settings the Node agent has that this agent accepts but does not act on yet; each one that
+/// is set is logged as a warning at start.
+fn ignored_settings(config: &AgentConfig) -> Vec<&'static str> {
+    use crate::config::BackpressureMode;
+    let mut ignored = Vec::new();
+    if config.scaler_managed {
+        ignored.push("KICI_SCALER_MANAGED=1: scaler idle self-shutdown is not implemented; the agent stays up when idle");
+    }
+    if config.backpressure_mode == BackpressureMode::Drop {
+        ignored.push("KICI_BACKPRESSURE_MODE=drop: log lines are never dropped while connected; the step is slowed instead (pause)");
+    }
+    ignored
 }
 
 /// A snapshot of the agent's state.
@@ -113,6 +129,12 @@ impl Agent {
         mut executors: ExecutorRegistry,
     ) -> Result<Agent, AgentError> {
         config.validate()?;
+        if config.sandbox {
+            // Silently running unsandboxed would be worse than refusing.
+            return Err(AgentError::Unsupported(
+                "KICI_SANDBOX=true: bubblewrap sandboxing is not implemented by this agent; unset it, or use container jobs",
+            ));
+        }
         if !executors.has_default() {
             if let Some(program) = &config.process_executor {
                 executors.set_default(Arc::new(ProcessExecutor::new(
@@ -205,6 +227,9 @@ impl Agent {
             port = bound.map(|a| a.port()),
             "Agent starting"
         );
+        for warning in ignored_settings(&shared.config) {
+            tracing::warn!("{warning}");
+        }
         shared.runtime.spawn(supervise(shared.clone(), listener));
         // Leftovers of a crashed agent; never delays or fails the start.
         shared.runtime.spawn_blocking(|| {

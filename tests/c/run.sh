@@ -162,7 +162,7 @@ for program in "${programs[@]}"; do
     if [ "$use_valgrind" = 1 ]; then
         check "$program [valgrind]" with_mock valgrind --leak-check=full \
             --errors-for-leak-kinds=definite --show-leak-kinds=definite --error-exitcode=1 \
-            --num-callers=30 "$work/$program"
+            --suppressions="$tests_dir/valgrind.supp" --num-callers=30 "$work/$program"
     fi
 done
 

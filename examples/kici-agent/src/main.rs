@@ -84,6 +84,9 @@ fn run_agent() -> ExitCode {
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
     }
+    if std::env::var_os("KICI_LOG_DIR").is_some_and(|d| !d.is_empty() && d != "undefined") {
+        tracing::warn!("KICI_LOG_DIR is not supported yet: logs go to stdout only (collect them from there)");
+    }
     let missing: Vec<&str> = ["git", "bash"]
         .into_iter()
         .filter(|tool| !on_path(tool))
