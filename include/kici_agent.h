@@ -35,7 +35,7 @@
 
 /**
  * A timeout meaning "wait as long as it takes" (for `kici_agent_wait` and
- * `kici_agent_next_event`).
+ * `kici_agent_next_event`); any timeout over a year means the same.
  */
 #define KICI_WAIT_FOREVER UINT64_MAX
 
@@ -270,7 +270,9 @@ kici_result kici_agent_register_default_executor(struct kici_agent *agent,
  * Starts the agent in the background: its own runtime threads, the HTTP endpoints, and the
  * connection to the orchestrator (reconnecting as needed). Returns once the HTTP port is
  * bound, so a port conflict is `KICI_RESULT_IO` here; the agent can then be started again.
- * `KICI_RESULT_INVALID_STATE` when already started or stopped.
+ * `KICI_RESULT_INVALID_CONFIG` for a setting this agent accepts but cannot honour (such as
+ * `sandbox`) or an unreadable step map; `KICI_RESULT_INVALID_STATE` when already started or
+ * stopped.
  *
  * Ownership: `agent` is borrowed. Thread safety: see `kici_agent`; not from a callback.
  */
@@ -288,7 +290,8 @@ kici_result kici_agent_drain(struct kici_agent *agent,
                              struct kici_error **err);
 
 /**
- * Stops: no new jobs; running jobs get `grace_ms` to finish, then they are cancelled (C
+ * Stops: no new jobs; running jobs get `grace_ms` (at most a year) to finish, then they are
+ * cancelled (C
  * executors see `kici_step_context_is_cancelled`) and reported cancelled. Returns at once; see
  * `kici_agent_wait`. Before `kici_agent_start` it just marks the agent stopped.
  *
@@ -299,7 +302,8 @@ kici_result kici_agent_shutdown(struct kici_agent *agent,
                                 struct kici_error **err);
 
 /**
- * Waits until the agent stopped, at most `timeout_ms` (`KICI_WAIT_FOREVER`: no limit):
+ * Waits until the agent stopped, at most `timeout_ms` (`KICI_WAIT_FOREVER` or over a year: no
+ * limit):
  * `KICI_RESULT_OK` once stopped, `KICI_RESULT_TIMEOUT` if still running.
  * `KICI_RESULT_INVALID_STATE` if it was never started nor stopped.
  *
@@ -311,8 +315,8 @@ kici_result kici_agent_wait(const struct kici_agent *agent,
                             struct kici_error **err);
 
 /**
- * The next event, waiting up to `timeout_ms` (`KICI_WAIT_FOREVER`: no limit), as one JSON
- * object with a `type`:
+ * The next event, waiting up to `timeout_ms` (`KICI_WAIT_FOREVER` or over a year: no limit),
+ * as one JSON object with a `type`:
  * `registered` {agentId}; `disconnected`; `auth_failed` {reason};
  * `job_started` {runId, jobId, name}; `job_rejected` {runId, jobId, reason};
  * `step_finished` {runId, jobId, stepIndex, stepName, state, durationMs, error?};

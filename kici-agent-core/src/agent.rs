@@ -11,8 +11,9 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, ExecutionMode};
 use crate::connection::{self, ConnectionSettings, ConnectionState, SessionHandler};
+use crate::container::{ContainerError, ContainerExecutor, ContainerSettings};
 use crate::events::{Event, EventQueue};
 use crate::executor::{ExecutorRegistry, ProcessExecutor, ShellExecutor, StepMapError};
 use crate::http::{self, HealthView};
@@ -46,6 +47,33 @@ pub enum AgentError {
     AlreadyStarted,
     #[error("{0}")]
     Unsupported(&'static str),
+    #[error("container backend: {0}")]
+    Container(#[from] ContainerError),
+}
+
+/// The container executor (spec §12.3). It does not contact the engine yet. In container
+/// execution mode an unusable DOCKER_HOST stops start-up; otherwise container jobs are then
+/// refused with that reason.
+fn container_executor(
+    config: &AgentConfig,
+    default_image: Option<String>,
+) -> Result<Option<Arc<ContainerExecutor>>, AgentError> {
+    let settings = ContainerSettings {
+        default_image,
+        keep_failed: config.docker_keep_failed,
+        stop_grace: config.cancel_grace.min(Duration::from_secs(10)),
+        ..ContainerSettings::default()
+    };
+    match ContainerExecutor::new(settings) {
+        Ok(executor) => Ok(Some(Arc::new(executor))),
+        Err(e) if config.execution_mode == Some(ExecutionMode::Container) => {
+            Err(AgentError::Container(e))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "container jobs are unavailable");
+            Ok(None)
+        }
+    }
 }
 
 /// Settings the Node agent has that this agent accepts but does not act on yet; each one that
@@ -79,8 +107,6 @@ pub struct AgentState {
 struct RunningJob {
     job: JobRef,
     control: JobControl,
-    /// Set once the terminal status is queued; guards the `cancelling` status.
-    terminal_queued: Arc<Mutex<bool>>,
 }
 
 struct Status {
@@ -149,6 +175,10 @@ impl Agent {
                 executors.set_default(Arc::new(ShellExecutor::new(step_map, config.cancel_grace)));
             }
         }
+        let default_container_image = (config.execution_mode == Some(ExecutionMode::Container))
+            .then(|| config.default_container_image.clone())
+            .flatten();
+        let container = container_executor(&config, default_container_image.clone())?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kici-agent")
@@ -170,7 +200,9 @@ impl Agent {
                 cancel_grace: config.cancel_grace,
                 github_token: config.github_token.as_ref().map(|t| t.expose().to_owned()),
                 host_env: std::env::vars().collect(),
+                default_container_image: default_container_image.clone(),
             },
+            container,
         });
         let shared = Arc::new(Shared {
             config,
@@ -353,6 +385,16 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         stop_connection.clone(),
     ));
 
+    // Leftover job containers of an earlier run (spec §12.3 [Q]); quiet without an engine.
+    if let Some(container) = shared.services.container.clone() {
+        tokio::spawn(async move {
+            match container.remove_all_sandboxes().await {
+                Ok(removed) => tracing::debug!(removed, "start-up sweep of job containers"),
+                Err(e) => tracing::debug!(error = %e, "no start-up sweep of job containers"),
+            }
+        });
+    }
+
     // Wait for a drain that went idle, or a shutdown request.
     let grace = loop {
         let woken = shared.wake.notified();
@@ -376,6 +418,12 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         shared
             .wait_idle_until(tokio::time::Instant::now() + Duration::from_secs(10))
             .await;
+    }
+    if let Some(container) = &shared.services.container {
+        let sweep = container.remove_all_sandboxes();
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), sweep).await {
+            tracing::debug!(error = %e, "no shutdown sweep of job containers");
+        }
     }
     // Deliver what is queued, within what is left of the grace (at least a moment).
     let flush_until = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
@@ -474,7 +522,7 @@ impl Shared {
     }
 
     /// Accepts a job if there is room, under the jobs lock so capacity is exact.
-    fn admit(self: &Arc<Self>, job: &JobRef) -> Option<(JobControl, Arc<Mutex<bool>>)> {
+    fn admit(self: &Arc<Self>, job: &JobRef) -> Option<JobControl> {
         let mut jobs = lock(&self.jobs);
         if lock(&self.status).draining {
             drop(jobs);
@@ -487,26 +535,27 @@ impl Shared {
             return None;
         }
         let control = JobControl::default();
-        let terminal_queued = Arc::new(Mutex::new(false));
         jobs.insert(
             job.job_id.clone(),
             RunningJob {
                 job: job.clone(),
                 control: control.clone(),
-                terminal_queued: terminal_queued.clone(),
             },
         );
         self.metrics.jobs_active.set(jobs.len() as i64);
         // The ack goes before any work, so a slow clone never misses the ack deadline.
         self.ack(job);
-        Some((control, terminal_queued))
+        Some(control)
     }
 
-    fn job_done(&self, job: &JobRef) {
+    /// Frees the job's slot; called by the runner just before its terminal status is queued.
+    fn release_slot(&self, job: &JobRef) {
         let mut jobs = lock(&self.jobs);
         jobs.remove(&job.job_id);
         self.metrics.jobs_active.set(jobs.len() as i64);
-        drop(jobs);
+    }
+
+    fn job_done(&self) {
         self.outbox.push_control(self.agent_status());
         self.wake.notify_one();
     }
@@ -514,11 +563,19 @@ impl Shared {
 
 impl SessionHandler for Shared {
     fn state_changed(&self, state: ConnectionState) {
-        let mut status = lock(&self.status);
-        match &state {
-            ConnectionState::Registered => {
+        // The state is visible before the event goes out: a host reacting to the event reads it.
+        let previous = {
+            let mut status = lock(&self.status);
+            if state == ConnectionState::Registered {
                 status.last_error = None;
-                drop(status);
+            }
+            if let ConnectionState::AuthFailed(reason) = &state {
+                status.last_error = Some(format!("authentication failed: {reason}"));
+            }
+            std::mem::replace(&mut status.connection, state.clone())
+        };
+        match state {
+            ConnectionState::Registered => {
                 self.outbox.push_control(Outbound::ConfigAck(ConfigAck {
                     message_id: new_message_id(),
                     agent_id: self.config.agent_id.clone(),
@@ -527,20 +584,13 @@ impl SessionHandler for Shared {
                 self.events.push(Event::Registered {
                     agent_id: self.config.agent_id.clone(),
                 });
-                status = lock(&self.status);
             }
-            ConnectionState::Disconnected if status.connection == ConnectionState::Registered => {
+            ConnectionState::Disconnected if previous == ConnectionState::Registered => {
                 self.events.push(Event::Disconnected);
             }
-            ConnectionState::AuthFailed(reason) => {
-                status.last_error = Some(format!("authentication failed: {reason}"));
-                self.events.push(Event::AuthFailed {
-                    reason: reason.clone(),
-                });
-            }
+            ConnectionState::AuthFailed(reason) => self.events.push(Event::AuthFailed { reason }),
             _ => {}
         }
-        status.connection = state;
     }
 
     fn registration(&self) -> AgentRegister {
@@ -578,7 +628,7 @@ impl SessionHandler for Shared {
 
     fn on_dispatch(self: Arc<Self>, dispatch: Box<JobDispatch>) {
         let job = dispatch.job_ref();
-        let Some((control, terminal_queued)) = self.admit(&job) else {
+        let Some(control) = self.admit(&job) else {
             return;
         };
         tracing::info!(run_id = %job.run_id, job_id = %job.job_id, job = %dispatch.job_config.name, "Accepting job dispatch");
@@ -590,9 +640,13 @@ impl SessionHandler for Shared {
         let services = self.services.clone();
         let shared = self.clone();
         self.runtime.spawn(async move {
-            let state = job::run_job(services, dispatch, control, terminal_queued).await;
+            let release = {
+                let (shared, job) = (shared.clone(), job.clone());
+                move || shared.release_slot(&job)
+            };
+            let state = job::run_job(services, dispatch, control, release).await;
             tracing::info!(run_id = %job.run_id, job_id = %job.job_id, state = state.as_str(), "job finished");
-            shared.job_done(&job);
+            shared.job_done();
         });
     }
 
@@ -622,6 +676,8 @@ impl SessionHandler for Shared {
     }
 
     fn on_cancel(&self, cancel: JobCancel) {
+        // The jobs lock is held while `cancelling` is queued: the runner frees its slot under
+        // the same lock before queueing the terminal status, so `cancelling` never follows it.
         let jobs = lock(&self.jobs);
         let Some(running) = jobs.get(&cancel.job_id) else {
             tracing::debug!(job_id = %cancel.job_id, "cancel for a job we do not run; ignored");
@@ -629,41 +685,37 @@ impl SessionHandler for Shared {
         };
         let control = running.control.clone();
         let job = running.job.clone();
-        let terminal_queued = running.terminal_queued.clone();
-        drop(jobs);
         let force = cancel.force == Some(true) || control.cancel.is_cancelled();
         tracing::info!(job_id = %job.job_id, reason = %cancel.reason, force, "Job cancel received");
+        let (state, line) = if force {
+            (None, "[kici] Force cancel received, skipping all hooks")
+        } else {
+            (
+                Some(JobState::Cancelling),
+                "[kici] Cancel received, running cancel hooks...",
+            )
+        };
+        if let Some(state) = state {
+            self.outbox.push_status(
+                &job,
+                Outbound::JobStatus(JobStatus {
+                    message_id: new_message_id(),
+                    run_id: job.run_id.clone(),
+                    job_id: job.job_id.clone(),
+                    state,
+                    timestamp: now_ms(),
+                    data: None,
+                }),
+                false,
+            );
+        }
+        self.outbox
+            .push_lines_now(&job, job::JOB_LOG_INDEX, vec![line.into()]);
+        drop(jobs);
         if force {
             control.force.cancel();
             control.cancel.cancel();
-            self.outbox.push_lines_now(
-                &job,
-                job::JOB_LOG_INDEX,
-                vec!["[kici] Force cancel received, skipping all hooks".into()],
-            );
             return;
-        }
-        {
-            let terminal = lock(&terminal_queued);
-            if !*terminal {
-                self.outbox.push_status(
-                    &job,
-                    Outbound::JobStatus(JobStatus {
-                        message_id: new_message_id(),
-                        run_id: job.run_id.clone(),
-                        job_id: job.job_id.clone(),
-                        state: JobState::Cancelling,
-                        timestamp: now_ms(),
-                        data: None,
-                    }),
-                    false,
-                );
-                self.outbox.push_lines_now(
-                    &job,
-                    job::JOB_LOG_INDEX,
-                    vec!["[kici] Cancel received, running cancel hooks...".into()],
-                );
-            }
         }
         control.cancel.cancel();
         let grace = self.config.cancel_grace;

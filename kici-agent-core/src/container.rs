@@ -268,7 +268,9 @@ pub fn image_for(config: &JobConfig, default_image: Option<&str>) -> Option<Stri
 /// Runs every step of a job in one container of the job (see the module docs). One instance
 /// serves many jobs at once.
 pub struct ContainerExecutor {
-    docker: Docker,
+    address: EngineAddress,
+    /// The client, once the engine answered and the API version was agreed.
+    client: OnceCell<Docker>,
     settings: ContainerSettings,
     /// The agent's own values of [`HOST_ONLY_VARS`], recognised and dropped from step envs.
     host_only: BTreeMap<String, String>,
@@ -483,38 +485,71 @@ struct ExecEnd {
 }
 
 impl ContainerExecutor {
-    /// Connects to the engine of `settings.docker_host` and agrees on an API version it speaks
-    /// (dockerd 20.10 only accepts up to 1.41). Fails when nothing answers there.
-    pub async fn connect(settings: ContainerSettings) -> Result<Self, ContainerError> {
-        let host = settings.docker_host.clone();
-        let unreachable = |source| ContainerError::Unreachable {
-            host: host.clone(),
-            source,
-        };
-        let docker = match parse_docker_host(&host)? {
-            EngineAddress::Unix(path) => {
-                Docker::connect_with_unix(&path, REQUEST_TIMEOUT_SECS, bollard::API_DEFAULT_VERSION)
-            }
-            EngineAddress::Tcp(address) => Docker::connect_with_http(
-                &address,
-                REQUEST_TIMEOUT_SECS,
-                bollard::API_DEFAULT_VERSION,
-            ),
-        }
-        .map_err(unreachable)?;
-        let docker = docker.negotiate_version().await.map_err(unreachable)?;
-        let version = docker.client_version();
-        info!(host = %host, api = %format!("{}.{}", version.major_version, version.minor_version), "connected to the container engine");
+    /// An executor for the engine of `settings.docker_host`, without contacting it yet (for
+    /// synchronous start-up code, and an engine that starts later): the first job,
+    /// [`ContainerExecutor::check_engine`] or [`ContainerExecutor::remove_all_sandboxes`] does.
+    /// Fails only on an address this executor cannot use.
+    pub fn new(settings: ContainerSettings) -> Result<Self, ContainerError> {
+        let address = parse_docker_host(&settings.docker_host)?;
         let host_only = std::env::vars()
             .filter(|(key, _)| HOST_ONLY_VARS.contains(&key.as_str()))
             .collect();
         Ok(ContainerExecutor {
-            docker,
+            address,
+            client: OnceCell::new(),
             settings,
             host_only,
             jobs: Mutex::new(HashMap::new()),
             step_counter: AtomicU64::new(0),
         })
+    }
+
+    /// [`ContainerExecutor::new`], then [`ContainerExecutor::check_engine`]: fails when nothing
+    /// answers at the address.
+    pub async fn connect(settings: ContainerSettings) -> Result<Self, ContainerError> {
+        let executor = Self::new(settings)?;
+        executor.check_engine().await?;
+        Ok(executor)
+    }
+
+    /// Checks that the engine answers, and agrees on an API version it speaks (dockerd 20.10
+    /// only accepts up to 1.41). Cheap once it succeeded; an error names the address.
+    pub async fn check_engine(&self) -> Result<(), ContainerError> {
+        self.docker().await.map(|_| ())
+    }
+
+    /// The client; the first successful call connects and negotiates the API version.
+    async fn docker(&self) -> Result<&Docker, ContainerError> {
+        self.client
+            .get_or_try_init(|| async {
+                let host = &self.settings.docker_host;
+                let unreachable = |source| ContainerError::Unreachable {
+                    host: host.clone(),
+                    source,
+                };
+                let docker = match &self.address {
+                    EngineAddress::Unix(path) => Docker::connect_with_unix(
+                        path,
+                        REQUEST_TIMEOUT_SECS,
+                        bollard::API_DEFAULT_VERSION,
+                    ),
+                    EngineAddress::Tcp(address) => Docker::connect_with_http(
+                        address,
+                        REQUEST_TIMEOUT_SECS,
+                        bollard::API_DEFAULT_VERSION,
+                    ),
+                }
+                .map_err(unreachable)?;
+                let docker = docker.negotiate_version().await.map_err(unreachable)?;
+                let version = docker.client_version();
+                info!(
+                    host = %host,
+                    api = %format!("{}.{}", version.major_version, version.minor_version),
+                    "connected to the container engine"
+                );
+                Ok(docker)
+            })
+            .await
     }
 
     /// The settings this executor runs with.
@@ -532,7 +567,8 @@ impl ContainerExecutor {
         }
         let filters = HashMap::from([("label".to_owned(), vec![format!("{SANDBOX_LABEL}=true")])]);
         let containers = self
-            .docker
+            .docker()
+            .await?
             .list_containers(Some(ListContainersOptions {
                 all: true,
                 filters: Some(filters),
@@ -568,7 +604,14 @@ impl ContainerExecutor {
             v: true,
             ..Default::default()
         };
-        match self.docker.remove_container(id, Some(options)).await {
+        let removed = match self.docker().await {
+            Ok(docker) => docker.remove_container(id, Some(options)).await,
+            Err(e) => {
+                warn!(container = %id, error = %e, "could not remove a job container");
+                return false;
+            }
+        };
+        match removed {
             Ok(()) => true,
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
@@ -581,7 +624,7 @@ impl ContainerExecutor {
     }
 
     async fn ensure_image(&self, image: &str) -> Result<(), ContainerError> {
-        let present = match self.docker.inspect_image(image).await {
+        let present = match self.docker().await?.inspect_image(image).await {
             Ok(_) => true,
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
@@ -610,7 +653,7 @@ impl ContainerExecutor {
             ..Default::default()
         };
         info!(image, "pulling image");
-        let mut progress = self.docker.create_image(Some(options), None, None);
+        let mut progress = self.docker().await?.create_image(Some(options), None, None);
         while let Some(item) = progress.next().await {
             match item {
                 Ok(info) => debug!(image, status = ?info.status, progress = ?info.progress, "pull"),
@@ -696,7 +739,8 @@ impl ContainerExecutor {
             ..Default::default()
         };
         let created = self
-            .docker
+            .docker()
+            .await?
             .create_container(Some(options), body)
             .await
             .map_err(ContainerError::engine(format!(
@@ -704,7 +748,8 @@ impl ContainerExecutor {
             )))?;
         let id = created.id;
         let started = async {
-            self.docker
+            self.docker()
+                .await?
                 .start_container(&id, None::<StartContainerOptions>)
                 .await
                 .map_err(ContainerError::engine(format!("starting container {name}")))?;
@@ -740,7 +785,8 @@ impl ContainerExecutor {
     /// The container's `PATH` (image `ENV`, then `container.env`).
     async fn container_path(&self, id: &str) -> Result<String, ContainerError> {
         let inspect = self
-            .docker
+            .docker()
+            .await?
             .inspect_container(id, None::<InspectContainerOptions>)
             .await
             .map_err(ContainerError::engine(format!("inspecting container {id}")))?;
@@ -777,7 +823,8 @@ impl ContainerExecutor {
     ) -> Result<(i64, String), ContainerError> {
         let action = || format!("running `{}` in container {id}", cmd.join(" "));
         let exec = self
-            .docker
+            .docker()
+            .await?
             .create_exec(
                 id,
                 CreateExecOptions {
@@ -794,7 +841,8 @@ impl ContainerExecutor {
         if let StartExecResults::Attached {
             output: mut stream, ..
         } = self
-            .docker
+            .docker()
+            .await?
             .start_exec(&exec.id, Some(StartExecOptions::default()))
             .await
             .map_err(ContainerError::engine(action()))?
@@ -814,7 +862,8 @@ impl ContainerExecutor {
         let give_up = Instant::now() + EXIT_CODE_WAIT;
         loop {
             let inspect = self
-                .docker
+                .docker()
+                .await?
                 .inspect_exec(exec_id)
                 .await
                 .map_err(ContainerError::engine(format!("inspecting exec {exec_id}")))?;
@@ -832,7 +881,7 @@ impl ContainerExecutor {
     }
 
     /// Sends a signal to a step's process group; `false` when the step has not recorded its pid
-    /// yet (try again) .
+    /// yet (try again).
     async fn signal_step(
         &self,
         container: &JobContainer,
@@ -880,7 +929,8 @@ impl ContainerExecutor {
             pid_file_inside,
         ];
         let exec = self
-            .docker
+            .docker()
+            .await?
             .create_exec(
                 &container.id,
                 CreateExecOptions {
@@ -898,7 +948,8 @@ impl ContainerExecutor {
                 container.name
             )))?;
         let started = self
-            .docker
+            .docker()
+            .await?
             .start_exec(&exec.id, Some(StartExecOptions::default()))
             .await
             .map_err(ContainerError::engine(format!(
@@ -911,15 +962,14 @@ impl ContainerExecutor {
                 source: std::io::Error::other("the engine detached the exec"),
             });
         };
-        let stopped = self.stream_output(container, output, pid_file, io).await;
-        let complete = stopped.drained;
-        let exit_code = if complete {
+        let ended = self.stream_output(container, output, pid_file, io).await;
+        let exit_code = if ended.drained {
             Some(self.exit_code(&exec.id).await?)
         } else {
             None
         };
         Ok(ExecEnd {
-            stopped: stopped.signal,
+            stopped: ended.signal,
             exit_code,
         })
     }

@@ -32,6 +32,8 @@ pub(crate) struct JobServices {
     pub executors: ExecutorRegistry,
     pub events: Arc<EventQueue>,
     pub settings: JobSettings,
+    /// Runs every step of container jobs (spec §12.3); `None`: no container engine configured.
+    pub container: Option<Arc<crate::container::ContainerExecutor>>,
 }
 
 /// Job-related settings from the agent configuration.
@@ -46,6 +48,8 @@ pub(crate) struct JobSettings {
     pub github_token: Option<String>,
     /// The agent's own environment, filtered into each step's by `StepEnv::from_host`.
     pub host_env: Vec<(String, String)>,
+    /// Image of jobs that name none; set only in container execution mode (spec §12).
+    pub default_container_image: Option<String>,
 }
 
 /// How the agent tells a running job to stop.
@@ -65,7 +69,7 @@ pub(crate) async fn run_job(
     services: Arc<JobServices>,
     dispatch: Box<JobDispatch>,
     control: JobControl,
-    terminal_queued: Arc<Mutex<bool>>,
+    release: impl FnOnce() + Send,
 ) -> JobState {
     let started = Instant::now();
     let job_ref = dispatch.job_ref();
@@ -138,12 +142,10 @@ pub(crate) async fn run_job(
         state.as_str()
     ))
     .await;
-    {
-        // Held while queueing so a concurrent cancel cannot queue `cancelling` after this.
-        let mut terminal = terminal_queued.lock().unwrap_or_else(|e| e.into_inner());
-        outbox.push_status(&job_ref, job_status(&job_ref, state, Some(data)), true);
-        *terminal = true;
-    }
+    // The slot is free before the orchestrator learns the job ended: it may dispatch the next
+    // job the moment the terminal status arrives.
+    release();
+    outbox.push_status(&job_ref, job_status(&job_ref, state, Some(data)), true);
     services.metrics.job_finished(state);
     services.events.push(Event::JobFinished {
         run_id: job_ref.run_id.clone(),
@@ -334,6 +336,16 @@ impl JobRunner {
             return (JobState::Cancelled, None);
         }
 
+        let default_image = self.services.settings.default_container_image.as_deref();
+        if let Some(image) = crate::container::image_for(config, default_image) {
+            if self.services.container.is_none() {
+                let error = format!(
+                    "the job asks for container image {image}, but this agent has no container engine (DOCKER_HOST)"
+                );
+                self.job_log(format!("[kici] {error}")).await;
+                return (JobState::Failed, Some(error));
+            }
+        }
         self.lock().env = Some(self.base_env(dispatch, &workspace));
         let context = JobContext {
             run_id: dispatch.run_id.clone(),
@@ -385,11 +397,21 @@ impl JobRunner {
             }
         }
 
+        // After a forced stop cleanup still runs, bounded: a job container must not outlive
+        // its job.
         let forced = self.control.force.is_cancelled();
-        if !forced {
-            let prepared = std::mem::take(&mut self.lock().prepared);
-            for executor in prepared {
+        let prepared = std::mem::take(&mut self.lock().prepared);
+        for executor in prepared {
+            if !forced {
                 executor.cleanup(&context).await;
+            } else if tokio::time::timeout(ABANDON_AFTER_FORCE, executor.cleanup(&context))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    executor = executor.name(),
+                    "cleanup after a forced stop did not finish in time"
+                );
             }
         }
         if self.control.cancel.is_cancelled() && !self.job_timed_out.is_cancelled() {
@@ -484,6 +506,19 @@ impl JobRunner {
             .push_status(&self.job_ref, message, false);
     }
 
+    /// Container jobs (spec §12.3) run every step in their container; others use the registry.
+    fn executor_for(&self, context: &JobContext, step: &str) -> Option<Arc<dyn Executor>> {
+        let default_image = self.services.settings.default_container_image.as_deref();
+        match &self.services.container {
+            Some(container)
+                if crate::container::image_for(&context.config, default_image).is_some() =>
+            {
+                Some(container.clone())
+            }
+            _ => self.services.executors.resolve(&context.name, step),
+        }
+    }
+
     /// Runs one step with its retries; reports every attempt.
     async fn run_step(
         &self,
@@ -495,7 +530,7 @@ impl JobRunner {
         let name = step.spec.name.clone();
         let continue_on_error = step.spec.continue_on_error == Some(true);
         let max_attempts = step.spec.retry.as_ref().map_or(1, |r| r.max_attempts());
-        let executor = self.services.executors.resolve(&context.name, &name);
+        let executor = self.executor_for(context, &name);
         let mut attempt = 1;
         loop {
             let started = Instant::now();

@@ -21,6 +21,7 @@ pub mod agent;
 pub mod checkout;
 pub mod config;
 pub mod connection;
+pub mod container;
 pub mod events;
 pub mod executor;
 pub mod host;

@@ -27,7 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -206,15 +206,17 @@ pub async fn run(
             cancel_grace: settings.cancel_grace,
             github_token: None,
             host_env: std::env::vars().collect(),
+            default_container_image: None,
         },
+        // A job file with `container` runs in it, on the engine of DOCKER_HOST.
+        container: job.container.as_ref().and_then(|_| {
+            crate::container::ContainerExecutor::new(crate::container::ContainerSettings::default())
+                .map(Arc::new)
+                .ok()
+        }),
     });
     let dispatch = Box::new(job.to_dispatch());
-    let job_run = tokio::spawn(job::run_job(
-        services,
-        dispatch,
-        cancel.0.clone(),
-        Arc::new(Mutex::new(false)),
-    ));
+    let job_run = tokio::spawn(job::run_job(services, dispatch, cancel.0.clone(), || {}));
     let mut pacer = Pacer::new(1e9, 1e9, 1e12, 1e12);
     loop {
         let frame = outbox.next_frame(&mut pacer).await;

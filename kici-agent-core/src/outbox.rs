@@ -746,9 +746,11 @@ mod tests {
             .flat_map(|m| m["lines"].as_array().unwrap().clone())
             .map(|l| l.as_str().unwrap().to_string())
             .collect();
-        assert!(lines[0].starts_with("[40 lines dropped"), "{lines:?}");
+        // 9 bytes a line: the 11 newest fit in 100 bytes.
+        assert!(lines[0].starts_with("[39 lines dropped"), "{lines:?}");
+        assert_eq!(lines[1], "line 0039");
         assert_eq!(lines.last().unwrap(), "line 0049");
-        assert_eq!(lines.len(), 11);
+        assert_eq!(lines.len(), 12);
     }
 
     #[tokio::test]

@@ -192,7 +192,6 @@ async fn steps_share_the_job_container_its_workspace_and_env() {
     let _engine = ENGINE.read().await;
     let job = json!({
         "name": "container-env",
-        "container": image(),
         "env": {"GREETING": "hello container"},
         "steps": [
             {"name": "look", "run": "echo \"pwd=$(pwd) ws=$KICI_WORKSPACE g=$GREETING path=$PATH\"\n\
@@ -465,10 +464,14 @@ async fn the_sweep_removes_leftover_job_containers() {
 #[ignore = "needs a container engine: KICI_TEST_DOCKER_HOST"]
 async fn missing_images_fail_the_job_with_the_reason() {
     let _engine = ENGINE.read().await;
-    let job = |image: &str| json!({"name": "container-missing", "container": image, "steps": [{"name": "s", "run": "true"}]});
+    // The image is the executor's default: a job naming one would be routed by the agent's own
+    // wiring, not to the executor under test.
+    let job = json!({"name": "container-missing", "steps": [{"name": "s", "run": "true"}]});
+    let mut absent = settings();
+    absent.default_image = Some("kici-test/not-there:1".to_owned());
     let run = run_job(
-        executor(settings()).await,
-        job("kici-test/not-there:1"),
+        executor(absent).await,
+        job.clone(),
         LocalCancel::default(),
         |_| {},
     )
@@ -486,13 +489,8 @@ async fn missing_images_fail_the_job_with_the_reason() {
     // A registry that refuses connections (loopback, nothing listens on port 1).
     let mut pulling = settings();
     pulling.pull_policy = PullPolicy::IfNotPresent;
-    let run = run_job(
-        executor(pulling).await,
-        job("127.0.0.1:1/kici/absent:1"),
-        LocalCancel::default(),
-        |_| {},
-    )
-    .await;
+    pulling.default_image = Some("127.0.0.1:1/kici/absent:1".to_owned());
+    let run = run_job(executor(pulling).await, job, LocalCancel::default(), |_| {}).await;
     assert_eq!(run.state, JobState::Failed);
     let error = run.step_end("s")["data"]["error"]
         .as_str()
@@ -515,6 +513,22 @@ async fn an_unreachable_engine_is_named_in_the_error() {
         .expect("no engine there");
     assert!(matches!(err, ContainerError::Unreachable { .. }), "{err:?}");
     assert!(err.to_string().contains(&socket), "{err}");
+
+    // Built without the engine (start-up code), a job then fails with the same reason.
+    let mut lazy = ContainerSettings::new(format!("unix://{socket}"));
+    lazy.default_image = Some("any:1".to_owned());
+    let executor = Arc::new(ContainerExecutor::new(lazy).expect("a usable address"));
+    let job = json!({"name": "no-engine", "steps": [{"name": "s", "run": "true"}]});
+    let run = run_job(executor, job, LocalCancel::default(), |_| {}).await;
+    assert_eq!(run.state, JobState::Failed);
+    let error = run.step_end("s")["data"]["error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        error.contains(&socket) && error.contains("unreachable"),
+        "{error}"
+    );
 
     // A loopback port with nothing behind it.
     let port = {

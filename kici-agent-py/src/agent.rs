@@ -285,11 +285,11 @@ impl Agent {
                     match interrupts {
                         1 => {
                             self.core.drain();
-                            announce(py, "Ctrl-C: draining; running jobs finish, no new jobs are taken (Ctrl-C again to stop)");
+                            announce(py, DRAINING_NOTICE);
                         }
                         2 => {
                             self.core.shutdown(grace);
-                            announce(py, &format!("Ctrl-C again: stopping; running steps get {:.1}s, then are cancelled (Ctrl-C again to abandon them)", grace.as_secs_f64()));
+                            announce(py, &stopping_notice(grace));
                         }
                         _ => return Err(err),
                     }
@@ -405,6 +405,17 @@ impl Drop for Agent {
             });
         }
     }
+}
+
+const DRAINING_NOTICE: &str =
+    "Ctrl-C: draining; running jobs finish, no new jobs are taken (Ctrl-C again to stop)";
+
+fn stopping_notice(grace: Duration) -> String {
+    format!(
+        "Ctrl-C again: stopping; running steps get {:.1}s, then are cancelled \
+         (Ctrl-C again to abandon them)",
+        grace.as_secs_f64()
+    )
 }
 
 /// Tells the user what Ctrl-C did, through the `kici_agent` logger.

@@ -9,7 +9,7 @@
 #
 # usage: tests/c/run.sh [--release] [--no-valgrind] [--no-sanitizers]
 # Needs: cargo, cc, c++, make, pkg-config, valgrind; curl or python3. Installs nothing.
-# CARGO_TARGET_DIR is honoured. Prints "c tests: N passed, M failed" and exits non-zero on failure.
+# CARGO_TARGET_DIR is honoured. Prints "c-tests: N passed, M failed" and exits non-zero on failure.
 set -uo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -119,7 +119,7 @@ check() { # check NAME COMMAND...: runs a check, keeps its output in a log, coun
 # ---- build ---------------------------------------------------------------------------------
 echo "building libkici_agent and the mock orchestrator ($profile)"
 if ! (cd "$root" && cargo build --quiet "${cargo_flags[@]}" -p kici-agent-ffi -p kici-mock-orchestrator); then
-    echo "c tests: 0 passed, 1 failed"
+    echo "c-tests: 0 passed, 1 failed"
     exit 1
 fi
 
@@ -230,5 +230,5 @@ fi
 if [ "$failed" -gt 0 ]; then
     printf 'failed: %s\n' "${failed_names[@]}"
 fi
-echo "c tests: $passed passed, $failed failed"
+echo "c-tests: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

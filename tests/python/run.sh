@@ -33,6 +33,6 @@ target_dir=$(cargo metadata --format-version 1 --no-deps --manifest-path "$repo/
 export KICI_MOCK_ORCHESTRATOR="$target_dir/debug/kici-mock-orchestrator"
 
 step "pytest"
-# Run from the temporary directory so `kici_agent` is the installed package, not a source tree.
-cd "$work"
-"$venv_python" -m pytest --rootdir "$repo/tests/python" -p no:cacheprovider -W error::ResourceWarning "$@" "$repo/tests/python"
+# `kici_agent` is the installed package: no source tree of it is on the path from here.
+cd "$repo/tests/python"
+"$venv_python" -m pytest -p no:cacheprovider -W error::ResourceWarning "$@"

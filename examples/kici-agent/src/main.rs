@@ -85,7 +85,9 @@ fn run_agent() -> ExitCode {
         tracing::warn!("{warning}");
     }
     if std::env::var_os("KICI_LOG_DIR").is_some_and(|d| !d.is_empty() && d != "undefined") {
-        tracing::warn!("KICI_LOG_DIR is not supported yet: logs go to stdout only (collect them from there)");
+        tracing::warn!(
+            "KICI_LOG_DIR is not supported yet: logs go to stdout only (collect them from there)"
+        );
     }
     let missing: Vec<&str> = ["git", "bash"]
         .into_iter()

@@ -1,0 +1,248 @@
+//! End-to-end figures of the release binary against the strict mock orchestrator on loopback.
+//! Run: `cargo bench -p kici-agent-cli --bench agent`. Prints figures; asserts nothing.
+//!
+//! - start -> registered (median of 20 starts), idle RSS 5 s after registering, RSS after 1,000
+//!   heartbeat cycles (5 ms interval);
+//! - dispatch -> first step process started (median of 20 jobs);
+//! - agent CPU seconds to stream 200,000 lines of 80 bytes from one step, the time until the last
+//!   line is accepted against the floor set by the byte budget (bytes / 500 KiB/s), peak RSS.
+//!
+//! The Node reference agent, measured on the same kind of machine (notes/node-agent-baseline):
+//! 1.839 s to registered, 202.3 MiB idle RSS, 92 % of a 200,000-line log lost.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kici_mock_orchestrator::{MockConfig, MockOrchestrator, TEST_TOKEN};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kici-agent");
+const WAIT: Duration = Duration::from_secs(120);
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(mock: &MockOrchestrator, id: &str, extra: &[(&str, &str)]) -> Agent {
+    let mut command = Command::new(BIN);
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", std::env::var("HOME").unwrap_or_default())
+        .env("KICI_ORCHESTRATOR_URL", mock.ws_url())
+        .env("KICI_AGENT_TOKEN", TEST_TOKEN)
+        .env("KICI_AGENT_ID", id)
+        .env("KICI_PORT", "0")
+        .env("KICI_BIND_ADDRESS", "127.0.0.1")
+        .env("KICI_LOG_LEVEL", "warn")
+        .envs(extra.iter().copied())
+        .stdout(Stdio::null());
+    Agent(command.spawn().expect("spawn the agent"))
+}
+
+fn status_field(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r)
+        .unwrap_or("")
+        .split(' ')
+        .collect();
+    let ticks: u64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1_048_576.0
+}
+
+fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+async fn registered(mock: &MockOrchestrator, id: &str) {
+    let id = id.to_owned();
+    assert!(
+        mock.wait_for_message("config.ack", move |m| m["agentId"] == id.as_str(), WAIT)
+            .await
+            .is_some(),
+        "agent did not register"
+    );
+}
+
+async fn startup(mock: &MockOrchestrator) {
+    let mut times = Vec::new();
+    for i in 0..20 {
+        let id = format!("start-{i}");
+        let started = Instant::now();
+        let agent = spawn(mock, &id, &[]);
+        registered(mock, &id).await;
+        times.push(started.elapsed());
+        drop(agent);
+    }
+    println!(
+        "start -> registered: median {:.1} ms (min {:.1}, max {:.1}; n=20)   [Node agent: 1839 ms]",
+        median(times.clone()).as_secs_f64() * 1e3,
+        times.iter().min().unwrap().as_secs_f64() * 1e3,
+        times.iter().max().unwrap().as_secs_f64() * 1e3
+    );
+
+    let agent = spawn(mock, "idle", &[]);
+    registered(mock, "idle").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    println!(
+        "idle RSS 5 s after registering: {:.1} MiB   [Node agent: 202.3 MiB]",
+        mib(status_field(agent.0.id(), "VmRSS:"))
+    );
+    drop(agent);
+
+    let agent = spawn(mock, "beats", &[("KICI_HEARTBEAT_INTERVAL_MS", "5")]);
+    registered(mock, "beats").await;
+    let before = mock.messages_of_type("heartbeat").len();
+    let pid = agent.0.id();
+    assert!(
+        mock.wait_until(
+            |m| m.messages_of_type("heartbeat").len() >= before + 1000,
+            WAIT
+        )
+        .await
+    );
+    println!(
+        "RSS after 1,000 heartbeat cycles (5 ms): {:.1} MiB (peak {:.1} MiB)",
+        mib(status_field(pid, "VmRSS:")),
+        mib(status_field(pid, "VmHWM:"))
+    );
+}
+
+async fn dispatch_latency(mock: &MockOrchestrator) {
+    let agent = spawn(mock, "latency", &[]);
+    registered(mock, "latency").await;
+    let mut times = Vec::new();
+    for i in 0..20 {
+        let job = format!("lat-{i}");
+        // The step's first act is to print the wall clock in ns.
+        let steps = serde_json::json!([{"name": "t", "run": "date +%s%N"}]);
+        let dispatch = kici_mock_orchestrator::sample_dispatch(
+            &format!("r-{job}"),
+            &job,
+            "",
+            "main",
+            "",
+            steps,
+        );
+        let sent = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        mock.dispatch("latency", dispatch).await.unwrap();
+        let job_id = job.clone();
+        let chunk = mock
+            .wait_for_message(
+                "log.chunk",
+                move |m| m["jobId"] == job_id.as_str() && m["stepIndex"] == 0,
+                WAIT,
+            )
+            .await
+            .unwrap();
+        let started_ns: u128 = chunk["lines"][0].as_str().unwrap().parse().unwrap();
+        times.push(Duration::from_nanos((started_ns - sent.as_nanos()) as u64));
+    }
+    println!(
+        "dispatch -> first step process running: median {:.2} ms (min {:.2}; n=20; includes bash start-up and `date`)",
+        median(times.clone()).as_secs_f64() * 1e3,
+        times.iter().min().unwrap().as_secs_f64() * 1e3
+    );
+    drop(agent);
+}
+
+async fn big_log(mock: &MockOrchestrator) {
+    let agent = spawn(mock, "spew", &[("KICI_MAX_LOG_SIZE_BYTES", "33554432")]);
+    registered(mock, "spew").await;
+    let pid = agent.0.id();
+    let cpu_before = cpu_seconds(pid);
+    let pad = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd";
+    let steps = serde_json::json!([{"name": "spew", "run": format!("seq 1 200000 | awk '{{ printf \"spew %07d {pad}\\n\", $1 }}'")}]);
+    let dispatch = kici_mock_orchestrator::sample_dispatch("r-spew", "spew", "", "main", "", steps);
+    let started = Instant::now();
+    mock.dispatch("spew", dispatch).await.unwrap();
+    let done = mock
+        .wait_for_message(
+            "job.status",
+            |m| m["jobId"] == "spew" && m["state"] == "success",
+            Duration::from_secs(300),
+        )
+        .await;
+    assert!(done.is_some(), "the 200,000-line job did not succeed");
+    let elapsed = started.elapsed();
+    let cpu = cpu_seconds(pid) - cpu_before;
+    let received = mock.received();
+    let chunks: Vec<_> = received
+        .iter()
+        .filter(|r| {
+            r.msg["type"] == "log.chunk" && r.msg["jobId"] == "spew" && r.msg["stepIndex"] == 0
+        })
+        .collect();
+    let lines: usize = chunks
+        .iter()
+        .map(|r| r.msg["lines"].as_array().unwrap().len())
+        .sum();
+    let bytes: usize = received
+        .iter()
+        .filter(|r| r.msg["jobId"] == "spew")
+        .map(|r| r.text_len)
+        .sum();
+    let first = chunks.first().unwrap().at;
+    let last = chunks.last().unwrap().at;
+    let floor = bytes as f64 / 512_000.0;
+    println!(
+        "200,000 lines x 80 bytes: {lines} lines in {} chunks, {:.1} MB sent, dispatch -> success {:.1} s, warnings {}",
+        chunks.len(),
+        bytes as f64 / 1e6,
+        elapsed.as_secs_f64(),
+        mock.rate_limit_warnings_sent()
+    );
+    println!(
+        "  first -> last line accepted {:.1} s; floor (bytes / 500 KiB/s) {:.1} s; ratio {:.3}",
+        (last - first).as_secs_f64(),
+        floor,
+        (last - first).as_secs_f64() / floor
+    );
+    println!(
+        "  agent CPU for the job: {cpu:.2} s; agent peak RSS {:.1} MiB   [Node agent: 8 % of the lines stored]",
+        mib(status_field(pid, "VmHWM:"))
+    );
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mock = MockOrchestrator::start(MockConfig::default())
+            .await
+            .unwrap();
+        startup(&mock).await;
+        dispatch_latency(&mock).await;
+        big_log(&mock).await;
+    });
+}
