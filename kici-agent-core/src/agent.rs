@@ -45,8 +45,6 @@ pub enum AgentError {
     },
     #[error("the agent was already started")]
     AlreadyStarted,
-    #[error("{0}")]
-    Unsupported(&'static str),
     #[error("container backend: {0}")]
     Container(#[from] ContainerError),
 }
@@ -155,12 +153,6 @@ impl Agent {
         mut executors: ExecutorRegistry,
     ) -> Result<Agent, AgentError> {
         config.validate()?;
-        if config.sandbox {
-            // Silently running unsandboxed would be worse than refusing.
-            return Err(AgentError::Unsupported(
-                "KICI_SANDBOX=true: bubblewrap sandboxing is not implemented by this agent; unset it, or use container jobs",
-            ));
-        }
         if !executors.has_default() {
             if let Some(program) = &config.process_executor {
                 executors.set_default(Arc::new(ProcessExecutor::new(
@@ -279,6 +271,8 @@ impl Agent {
     /// Stops: no new jobs; running jobs get `grace` to finish, then their processes are killed
     /// and they are reported `cancelled`. Returns at once; see [`Agent::wait`].
     pub fn shutdown(&self, grace: Duration) {
+        // Keeps the deadline arithmetic representable; nobody waits a year for a job.
+        let grace = grace.min(Duration::from_secs(365 * 24 * 3600));
         {
             let mut requested = lock(&self.shared.shutdown_grace);
             *requested = Some(requested.map_or(grace, |g| g.min(grace)));
@@ -292,7 +286,8 @@ impl Agent {
     /// Waits until the agent stopped, at most `timeout` (`None` = forever). Returns whether it
     /// stopped. Blocking: call it from a host thread.
     pub fn wait(&self, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too far away to represent is forever.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut status = lock(&self.shared.status);
         while !status.stopped {
             status = match deadline {

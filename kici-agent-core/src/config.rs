@@ -694,6 +694,26 @@ impl AgentConfig {
         if let Err(message) = check_orchestrator_url(&self.orchestrator_url) {
             issue(var::ORCHESTRATOR_URL, message);
         }
+        if self.sandbox {
+            // Silently running unsandboxed would be worse than refusing.
+            issue(
+                var::SANDBOX,
+                "bubblewrap sandboxing is not implemented by this agent; unset it, or use container jobs".into(),
+            );
+        }
+        // Longer than any real grace, and small enough that `Instant + duration` cannot overflow.
+        const MAX_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+        for (setting, value) in [
+            (var::CANCEL_GRACE_MS, self.cancel_grace),
+            (var::SHUTDOWN_GRACE_MS, self.shutdown_grace),
+            (var::DEFAULT_STEP_TIMEOUT_MS, self.default_step_timeout),
+            (var::JOB_HEARTBEAT_INTERVAL_MS, self.job_heartbeat_interval),
+            (var::HEARTBEAT_INTERVAL_MS, self.heartbeat_interval),
+        ] {
+            if value > MAX_GRACE {
+                issue(setting, "must be at most 7 days".into());
+            }
+        }
         if self.agent_id.is_empty() {
             issue(var::AGENT_ID, "must not be empty".into());
         }
@@ -1615,12 +1635,11 @@ mod tests {
     fn booleans_need_the_exact_string() {
         let on = config(&[
             (var::DOCKER_KEEP_FAILED, "true"),
-            (var::SANDBOX, "true"),
             (var::SCALER_MANAGED, "1"),
             (var::AGENT_IS_ORCHESTRATOR_HOST, "true"),
             (var::DEV, "true"),
         ]);
-        assert!(on.docker_keep_failed && on.sandbox && on.scaler_managed);
+        assert!(on.docker_keep_failed && on.scaler_managed);
         assert!(on.is_orchestrator_host && on.dev);
         let off = config(&[
             (var::DOCKER_KEEP_FAILED, "TRUE"),
@@ -1631,6 +1650,15 @@ mod tests {
         ]);
         assert!(!off.docker_keep_failed && !off.sandbox && !off.scaler_managed);
         assert!(!off.is_orchestrator_host && !off.dev);
+    }
+
+    #[test]
+    fn sandbox_is_refused_rather_than_silently_ignored() {
+        let err = load_vars(&[(var::SANDBOX, "true")]).err().expect("refused");
+        assert!(
+            err.to_string().contains("KICI_SANDBOX: bubblewrap"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -540,3 +540,23 @@ async fn a_status_produced_while_disconnected_is_delivered_after_reconnect() {
     assert_eq!(h.lines("offline", 0), ["started", "done"]);
     h.assert_no_violations();
 }
+
+/// The orchestrator frees the slot when the terminal status arrives and may dispatch at once:
+/// the agent must not answer `busy` then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_right_after_a_terminal_status_is_accepted() {
+    let h = start(|c| c).await;
+    h.registered().await;
+    for i in 0..10 {
+        let job = format!("back-to-back-{i}");
+        h.dispatch(&job, json!([{"name": "s", "run": "true"}]))
+            .await;
+        assert_eq!(h.terminal_status(&job).await["state"], "success");
+    }
+    assert!(
+        h.mock.messages_of_type("job.reject").is_empty(),
+        "{:?}",
+        h.mock.messages_of_type("job.reject")
+    );
+    h.assert_no_violations();
+}

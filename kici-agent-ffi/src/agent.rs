@@ -66,10 +66,10 @@ impl kici_agent {
 
 fn agent_failure(error: AgentError) -> Failure {
     let code = match &error {
-        AgentError::Config(_) | AgentError::StepMap(_) | AgentError::Unsupported(_) => {
-            kici_result::InvalidConfig
+        AgentError::Config(_) | AgentError::StepMap(_) => kici_result::InvalidConfig,
+        AgentError::Runtime(_) | AgentError::Http { .. } | AgentError::Container(_) => {
+            kici_result::Io
         }
-        AgentError::Runtime(_) | AgentError::Http { .. } => kici_result::Io,
         AgentError::AlreadyStarted => kici_result::InvalidState,
     };
     Failure::new(code, error.to_string())

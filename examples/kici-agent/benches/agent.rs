@@ -164,6 +164,14 @@ async fn dispatch_latency(mock: &MockOrchestrator) {
             .unwrap();
         let started_ns: u128 = chunk["lines"][0].as_str().unwrap().parse().unwrap();
         times.push(Duration::from_nanos((started_ns - sent.as_nanos()) as u64));
+        let job_id = job.clone();
+        mock.wait_for_message(
+            "job.status",
+            move |m| m["jobId"] == job_id.as_str() && m["state"] == "success",
+            WAIT,
+        )
+        .await
+        .expect("job finished");
     }
     println!(
         "dispatch -> first step process running: median {:.2} ms (min {:.2}; n=20; includes bash start-up and `date`)",
