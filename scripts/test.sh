@@ -39,9 +39,10 @@ if [ -x scripts/container-engine.sh ] && [ -f kici-agent-core/tests/container.rs
   log "container engine + container tests"
   engine_dir=$(mktemp -d /tmp/kici-engine.XXXXXX)
   if engine_env=$(scripts/container-engine.sh start "$engine_dir"); then
-    export KICI_TEST_DOCKER_HOST=${engine_env#DOCKER_HOST=}
-    if cargo test -p kici-agent-core --test container -- --ignored --test-threads=2 &&
-       cargo test -p kici-agent-core --lib container:: -- --ignored; then
+    # Scoped to these commands: an agent started later must not see an unknown KICI_* variable.
+    engine_host=${engine_env#DOCKER_HOST=}
+    if KICI_TEST_DOCKER_HOST=$engine_host cargo test -p kici-agent-core --test container -- --ignored --test-threads=2 &&
+       KICI_TEST_DOCKER_HOST=$engine_host cargo test -p kici-agent-core --lib container:: -- --ignored; then
       record containers ok
     else
       record containers FAILED

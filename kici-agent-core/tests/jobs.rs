@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use common::{alive, start, start_with, Harness, WAIT};
+use common::{alive, start, start_with, WAIT};
 use kici_agent_core::ExecutorRegistry;
 use kici_mock_orchestrator::MockConfig;
 use serde_json::{json, Value};
@@ -558,5 +558,23 @@ async fn a_dispatch_right_after_a_terminal_status_is_accepted() {
         "{:?}",
         h.mock.messages_of_type("job.reject")
     );
+    h.assert_no_violations();
+}
+
+/// Shutdown gives running jobs their grace, then kills their processes and reports them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_kills_running_jobs_after_the_grace_and_reports_them() {
+    let h = start(|c| c.with_shutdown_grace(Duration::from_millis(500))).await;
+    h.registered().await;
+    let step = json!([{"name": "forever", "run": "trap '' TERM; sleep 300 & echo pids $$ $!; wait"}]);
+    h.dispatch("shutdown", step).await;
+    assert!(h.mock.wait_until(|_| !h.lines("shutdown", 0).is_empty(), WAIT).await);
+    let asked = Instant::now();
+    h.agent.shutdown(Duration::from_millis(500));
+    assert!(tokio::task::block_in_place(|| h.agent.wait(Some(WAIT))));
+    assert!(asked.elapsed() >= Duration::from_millis(500), "the job did not get its grace");
+    assert_eq!(h.terminal_status("shutdown").await["state"], "cancelled");
+    wait_dead(&pids(&h.lines("shutdown", 0))).await;
+    assert!(h.mock.closes().iter().any(|c| !c.by_server && c.code == Some(1000)));
     h.assert_no_violations();
 }
