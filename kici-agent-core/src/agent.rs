@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxLimits, Pacer};
 use crate::protocol::{
     new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, JobAck, JobCancel, JobDispatch,
-    JobRef, JobReject, JobState, JobStatus, JobStatusData, Outbound, RejectReason,
+    JobRef, JobReject, JobState, JobStatusData, Outbound, RejectReason,
 };
 
 /// The agent version (`agent.register.version`, `/health`).
@@ -657,14 +657,7 @@ impl SessionHandler for Shared {
         };
         self.outbox.push_status(
             &job,
-            Outbound::JobStatus(JobStatus {
-                message_id: new_message_id(),
-                run_id: job.run_id.clone(),
-                job_id: job.job_id.clone(),
-                state: JobState::Failed,
-                timestamp: now_ms(),
-                data: Some(data),
-            }),
+            job::job_status(&job, JobState::Failed, Some(data)),
             true,
         );
         self.metrics.job_finished(JobState::Failed);
@@ -691,18 +684,8 @@ impl SessionHandler for Shared {
             )
         };
         if let Some(state) = state {
-            self.outbox.push_status(
-                &job,
-                Outbound::JobStatus(JobStatus {
-                    message_id: new_message_id(),
-                    run_id: job.run_id.clone(),
-                    job_id: job.job_id.clone(),
-                    state,
-                    timestamp: now_ms(),
-                    data: None,
-                }),
-                false,
-            );
+            self.outbox
+                .push_status(&job, job::job_status(&job, state, None), false);
         }
         self.outbox
             .push_lines_now(&job, job::JOB_LOG_INDEX, vec![line.into()]);

@@ -158,7 +158,8 @@ pub(crate) async fn run_job(
     state
 }
 
-fn job_status(job: &JobRef, state: JobState, data: Option<JobStatusData>) -> Outbound {
+/// A `job.status` message of `job`.
+pub(crate) fn job_status(job: &JobRef, state: JobState, data: Option<JobStatusData>) -> Outbound {
     Outbound::JobStatus(JobStatus {
         message_id: new_message_id(),
         run_id: job.run_id.clone(),

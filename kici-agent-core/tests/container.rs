@@ -552,13 +552,18 @@ async fn a_job_file_with_a_container_section_runs_in_it() {
     let _engine = ENGINE.read().await;
     // Only this test reads DOCKER_HOST; the others pass their engine explicitly.
     std::env::set_var("DOCKER_HOST", engine_host());
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs/container.json");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/jobs/container.json");
     let mut job = LocalJob::load(&path).expect("the sample container job file");
     job.container = Some(kici_agent_core::protocol::ContainerSpec::Image(image()));
     let mut messages = Vec::new();
-    let state = local::run(&job, None, LocalSettings::default(), LocalCancel::default(), |m| {
-        messages.push(serde_json::to_value(m).unwrap())
-    })
+    let state = local::run(
+        &job,
+        None,
+        LocalSettings::default(),
+        LocalCancel::default(),
+        |m| messages.push(serde_json::to_value(m).unwrap()),
+    )
     .await;
     assert_eq!(state, JobState::Success, "{messages:#?}");
     let lines: Vec<&str> = messages
@@ -567,7 +572,12 @@ async fn a_job_file_with_a_container_section_runs_in_it() {
         .flat_map(|m| m["lines"].as_array().unwrap())
         .map(|l| l.as_str().unwrap())
         .collect();
-    assert!(lines.iter().any(|l| l.contains("inside a container at /workspace")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("inside a container at /workspace")),
+        "{lines:?}"
+    );
     let job_id = messages[0]["jobId"].as_str().unwrap().to_owned();
     assert!(containers_of(&job_id).await.is_empty());
 }

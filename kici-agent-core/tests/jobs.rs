@@ -566,15 +566,27 @@ async fn a_dispatch_right_after_a_terminal_status_is_accepted() {
 async fn shutdown_kills_running_jobs_after_the_grace_and_reports_them() {
     let h = start(|c| c.with_shutdown_grace(Duration::from_millis(500))).await;
     h.registered().await;
-    let step = json!([{"name": "forever", "run": "trap '' TERM; sleep 300 & echo pids $$ $!; wait"}]);
+    let step =
+        json!([{"name": "forever", "run": "trap '' TERM; sleep 300 & echo pids $$ $!; wait"}]);
     h.dispatch("shutdown", step).await;
-    assert!(h.mock.wait_until(|_| !h.lines("shutdown", 0).is_empty(), WAIT).await);
+    assert!(
+        h.mock
+            .wait_until(|_| !h.lines("shutdown", 0).is_empty(), WAIT)
+            .await
+    );
     let asked = Instant::now();
     h.agent.shutdown(Duration::from_millis(500));
     assert!(tokio::task::block_in_place(|| h.agent.wait(Some(WAIT))));
-    assert!(asked.elapsed() >= Duration::from_millis(500), "the job did not get its grace");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(500),
+        "the job did not get its grace"
+    );
     assert_eq!(h.terminal_status("shutdown").await["state"], "cancelled");
     wait_dead(&pids(&h.lines("shutdown", 0))).await;
-    assert!(h.mock.closes().iter().any(|c| !c.by_server && c.code == Some(1000)));
+    assert!(h
+        .mock
+        .closes()
+        .iter()
+        .any(|c| !c.by_server && c.code == Some(1000)));
     h.assert_no_violations();
 }
