@@ -15,7 +15,7 @@ use crate::config::{AgentConfig, ExecutionMode};
 use crate::connection::{self, ConnectionSettings, ConnectionState, SessionHandler};
 use crate::container::{ContainerError, ContainerExecutor, ContainerSettings};
 use crate::events::{Event, EventQueue};
-use crate::executor::{ExecutorRegistry, ProcessExecutor, ShellExecutor, StepMapError};
+use crate::executor::{builtin_executor, ExecutorRegistry, StepMapError};
 use crate::http::{self, HealthView};
 use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
@@ -154,18 +154,7 @@ impl Agent {
     ) -> Result<Agent, AgentError> {
         config.validate()?;
         if !executors.has_default() {
-            if let Some(program) = &config.process_executor {
-                executors.set_default(Arc::new(ProcessExecutor::new(
-                    program.clone(),
-                    config.cancel_grace,
-                )));
-            } else {
-                let step_map = match &config.step_map_file {
-                    Some(path) => ShellExecutor::load_step_map(path)?,
-                    None => Default::default(),
-                };
-                executors.set_default(Arc::new(ShellExecutor::new(step_map, config.cancel_grace)));
-            }
+            executors.set_default(builtin_executor(&config)?);
         }
         let default_container_image = (config.execution_mode == Some(ExecutionMode::Container))
             .then(|| config.default_container_image.clone())

@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::AgentConfig;
 use crate::process::{self, CommandSpec, KillPolicy, Outcome, RunLimits, StepEnv};
 use crate::protocol::{JobConfig, StepSpec};
 
@@ -236,6 +237,21 @@ impl ExecutorRegistry {
             .or(self.default.as_ref())
             .cloned()
     }
+}
+
+/// The built-in executor the configuration asks for: the process executor
+/// (`process_executor`), else the shell executor with the step map (`step_map_file`).
+pub fn builtin_executor(config: &AgentConfig) -> Result<Arc<dyn Executor>, StepMapError> {
+    Ok(match &config.process_executor {
+        Some(program) => Arc::new(ProcessExecutor::new(program.clone(), config.cancel_grace)),
+        None => {
+            let step_map = match &config.step_map_file {
+                Some(path) => ShellExecutor::load_step_map(path)?,
+                None => BTreeMap::new(),
+            };
+            Arc::new(ShellExecutor::new(step_map, config.cancel_grace))
+        }
+    })
 }
 
 /// Runs a step's shell command with bash in the workspace. The command is the step's `run`

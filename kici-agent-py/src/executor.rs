@@ -8,10 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use kici_agent_core::config::AgentConfig;
-use kici_agent_core::executor::StepMapError;
+use kici_agent_core::executor::{builtin_executor, StepMapError};
 use kici_agent_core::{
-    Executor, JobContext, ProcessExecutor, ShellExecutor, StepContext as CoreStepContext,
-    StepFailure, StepIo, StepResult,
+    Executor, JobContext, StepContext as CoreStepContext, StepFailure, StepIo, StepResult,
 };
 use pyo3::exceptions::PySystemExit;
 use pyo3::prelude::*;
@@ -238,16 +237,7 @@ impl Router {
     /// A router with no functions yet, falling back to the executor the core would pick for
     /// `config` (the process executor, else the shell executor with the step map).
     pub fn new(config: &AgentConfig) -> Result<Self, StepMapError> {
-        let builtin: Arc<dyn Executor> = match &config.process_executor {
-            Some(program) => Arc::new(ProcessExecutor::new(program.clone(), config.cancel_grace)),
-            None => {
-                let step_map = match &config.step_map_file {
-                    Some(path) => ShellExecutor::load_step_map(path)?,
-                    None => Default::default(),
-                };
-                Arc::new(ShellExecutor::new(step_map, config.cancel_grace))
-            }
-        };
+        let builtin = builtin_executor(config)?;
         Ok(Router {
             routes: RwLock::new(Routes::default()),
             builtin,
