@@ -417,10 +417,13 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
             .await
             .is_err()
     {
+        // Statuses matter more than the rest of the log: drop the lines so that the terminal
+        // statuses waiting behind them still go out.
         tracing::warn!(
-            undelivered_lines = shared.outbox.pending_lines(),
+            undelivered_lines = shared.outbox.abandon_lines(),
             "shutdown: log lines could not be delivered before the grace ran out"
         );
+        let _ = tokio::time::timeout(Duration::from_secs(1), shared.outbox.wait_empty()).await;
     }
     stop_connection.cancel();
     let _ = connection_task.await;

@@ -423,9 +423,26 @@ impl Outbox {
             .collect()
     }
 
-    /// Log lines not yet delivered.
-    pub fn pending_lines(&self) -> usize {
-        self.lock().lanes.iter().map(|l| l.lines.len()).sum()
+    /// Drops every queued log line and returns how many (shutdown after its grace): the
+    /// statuses waiting behind them become sendable.
+    pub fn abandon_lines(&self) -> usize {
+        let mut state = self.lock();
+        let mut abandoned = 0;
+        for lane in &mut state.lanes {
+            abandoned += lane.lines.len();
+            lane.lines_done += lane.lines.len() as u64;
+            lane.lines.clear();
+            lane.oldest_line_at = None;
+        }
+        state.backlog_bytes = 0;
+        self.metrics.outbox_backlog_bytes.set(0);
+        self.metrics
+            .log_lines_dropped_total
+            .inc_by(abandoned as u64);
+        drop(state);
+        self.space.notify_waiters();
+        self.changed.notify_one();
+        abandoned
     }
 
     /// Log bytes waiting.
@@ -812,6 +829,20 @@ mod tests {
             );
         }
         assert_eq!(got, lines);
+    }
+
+    #[tokio::test]
+    async fn abandoned_lines_let_the_terminal_status_through() {
+        let outbox = Outbox::new(OutboxLimits::default(), Metrics::new());
+        let a = job("a");
+        outbox.push_lines(&a, 0, vec!["x".into(); 10]).await;
+        outbox.push_status(&a, status(&a, JobState::Cancelled), true);
+        assert_eq!(outbox.abandon_lines(), 10);
+        outbox.set_connected(true);
+        let sent = drain(&outbox, &mut unlimited()).await;
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0]["state"], "cancelled");
+        assert!(outbox.undelivered_jobs().is_empty());
     }
 
     #[test]

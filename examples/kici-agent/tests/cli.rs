@@ -129,14 +129,14 @@ impl Drop for Spawned {
 }
 
 /// Starts the binary against `mock`; returns the child and its HTTP port (from its log).
-fn spawn_agent(mock: &MockOrchestrator) -> (Spawned, u16, std::thread::JoinHandle<()>) {
+fn spawn_agent(mock: &MockOrchestrator) -> (Spawned, u16, std::thread::JoinHandle<Vec<String>>) {
     spawn_agent_with(mock, &[])
 }
 
 fn spawn_agent_with(
     mock: &MockOrchestrator,
     extra: &[(&str, &str)],
-) -> (Spawned, u16, std::thread::JoinHandle<()>) {
+) -> (Spawned, u16, std::thread::JoinHandle<Vec<String>>) {
     let url = mock.ws_url();
     let mut vars = vec![
         ("KICI_ORCHESTRATOR_URL", url.as_str()),
@@ -161,8 +161,8 @@ fn spawn_agent_with(
             break record["port"].as_u64().unwrap() as u16;
         }
     };
-    // Keep draining the log so the agent never blocks on a full pipe.
-    let drain = std::thread::spawn(move || lines.for_each(drop));
+    // Keep reading the log so the agent never blocks on a full pipe; keep it for asserts.
+    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<String>>());
     (Spawned(child), port, drain)
 }
 
@@ -331,4 +331,126 @@ async fn agent_memory_stays_bounded_while_a_100_mb_log_drains() {
     assert_eq!(mock.rate_limit_warnings_sent(), 0);
     drop(child);
     drain.join().unwrap();
+}
+
+/// Shutdown waits for the log backlog within its grace; what it cannot deliver is counted in the
+/// log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_delivers_the_backlog_within_its_grace_and_counts_what_it_could_not() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let spew = |lines: u32| serde_json::json!([{"name": "spew", "run": format!("seq 1 {lines} | awk '{{ printf \"%079d\\n\", $1 }}'")}]);
+    // 3 MB: the first 1.5 MB go at once, the rest takes a few seconds at 450 KB/s.
+    let (mut child, _, drain) = spawn_agent_with(
+        &mock,
+        &[
+            ("KICI_SHUTDOWN_GRACE_MS", "20000"),
+            ("KICI_AGENT_ID", "patient"),
+        ],
+    );
+    mock.wait_for_message(
+        "config.ack",
+        |m| m["agentId"] == "patient",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    let dispatch = kici_mock_orchestrator::sample_dispatch(
+        "r-patient",
+        "patient",
+        "",
+        "main",
+        "",
+        spew(37_500),
+    );
+    mock.dispatch("patient", dispatch).await.unwrap();
+    mock.wait_for_message(
+        "log.chunk",
+        |m| m["jobId"] == "patient" && m["stepIndex"] == 0,
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+            .await
+            .unwrap()
+            .0,
+        Some(0)
+    );
+    drain.join().unwrap();
+    let lines: usize = mock
+        .messages_of_type("log.chunk")
+        .iter()
+        .filter(|m| m["jobId"] == "patient" && m["stepIndex"] == 0)
+        .map(|m| m["lines"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(
+        lines, 37_500,
+        "the backlog was not delivered before the exit"
+    );
+
+    // 20 MB cannot drain in a 1 s grace: the agent exits anyway and says how much was lost.
+    let (mut child, _, drain) = spawn_agent_with(
+        &mock,
+        &[
+            ("KICI_SHUTDOWN_GRACE_MS", "1000"),
+            ("KICI_AGENT_ID", "hasty"),
+            ("KICI_MAX_LOG_SIZE_BYTES", "33554432"),
+        ],
+    );
+    mock.wait_for_message(
+        "config.ack",
+        |m| m["agentId"] == "hasty",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    let dispatch =
+        kici_mock_orchestrator::sample_dispatch("r-hasty", "hasty", "", "main", "", spew(250_000));
+    mock.dispatch("hasty", dispatch).await.unwrap();
+    mock.wait_for_message(
+        "log.chunk",
+        |m| m["jobId"] == "hasty" && m["stepIndex"] == 0,
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    let asked = std::time::Instant::now();
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+            .await
+            .unwrap()
+            .0,
+        Some(0)
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?}",
+        asked.elapsed()
+    );
+    let log = drain.join().unwrap();
+    let report = log
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|r| {
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("could not be delivered"))
+        })
+        .expect("the agent logs what it could not deliver");
+    assert!(
+        report["undelivered_lines"].as_u64().unwrap() > 0,
+        "{report}"
+    );
+    let terminal = mock.messages_of_type("job.status");
+    assert!(
+        terminal
+            .iter()
+            .any(|m| m["jobId"] == "hasty" && m["state"] == "cancelled"),
+        "{terminal:?}"
+    );
 }
