@@ -125,11 +125,6 @@ pub(crate) async fn run_job(
             std::mem::take(&mut run_state.outputs),
         )
     };
-    for result in &step_results {
-        services
-            .metrics
-            .step_finished(result.status, result.duration_ms as f64 / 1000.0);
-    }
     let data = JobStatusData {
         duration_ms: Some(duration_ms),
         error: error.clone(),
@@ -539,6 +534,9 @@ impl JobRunner {
                 // Never launched (fail-fast sibling or cancel): running then cancelled, 0 ms.
                 self.send_step_status(step.index, &name, StepState::Running, None, None, group);
                 self.finish_step(&step, group, StepState::Cancelled, None, None, 0, 0);
+                self.services
+                    .metrics
+                    .step_finished(StepState::Cancelled, 0.0);
                 return StepEnd::Cancelled;
             }
             self.send_step_status(step.index, &name, StepState::Running, None, None, group);
@@ -567,9 +565,17 @@ impl JobRunner {
                 duration_ms,
                 log_bytes,
             );
+            let retrying =
+                state == StepState::Failed && attempt < max_attempts && !stop.is_cancelled();
+            if !retrying {
+                // Live, once per step: its final attempt is its result.
+                self.services
+                    .metrics
+                    .step_finished(state, duration_ms as f64 / 1000.0);
+            }
             match state {
                 StepState::Success => return StepEnd::Success,
-                StepState::Failed if attempt < max_attempts && !stop.is_cancelled() => {
+                StepState::Failed if retrying => {
                     let delay = step
                         .spec
                         .retry

@@ -148,6 +148,17 @@ async fn failure_stops_the_job_unless_continue_on_error_and_retries_report_each_
         .lines("retry", -1)
         .iter()
         .any(|l| l.contains("attempt 1/4 failed")));
+    // One count per step (its final attempt), by its real result; jobs by their terminal state.
+    let metrics = h.http_get("/metrics").await.1;
+    for sample in [
+        "kici_agent_steps_total{status=\"failed\"} 2",
+        "kici_agent_steps_total{status=\"success\"} 2",
+        "kici_agent_jobs_total{status=\"failed\"} 1",
+        "kici_agent_jobs_total{status=\"success\"} 1",
+        "kici_agent_jobs_active 0",
+    ] {
+        assert!(metrics.contains(sample), "{sample} missing from\n{metrics}");
+    }
     h.assert_no_violations();
 }
 
