@@ -257,9 +257,13 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let mock = MockOrchestrator::start(MockConfig::default())
-            .await
-            .unwrap();
+        // The mock simulates the orchestrator's token lookup (20 ms by default): not the
+        // agent's time, so it is off here.
+        let config = MockConfig {
+            auth_check_delay: Duration::ZERO,
+            ..MockConfig::default()
+        };
+        let mock = MockOrchestrator::start(config).await.unwrap();
         startup(&mock).await;
         dispatch_latency(&mock).await;
         big_log(&mock).await;
