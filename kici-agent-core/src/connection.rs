@@ -24,6 +24,9 @@ use crate::protocol::{
     JobDispatch, JobRef, Outbound, PROTOCOL_VERSION,
 };
 
+/// How long a shutdown waits for the orchestrator to answer our close frame.
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
+
 /// Close code: agent authentication failed (permanent).
 pub const CLOSE_AUTH_FAILED: u16 = 4010;
 
@@ -243,6 +246,12 @@ async fn registered_loop(
             biased;
             _ = shutdown.cancelled() => {
                 let _ = sink.send(Message::Close(Some(close_frame(1000, "Agent disconnect")))).await;
+                // Wait (bounded) for the orchestrator's close reply: a socket closed with unread
+                // data is reset, and a reset makes the peer discard frames it has not read yet.
+                let _ = tokio::time::timeout(CLOSE_REPLY_WAIT, async {
+                    while let Some(Ok(_)) = stream.next().await {}
+                })
+                .await;
                 let _ = sink.close().await;
                 return SessionEnd::Shutdown;
             }

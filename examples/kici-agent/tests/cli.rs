@@ -388,8 +388,11 @@ async fn shutdown_delivers_the_backlog_within_its_grace_and_counts_what_it_could
         .map(|m| m["lines"].as_array().unwrap().len())
         .sum();
     assert_eq!(
-        lines, 37_500,
-        "the backlog was not delivered before the exit"
+        lines,
+        37_500,
+        "the backlog was not delivered before the exit (rate-limit drops {}, closes {:?})",
+        mock.dropped_by_rate_limit(),
+        mock.closes()
     );
 
     // 20 MB cannot drain in a 1 s grace: the agent exits anyway and says how much was lost.
