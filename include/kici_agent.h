@@ -606,7 +606,8 @@ kici_result kici_config_set_backpressure_mode(struct kici_config *config,
                                               struct kici_error **err);
 
 /**
- * Wraps bare-metal steps in bubblewrap (`KICI_SANDBOX`, false).
+ * Asks for bubblewrap sandboxing (`KICI_SANDBOX`, false). Not implemented: with `true`,
+ * `kici_config_validate` and `kici_agent_new` fail with `KICI_RESULT_INVALID_CONFIG`.
  *
  * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
  */

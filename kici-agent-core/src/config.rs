@@ -107,7 +107,7 @@ pub const VARIABLES: &[VariableDoc] = &[
     doc(var::BIND_ADDRESS, Some("::"), "IP address the HTTP server binds to; `::` = all interfaces."),
     doc(var::LOG_LEVEL, Some("info"), "Agent log level: debug | info | warn | error."),
     doc(var::LOG_FORMAT, Some("auto"), "Agent log format: auto (JSON unless stdout is a TTY) | plain | json."),
-    doc(var::LOG_DIR, None, "Directory for an additional rotated JSON log file; unset: no file log."),
+    doc(var::LOG_DIR, None, "Node agent: directory for a rotated JSON log file. Accepted with a warning; this agent logs to stdout only."),
     doc(var::LOG_MAX_SIZE, Some("500m"), "Size cap per log file: bytes or a k/m/g suffix."),
     doc(var::LOG_RETENTION_DAYS, Some("7"), "Days of rotated log files kept."),
     doc(var::CLUSTER_INSTANCE_ID, None, "Log-file suffix shared with other KiCI services; beats KICI_AGENT_ID as the suffix."),
@@ -119,11 +119,11 @@ pub const VARIABLES: &[VariableDoc] = &[
     doc(var::DOCKER_KEEP_FAILED, Some("false"), "Exactly `true`: keep the containers of jobs that did not succeed."),
     doc(var::JOB_HEARTBEAT_INTERVAL_MS, Some("60000"), "Period of job.heartbeat messages during a job, in ms (> 0)."),
     doc(var::HEARTBEAT_INTERVAL_MS, Some("30000"), "Period of connection heartbeats after registration, in ms (> 0); the orchestrator drops an agent after 180 s."),
-    doc(var::BACKPRESSURE_MODE, Some("pause"), "Log-streaming backpressure: pause (slow the step) | drop (discard log lines)."),
-    doc(var::SANDBOX, Some("false"), "Exactly `true`: wrap bare-metal steps in bubblewrap (Linux)."),
-    doc(var::SANDBOX_NETWORK, Some("isolated"), "Network of the bubblewrap sandbox: isolated | host."),
-    doc(var::SCALER_MANAGED, Some("0"), "Exactly `1`: ephemeral agent owned by the auto-scaler (idle self-shutdown, `kici:*` labels allowed)."),
-    doc(var::SCALER_IDLE_TIMEOUT, Some("5000"), "Scaler-managed idle self-shutdown delay in ms; <= 0 shuts down as soon as idle."),
+    doc(var::BACKPRESSURE_MODE, Some("pause"), "Log-streaming backpressure: pause (slow the step) | drop. This agent always pauses; `drop` is accepted with a warning."),
+    doc(var::SANDBOX, Some("false"), "Exactly `true` asks for bubblewrap sandboxing, which this agent does not implement: start-up is refused."),
+    doc(var::SANDBOX_NETWORK, Some("isolated"), "Network of the bubblewrap sandbox: isolated | host (validated only; see KICI_SANDBOX)."),
+    doc(var::SCALER_MANAGED, Some("0"), "Exactly `1`: ephemeral agent owned by the auto-scaler (`kici:*` labels allowed; idle self-shutdown is not implemented yet, a warning says so)."),
+    doc(var::SCALER_IDLE_TIMEOUT, Some("5000"), "Scaler-managed idle self-shutdown delay in ms (validated; self-shutdown is not implemented yet)."),
     doc(var::SCALER_PENDING_DISPATCH_TIMEOUT, Some("60000"), "Scaler-managed: ms to wait for a pre-bound job announced at registration; <= 0 = no wait."),
     doc(var::EXECUTION_MODE, None, "Force the execution backend: container | bare-metal | firecracker. Unset: automatic."),
     doc(var::CONCURRENCY_WAIT_TIMEOUT_MS, Some("3600000"), "Max wait in ms for a concurrency-group `proceed` (>= 1000)."),
@@ -454,7 +454,7 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Log-streaming backpressure policy (`KICI_BACKPRESSURE_MODE`, pause).
     pub backpressure_mode: BackpressureMode,
-    /// Wrap bare-metal steps in bubblewrap (`KICI_SANDBOX`).
+    /// Bubblewrap sandboxing (`KICI_SANDBOX`): not implemented, so `true` fails validation.
     pub sandbox: bool,
     /// Network of the bubblewrap sandbox (`KICI_SANDBOX_NETWORK`, isolated).
     pub sandbox_network: SandboxNetwork,
@@ -1006,7 +1006,7 @@ impl AgentConfigBuilder {
         with_heartbeat_interval(heartbeat_interval: Duration),
         /// Sets the log-streaming backpressure policy.
         with_backpressure_mode(backpressure_mode: BackpressureMode),
-        /// Wraps bare-metal steps in bubblewrap.
+        /// Asks for bubblewrap sandboxing: not implemented, so `true` makes `build` fail.
         with_sandbox(sandbox: bool),
         /// Sets the bubblewrap sandbox network.
         with_sandbox_network(sandbox_network: SandboxNetwork),

@@ -590,7 +590,8 @@ pub unsafe extern "C" fn kici_config_set_backpressure_mode(
     }
 }
 
-/// Wraps bare-metal steps in bubblewrap (`KICI_SANDBOX`, false).
+/// Asks for bubblewrap sandboxing (`KICI_SANDBOX`, false). Not implemented: with `true`,
+/// `kici_config_validate` and `kici_agent_new` fail with `KICI_RESULT_INVALID_CONFIG`.
 ///
 /// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
 #[no_mangle]
