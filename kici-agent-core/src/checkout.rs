@@ -8,17 +8,19 @@
 //!
 //! Everything here blocks; callers run [`checkout`] on a blocking thread.
 
+mod known_hosts;
+
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use git2::build::CheckoutBuilder;
 use git2::{
     AutotagOption, CertificateCheckStatus, Commit, Cred, CredentialType, Direction, ErrorCode,
     FetchOptions, ProxyOptions, Remote, RemoteCallbacks, Repository,
 };
+use known_hosts::{HostKeyVerdict, PinnedKnownHosts};
 
 /// Depth of the initial clone, as in the reference agent.
 const CLONE_DEPTH: i32 = 1;
@@ -95,11 +97,17 @@ pub enum HostKeyPolicy {
     /// Accept whatever key the server presents (`accept-new` against an empty per-call
     /// known_hosts, as the reference agent does).
     AcceptNew,
-    /// Accept only a key listed in this known_hosts text (`sshKnownHostsPem`). Entries are
-    /// matched by key bytes; their host patterns (often hashed) are not evaluated, because the
-    /// text is pinning data sent for this very repository. `@revoked` entries reject their key.
+    /// Strict host key checking against this known_hosts text (`sshKnownHostsPem`), as
+    /// OpenSSH does it: the server's key must be listed for its host (plain names, comma
+    /// lists, `*`/`?` wildcards, `!` negation, `[host]:port` for ports other than 22, hashed
+    /// `|1|` names). A host that is not listed is refused, and so is a key listed under
+    /// `@revoked`, for any host. `@cert-authority` entries are not supported: a host matched
+    /// only by them is refused. A line that does not parse fails the checkout up front.
+    ///
+    /// libssh2 picks the host key type the server offers first, not one that is pinned, so
+    /// pin every key type the server has (`ssh-keyscan` lists them all).
     Pinned {
-        /// known_hosts lines: `[@marker] hosts keytype base64-key [comment]`.
+        /// known_hosts lines: `[@marker] hostnames keytype base64-key [comment]`.
         known_hosts: String,
     },
 }
@@ -194,13 +202,15 @@ pub enum CheckoutError {
         /// Why, without secrets.
         reason: String,
     },
-    /// The SSH server's host key is not in the pinned known_hosts.
-    #[error("repository {repo}: host key of {host} is not in the pinned known_hosts")]
+    /// The SSH server's host key is not trusted by the pinned known_hosts.
+    #[error("repository {repo}: host key of {host} refused: {reason}")]
     HostKeyRejected {
         /// Repository URL without secrets.
         repo: String,
-        /// Host name the key was presented for.
+        /// The name the host is looked up by: `host`, or `[host]:port` when the port is not 22.
         host: String,
+        /// Why, naming the presented key by type and fingerprint only.
+        reason: String,
     },
     /// `cancel()` returned true.
     #[error("repository {repo}: checkout cancelled")]
@@ -392,7 +402,18 @@ struct Session<'a> {
     url_user_names: Vec<String>,
     cancelled: Cell<bool>,
     auth_failure: RefCell<Option<String>>,
-    rejected_host: RefCell<Option<String>>,
+    /// Set by the pinned policy (parsed once, up front).
+    known_hosts: Option<PinnedKnownHosts>,
+    /// The port the SSH transport connects to, for `[host]:port` lookups.
+    ssh_port: u16,
+    host_key_refusal: RefCell<Option<HostKeyRefusal>>,
+}
+
+/// Why the certificate callback refused a host key, kept for the error libgit2 returns.
+#[derive(Debug, Clone)]
+struct HostKeyRefusal {
+    host: String,
+    reason: String,
 }
 
 impl<'a> Session<'a> {
@@ -402,6 +423,7 @@ impl<'a> Session<'a> {
             mut secrets,
             mut user_names,
         } = redact_url(req.repo_url);
+        let mut known_hosts = None;
         match req.credentials {
             Some(GitCredentials::Basic { secret, .. }) => secrets.push(secret.clone()),
             Some(GitCredentials::Ssh {
@@ -409,12 +431,15 @@ impl<'a> Session<'a> {
                 host_key,
                 ..
             }) => {
-                if let HostKeyPolicy::Pinned { known_hosts } = host_key {
-                    if pinned_host_keys(known_hosts).is_empty() {
-                        return Err(CheckoutError::InvalidRequest {
-                            repo,
-                            reason: "the pinned host key policy needs known_hosts content with at least one key".to_owned(),
-                        });
+                if let HostKeyPolicy::Pinned { known_hosts: text } = host_key {
+                    match PinnedKnownHosts::parse(text) {
+                        Ok(parsed) => known_hosts = Some(parsed),
+                        Err(e) => {
+                            return Err(CheckoutError::InvalidRequest {
+                                repo,
+                                reason: e.to_string(),
+                            })
+                        }
                     }
                 }
                 secrets.push(private_key.trim().to_owned());
@@ -432,7 +457,9 @@ impl<'a> Session<'a> {
             url_user_names: user_names,
             cancelled: Cell::new(false),
             auth_failure: RefCell::new(None),
-            rejected_host: RefCell::new(None),
+            known_hosts,
+            ssh_port: ssh_port(req.repo_url),
+            host_key_refusal: RefCell::new(None),
         })
     }
 
@@ -617,17 +644,24 @@ impl<'a> Session<'a> {
                 // TLS certificates, and SSH without our credentials: libgit2's own checks.
                 return Ok(CertificateCheckStatus::CertificatePassthrough);
             };
-            let accepted = match policy {
-                HostKeyPolicy::AcceptNew => true,
-                HostKeyPolicy::Pinned { known_hosts } => host_key
-                    .hostkey()
-                    .is_some_and(|key| pinned_host_keys(known_hosts).accepts(key)),
+            let refusal = match (policy, &self.known_hosts) {
+                (HostKeyPolicy::AcceptNew, _) => None,
+                (HostKeyPolicy::Pinned { .. }, Some(known_hosts)) => {
+                    host_key_refusal(known_hosts, host, self.ssh_port, host_key.hostkey())
+                }
+                // `Session::new` parses every pinned policy; refuse rather than trust.
+                (HostKeyPolicy::Pinned { .. }, None) => Some(HostKeyRefusal {
+                    host: host.to_owned(),
+                    reason: "the pinned known_hosts was not loaded".to_owned(),
+                }),
             };
-            if accepted {
-                Ok(CertificateCheckStatus::CertificateOk)
-            } else {
-                *self.rejected_host.borrow_mut() = Some(host.to_owned());
-                Err(git2::Error::from_str("host key is not pinned"))
+            match refusal {
+                None => Ok(CertificateCheckStatus::CertificateOk),
+                Some(refusal) => {
+                    tracing::warn!(repo = %self.repo, host = %refusal.host, reason = %refusal.reason, "SSH host key refused");
+                    *self.host_key_refusal.borrow_mut() = Some(refusal);
+                    Err(git2::Error::from_str("host key refused"))
+                }
             }
         });
         callbacks.transfer_progress(move |_| self.keep_going());
@@ -649,8 +683,8 @@ impl<'a> Session<'a> {
         if self.cancelled.get() {
             return CheckoutError::Cancelled { repo };
         }
-        if let Some(host) = self.rejected_host.borrow().clone() {
-            return CheckoutError::HostKeyRejected { repo, host };
+        if let Some(HostKeyRefusal { host, reason }) = self.host_key_refusal.borrow().clone() {
+            return CheckoutError::HostKeyRejected { repo, host, reason };
         }
         if let Some(reason) = self.auth_failure.borrow().clone() {
             return CheckoutError::AuthenticationFailed { repo, reason };
@@ -817,53 +851,50 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&decoded).into_owned()
 }
 
-/// Host keys from known_hosts text: the accepted ones and the `@revoked` ones.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct PinnedHostKeys {
-    accepted: Vec<Vec<u8>>,
-    revoked: Vec<Vec<u8>>,
+/// Why `known_hosts` does not trust the key the server presented for `host` (libgit2's host
+/// name from the URL) on `port`, or `None` when it does.
+fn host_key_refusal(
+    known_hosts: &PinnedKnownHosts,
+    host: &str,
+    port: u16,
+    presented: Option<&[u8]>,
+) -> Option<HostKeyRefusal> {
+    let name = known_hosts::lookup_name(host, port);
+    let Some(key) = presented else {
+        return Some(HostKeyRefusal {
+            host: name,
+            reason: "the SSH transport did not hand over the server's key".to_owned(),
+        });
+    };
+    let reason = match known_hosts.verdict(host, port, key) {
+        HostKeyVerdict::Accepted => return None,
+        HostKeyVerdict::Revoked => format!(
+            "the server presented {}, which the pinned known_hosts marks @revoked",
+            known_hosts::describe_key(key)
+        ),
+        HostKeyVerdict::NotPinnedForHost => format!(
+            "the server presented {}, which is not pinned for this host \
+             (the host key changed, or something is intercepting the connection)",
+            known_hosts::describe_key(key)
+        ),
+        HostKeyVerdict::OnlyCertAuthority => "only @cert-authority entries name this host, and \
+             host certificates are not supported: pin the host's own keys"
+            .to_owned(),
+        HostKeyVerdict::HostNotListed => "the host is not listed in the pinned known_hosts \
+             (strict host key checking refuses unknown hosts)"
+            .to_owned(),
+    };
+    Some(HostKeyRefusal { host: name, reason })
 }
 
-impl PinnedHostKeys {
-    fn is_empty(&self) -> bool {
-        self.accepted.is_empty()
-    }
-
-    /// `key` is the raw SSH key blob the server presented.
-    fn accepts(&self, key: &[u8]) -> bool {
-        !self.revoked.iter().any(|revoked| revoked == key)
-            && self.accepted.iter().any(|accepted| accepted == key)
-    }
-}
-
-/// Parses `[@marker] hosts keytype base64-key [comment]` lines, skipping comments, blank and
-/// malformed lines and `@cert-authority` entries (host certificates are not supported).
-fn pinned_host_keys(known_hosts: &str) -> PinnedHostKeys {
-    let mut keys = PinnedHostKeys::default();
-    for line in known_hosts.lines().map(str::trim) {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let mut fields = line.split_whitespace();
-        let mut first = fields.next();
-        let marker = first.filter(|field| field.starts_with('@'));
-        if marker.is_some() {
-            first = fields.next();
-        }
-        let (Some(_hosts), Some(_key_type), Some(encoded)) = (first, fields.next(), fields.next())
-        else {
-            continue;
-        };
-        let Ok(key) = base64::engine::general_purpose::STANDARD.decode(encoded) else {
-            continue;
-        };
-        match marker {
-            None => keys.accepted.push(key),
-            Some("@revoked") => keys.revoked.push(key),
-            Some(_) => {}
-        }
-    }
-    keys
+/// The port an SSH URL connects to: its explicit port, else 22 (also for scp-like
+/// `user@host:path` addresses, which cannot name one).
+fn ssh_port(url: &str) -> u16 {
+    url::Url::parse(url)
+        .ok()
+        .filter(|url| matches!(url.scheme(), "ssh" | "ssh+git" | "git+ssh"))
+        .and_then(|url| url.port())
+        .unwrap_or(known_hosts::DEFAULT_SSH_PORT)
 }
 
 #[cfg(test)]
@@ -1201,51 +1232,81 @@ mod tests {
     }
 
     #[test]
-    fn pinned_known_hosts_match_by_key_bytes() {
-        let encode = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-        let pinned = b"\0\0\0\x0bssh-ed25519\0\0\0\x20pinned-key-bytes-0123456789abcd";
-        let revoked = b"\0\0\0\x0bssh-ed25519\0\0\0\x20revoked-key-bytes-0123456789abc";
-        let other = b"\0\0\0\x07ssh-rsa\0\0\0\x03\x01\0\x01";
-        let text = format!(
-            "# pinned for this repo\n\n\
-             |1|c2FsdA==|aGFzaA== ssh-ed25519 {} comment here\n\
-             @revoked * ssh-ed25519 {}\n\
-             @cert-authority *.example ssh-rsa {}\n\
-             example.invalid ssh-ed25519 !!not-base64!!\n\
-             truncated-line\n",
-            encode(pinned),
-            encode(revoked),
-            encode(other),
-        );
-        let keys = pinned_host_keys(&text);
-        assert_eq!(keys.accepted, vec![pinned.to_vec()]);
-        assert_eq!(keys.revoked, vec![revoked.to_vec()]);
-        assert!(keys.accepts(pinned));
-        assert!(!keys.accepts(revoked));
-        assert!(!keys.accepts(other));
-        assert!(pinned_host_keys("# nothing\n").is_empty());
+    fn ssh_urls_name_their_port_for_the_known_hosts_lookup() {
+        for (url, port) in [
+            ("ssh://git@git.example.invalid:2222/r.git", 2222),
+            ("ssh://git@git.example.invalid/r.git", 22),
+            ("git+ssh://git.example.invalid:7999/r.git", 7999),
+            ("git@git.example.invalid:org/r.git", 22),
+            ("ssh://git@[::1]:2200/r.git", 2200),
+        ] {
+            assert_eq!(ssh_port(url), port, "{url}");
+        }
     }
 
     #[test]
-    fn pinned_policy_without_keys_is_rejected_up_front() {
-        let credentials = GitCredentials::Ssh {
-            user: None,
-            private_key: "-----BEGIN OPENSSH PRIVATE KEY-----\nkeymaterial\n".to_owned(),
-            host_key: HostKeyPolicy::Pinned {
-                known_hosts: String::new(),
-            },
-        };
-        let outcome = run(
-            "ssh://git@127.0.0.1:1/r.git",
-            "main",
-            "",
-            Some(&credentials),
+    fn host_key_refusals_name_the_host_and_the_key_by_fingerprint_only() {
+        let pinned = "AAAAC3NzaC1lZDI1NTE5AAAAIAcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH";
+        let known_hosts =
+            PinnedKnownHosts::parse(&format!("[git.example.invalid]:2222 ssh-ed25519 {pinned}"))
+                .unwrap();
+        let other_key = b"\0\0\0\x0bssh-ed25519\0\0\0\x20other-key-bytes-0123456789abcdef";
+        let refusal =
+            host_key_refusal(&known_hosts, "git.example.invalid", 2222, Some(other_key)).unwrap();
+        assert_eq!(refusal.host, "[git.example.invalid]:2222");
+        assert!(
+            refusal.reason.contains("ssh-ed25519 key SHA256:"),
+            "{}",
+            refusal.reason
         );
-        assert!(matches!(
-            outcome.result,
-            Err(CheckoutError::InvalidRequest { .. })
-        ));
-        assert!(!outcome.error_text().contains("keymaterial"));
+        assert!(
+            refusal.reason.contains("not pinned for this host"),
+            "{}",
+            refusal.reason
+        );
+        let refusal =
+            host_key_refusal(&known_hosts, "git.example.invalid", 22, Some(other_key)).unwrap();
+        assert_eq!(refusal.host, "git.example.invalid");
+        assert!(refusal.reason.contains("not listed"), "{}", refusal.reason);
+        assert!(host_key_refusal(&known_hosts, "git.example.invalid", 2222, None).is_some());
+        let error = CheckoutError::HostKeyRejected {
+            repo: "ssh://git@git.example.invalid:2222/r.git".to_owned(),
+            host: refusal.host,
+            reason: refusal.reason,
+        };
+        assert!(error
+            .to_string()
+            .starts_with("repository ssh://git@git.example.invalid:2222/r.git: host key of git.example.invalid refused: "));
+    }
+
+    #[test]
+    fn pinned_policy_without_usable_known_hosts_is_rejected_up_front() {
+        for (known_hosts, expected) in [
+            ("", "at least one host key"),
+            ("# comment only\n", "at least one host key"),
+            ("# pins\ngit.example.invalid\n", "known_hosts line 2 is not"),
+        ] {
+            let credentials = GitCredentials::Ssh {
+                user: None,
+                private_key: "-----BEGIN OPENSSH PRIVATE KEY-----\nkeymaterial\n".to_owned(),
+                host_key: HostKeyPolicy::Pinned {
+                    known_hosts: known_hosts.to_owned(),
+                },
+            };
+            let outcome = run(
+                "ssh://git@127.0.0.1:1/r.git",
+                "main",
+                "",
+                Some(&credentials),
+            );
+            assert!(matches!(
+                outcome.result,
+                Err(CheckoutError::InvalidRequest { .. })
+            ));
+            let text = outcome.error_text();
+            assert!(text.contains(expected), "{text}");
+            assert!(!text.contains("keymaterial"));
+        }
     }
 
     #[test]
