@@ -18,6 +18,9 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v git >/dev/null || need_apt+=(git)
 command -v valgrind >/dev/null || need_apt+=(valgrind)
 command -v curl >/dev/null || need_apt+=(curl)
+# A real sshd (and ssh-keygen) for the SSH clone tests (kici-agent-core/tests/ssh_clone.rs),
+# which run with the Rust suite and fail without it.
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null

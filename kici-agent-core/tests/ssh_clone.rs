@@ -105,7 +105,7 @@ fn bare_repository(path: &Path) -> Oid {
     commit
 }
 
-/// An sshd that is starting up: its process and the log its stderr is drained into.
+/// A running sshd: its process and the log its stderr is drained into.
 struct Daemon {
     child: Child,
     /// sshd's log lines, for failure messages.
@@ -197,6 +197,8 @@ impl SshServer {
         let repo_path = dir.path().join("repo.git");
         let head = bare_repository(&repo_path);
         let upload_pack_dir = upload_pack_dir();
+        let login_home = dir.path().join("home");
+        std::fs::create_dir(&login_home).unwrap();
         let config = dir.path().join("sshd_config");
 
         let mut last_log = String::new();
@@ -207,7 +209,11 @@ impl SshServer {
                 .unwrap()
                 .port();
             // Public-key logins only, for this user, with this test's files: nothing from
-            // /etc/ssh is read. StrictModes is off because the files live under /tmp.
+            // /etc/ssh is read. StrictModes is off because the files live under /tmp. The
+            // login runs `git-upload-pack` through the user's shell, which would read the
+            // user's own startup files from HOME (root's `.bashrc` here runs `pyenv rehash`,
+            // which stalls a minute on a lock and leaves it behind when the session ends
+            // mid-way), hence an empty HOME and no ~/.ssh/rc.
             std::fs::write(
                 &config,
                 format!(
@@ -224,10 +230,12 @@ impl SshServer {
                      AllowUsers {user}\n\
                      PermitRootLogin prohibit-password\n\
                      StrictModes no\n\
-                     SetEnv PATH={upload_pack_dir}:/usr/bin:/bin\n\
+                     PermitUserRC no\n\
+                     SetEnv PATH={upload_pack_dir}:/usr/bin:/bin HOME={login_home}\n\
                      LogLevel INFO\n",
                     host_key = host_key_path.display(),
                     authorized_keys = authorized_keys.display(),
+                    login_home = login_home.display(),
                 ),
             )
             .unwrap();
@@ -260,14 +268,19 @@ impl SshServer {
         )
     }
 
-    /// Clones `main`, expecting the served commit, with the user key and `known_hosts` pinned.
-    fn clone_pinned(&self, known_hosts: &str) -> Clone {
+    /// Clones `main` with `known_hosts` pinned.
+    fn clone_pinned(&self, known_hosts: &str) -> CloneOutcome {
+        self.clone_with(HostKeyPolicy::Pinned {
+            known_hosts: known_hosts.to_owned(),
+        })
+    }
+
+    /// Clones `main`, expecting the served commit, with the user key and this host key policy.
+    fn clone_with(&self, host_key: HostKeyPolicy) -> CloneOutcome {
         let credentials = GitCredentials::Ssh {
             user: None,
             private_key: self.user_private_key.clone(),
-            host_key: HostKeyPolicy::Pinned {
-                known_hosts: known_hosts.to_owned(),
-            },
+            host_key,
         };
         let url = self.url();
         let head = self.head.to_string();
@@ -279,7 +292,7 @@ impl SshServer {
         };
         let workspace = tempfile::tempdir().unwrap();
         let result = checkout(&request, workspace.path(), &|| false, &mut |_: &str| {});
-        Clone {
+        CloneOutcome {
             result,
             workspace,
             server_log: self.daemon.log_text(),
@@ -293,13 +306,13 @@ impl SshServer {
 }
 
 /// The outcome of one clone.
-struct Clone {
+struct CloneOutcome {
     result: Result<CheckoutReport, CheckoutError>,
     workspace: tempfile::TempDir,
     server_log: String,
 }
 
-impl Clone {
+impl CloneOutcome {
     fn assert_checked_out(&self, expected: Oid) {
         match &self.result {
             Ok(report) => assert_eq!(report.head, expected.to_string()),
@@ -341,15 +354,19 @@ fn a_pinned_host_key_lets_the_clone_through() {
     server
         .clone_pinned(&wildcard)
         .assert_checked_out(server.head);
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(file.path(), &known_hosts).unwrap();
-    run(
-        "ssh-keygen",
-        &["-q", "-H", "-f", file.path().to_str().unwrap()],
-    );
-    let hashed = std::fs::read_to_string(file.path()).unwrap();
+    // In a directory of its own: ssh-keygen keeps the original next to it as `.old`.
+    let hash_dir = tempfile::tempdir().unwrap();
+    let file = hash_dir.path().join("known_hosts");
+    std::fs::write(&file, &known_hosts).unwrap();
+    run("ssh-keygen", &["-q", "-H", "-f", file.to_str().unwrap()]);
+    let hashed = std::fs::read_to_string(&file).unwrap();
     assert!(hashed.starts_with("|1|"), "{hashed}");
     server.clone_pinned(&hashed).assert_checked_out(server.head);
+
+    // And `accept-new` takes whatever key the server has.
+    server
+        .clone_with(HostKeyPolicy::AcceptNew)
+        .assert_checked_out(server.head);
 }
 
 #[test]
