@@ -104,7 +104,7 @@ pub enum HostKeyPolicy {
     /// `@revoked`, for any host. `@cert-authority` entries are not supported: a host matched
     /// only by them is refused. A line that does not parse fails the checkout up front.
     ///
-    /// libssh2 picks the host key type the server offers first, not one that is pinned, so
+    /// libssh2 negotiates the host key type by its own preference, not by what is pinned, so
     /// pin every key type the server has (`ssh-keyscan` lists them all).
     Pinned {
         /// known_hosts lines: `[@marker] hostnames keytype base64-key [comment]`.
@@ -402,11 +402,18 @@ struct Session<'a> {
     url_user_names: Vec<String>,
     cancelled: Cell<bool>,
     auth_failure: RefCell<Option<String>>,
-    /// Set by the pinned policy (parsed once, up front).
-    known_hosts: Option<PinnedKnownHosts>,
+    /// How to check an SSH host key; `None` leaves it to libgit2 (no SSH credentials).
+    host_key_check: Option<HostKeyCheck>,
     /// The port the SSH transport connects to, for `[host]:port` lookups.
     ssh_port: u16,
     host_key_refusal: RefCell<Option<HostKeyRefusal>>,
+}
+
+/// A [`HostKeyPolicy`] ready for the certificate callback.
+enum HostKeyCheck {
+    AcceptAny,
+    /// Parsed once, up front, so bad content fails before any connection.
+    Pinned(PinnedKnownHosts),
 }
 
 /// Why the certificate callback refused a host key, kept for the error libgit2 returns.
@@ -423,7 +430,7 @@ impl<'a> Session<'a> {
             mut secrets,
             mut user_names,
         } = redact_url(req.repo_url);
-        let mut known_hosts = None;
+        let mut host_key_check = None;
         match req.credentials {
             Some(GitCredentials::Basic { secret, .. }) => secrets.push(secret.clone()),
             Some(GitCredentials::Ssh {
@@ -431,17 +438,20 @@ impl<'a> Session<'a> {
                 host_key,
                 ..
             }) => {
-                if let HostKeyPolicy::Pinned { known_hosts: text } = host_key {
-                    match PinnedKnownHosts::parse(text) {
-                        Ok(parsed) => known_hosts = Some(parsed),
-                        Err(e) => {
-                            return Err(CheckoutError::InvalidRequest {
-                                repo,
-                                reason: e.to_string(),
-                            })
+                host_key_check = Some(match host_key {
+                    HostKeyPolicy::AcceptNew => HostKeyCheck::AcceptAny,
+                    HostKeyPolicy::Pinned { known_hosts } => {
+                        match PinnedKnownHosts::parse(known_hosts) {
+                            Ok(parsed) => HostKeyCheck::Pinned(parsed),
+                            Err(e) => {
+                                return Err(CheckoutError::InvalidRequest {
+                                    repo,
+                                    reason: e.to_string(),
+                                })
+                            }
                         }
                     }
-                }
+                });
                 secrets.push(private_key.trim().to_owned());
             }
             None => {}
@@ -457,7 +467,7 @@ impl<'a> Session<'a> {
             url_user_names: user_names,
             cancelled: Cell::new(false),
             auth_failure: RefCell::new(None),
-            known_hosts,
+            host_key_check,
             ssh_port: ssh_port(req.repo_url),
             host_key_refusal: RefCell::new(None),
         })
@@ -634,26 +644,15 @@ impl<'a> Session<'a> {
             })
         });
         callbacks.certificate_check(move |cert, host| {
-            let (
-                Some(host_key),
-                Some(GitCredentials::Ssh {
-                    host_key: policy, ..
-                }),
-            ) = (cert.as_hostkey(), self.credentials)
-            else {
+            let (Some(host_key), Some(check)) = (cert.as_hostkey(), &self.host_key_check) else {
                 // TLS certificates, and SSH without our credentials: libgit2's own checks.
                 return Ok(CertificateCheckStatus::CertificatePassthrough);
             };
-            let refusal = match (policy, &self.known_hosts) {
-                (HostKeyPolicy::AcceptNew, _) => None,
-                (HostKeyPolicy::Pinned { .. }, Some(known_hosts)) => {
+            let refusal = match check {
+                HostKeyCheck::AcceptAny => None,
+                HostKeyCheck::Pinned(known_hosts) => {
                     host_key_refusal(known_hosts, host, self.ssh_port, host_key.hostkey())
                 }
-                // `Session::new` parses every pinned policy; refuse rather than trust.
-                (HostKeyPolicy::Pinned { .. }, None) => Some(HostKeyRefusal {
-                    host: host.to_owned(),
-                    reason: "the pinned known_hosts was not loaded".to_owned(),
-                }),
             };
             match refusal {
                 None => Ok(CertificateCheckStatus::CertificateOk),
