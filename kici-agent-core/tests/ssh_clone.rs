@@ -44,13 +44,18 @@ fn run(program: &str, args: &[&str]) -> String {
 
 /// Generates an ed25519 key pair without a passphrase; returns the key file's path.
 fn generate_key(dir: &Path, name: &str) -> PathBuf {
+    generate_key_of_type(dir, name, "ed25519")
+}
+
+/// Generates a key pair of `key_type` (`ssh-keygen -t`) without a passphrase.
+fn generate_key_of_type(dir: &Path, name: &str, key_type: &str) -> PathBuf {
     let path = dir.join(name);
     run(
         "ssh-keygen",
         &[
             "-q",
             "-t",
-            "ed25519",
+            key_type,
             "-N",
             "",
             "-C",
@@ -62,7 +67,7 @@ fn generate_key(dir: &Path, name: &str) -> PathBuf {
     path
 }
 
-/// `ssh-ed25519 AAAA…` of a generated key, without its (empty) comment.
+/// `<keytype> AAAA…` of a generated key, without its (empty) comment.
 fn public_key(key_path: &Path) -> String {
     let text = std::fs::read_to_string(key_path.with_extension("pub")).unwrap();
     text.split_whitespace()
@@ -167,6 +172,8 @@ struct SshServer {
     port: u16,
     /// `ssh-ed25519 AAAA…` of the server's host key.
     host_key: String,
+    /// `<keytype> AAAA…` of the server's further host keys, if it was asked for any.
+    extra_host_keys: Vec<String>,
     /// The user key's private half, in OpenSSH text form.
     user_private_key: String,
     user: String,
@@ -177,7 +184,13 @@ struct SshServer {
 }
 
 impl SshServer {
+    /// A server with one ed25519 host key.
     fn start() -> Self {
+        Self::start_with_extra_host_keys(&[])
+    }
+
+    /// A server with an ed25519 host key and one more of each of these `ssh-keygen -t` types.
+    fn start_with_extra_host_keys(extra_types: &[&str]) -> Self {
         assert!(
             Path::new(SSHD).is_file(),
             "{SSHD} is missing: these tests need a real OpenSSH server \
@@ -191,6 +204,16 @@ impl SshServer {
         }
         let dir = tempfile::tempdir().unwrap();
         let host_key_path = generate_key(dir.path(), "host_key");
+        let extra_host_key_paths: Vec<PathBuf> = extra_types
+            .iter()
+            .map(|key_type| {
+                generate_key_of_type(dir.path(), &format!("host_key_{key_type}"), key_type)
+            })
+            .collect();
+        let host_key_lines: String = std::iter::once(&host_key_path)
+            .chain(&extra_host_key_paths)
+            .map(|path| format!("HostKey {}\n", path.display()))
+            .collect();
         let user_key_path = generate_key(dir.path(), "user_key");
         let authorized_keys = dir.path().join("authorized_keys");
         std::fs::copy(user_key_path.with_extension("pub"), &authorized_keys).unwrap();
@@ -219,7 +242,7 @@ impl SshServer {
                 format!(
                     "ListenAddress 127.0.0.1\n\
                      Port {port}\n\
-                     HostKey {host_key}\n\
+                     {host_key_lines}\
                      PidFile none\n\
                      UsePAM no\n\
                      AuthenticationMethods publickey\n\
@@ -233,7 +256,6 @@ impl SshServer {
                      PermitUserRC no\n\
                      SetEnv PATH={upload_pack_dir}:/usr/bin:/bin HOME={login_home}\n\
                      LogLevel INFO\n",
-                    host_key = host_key_path.display(),
                     authorized_keys = authorized_keys.display(),
                     login_home = login_home.display(),
                 ),
@@ -245,6 +267,10 @@ impl SshServer {
                         daemon,
                         port,
                         host_key: public_key(&host_key_path),
+                        extra_host_keys: extra_host_key_paths
+                            .iter()
+                            .map(|p| public_key(p))
+                            .collect(),
                         user_private_key: std::fs::read_to_string(&user_key_path).unwrap(),
                         user,
                         repo_path,
@@ -428,4 +454,24 @@ fn a_revoked_key_is_refused_even_when_also_pinned() {
     );
     let message = server.clone_pinned(&known_hosts).assert_host_key_rejected();
     assert!(message.contains("@revoked"), "{message}");
+}
+
+#[test]
+fn every_host_key_type_must_be_pinned_as_libssh2_picks_the_type() {
+    // The documented limitation: libssh2 asks for ed25519 first whatever is pinned, so a
+    // pin of only the server's ecdsa key is refused, naming the key it got; pinning every
+    // type works.
+    let server = SshServer::start_with_extra_host_keys(&["ecdsa"]);
+    let ecdsa = &server.extra_host_keys[0];
+    assert!(ecdsa.starts_with("ecdsa-sha2-"), "{ecdsa}");
+    let only_ecdsa = format!("{} {ecdsa}\n", server.host_port());
+    let message = server.clone_pinned(&only_ecdsa).assert_host_key_rejected();
+    assert!(
+        message.contains("presented ssh-ed25519 key SHA256:"),
+        "{message}"
+    );
+    let every_type = format!("{only_ecdsa}{} {}\n", server.host_port(), server.host_key);
+    server
+        .clone_pinned(&every_type)
+        .assert_checked_out(server.head);
 }
