@@ -232,6 +232,7 @@ fn hashed_name_matches(salt: &[u8], hash: &[u8; 20], name: &str) -> bool {
 mod tests {
     use super::*;
     use ssh_key::public::{Ed25519PublicKey, KeyData};
+    use HostKeyVerdict::*;
 
     /// A distinct ed25519 public key per seed: `(openssh text, wire bytes)`.
     fn key(seed: u8) -> (String, Vec<u8>) {
@@ -244,8 +245,6 @@ mod tests {
             .unwrap()
             .verdict(host, port, key)
     }
-
-    use HostKeyVerdict::*;
 
     #[test]
     fn a_plain_name_pins_its_key_for_that_host_only() {
@@ -383,8 +382,7 @@ mod tests {
     fn hashed_names_match_what_ssh_keygen_wrote() {
         // `ssh-keygen -H` output for `git.example.invalid` and `[git.example.invalid]:2222`
         // with the key of seed 7 (independent of the HMAC code under test).
-        let (_, bytes) = key(7);
-        let (ssh_text, _) = key(7);
+        let (ssh_text, bytes) = key(7);
         assert!(ssh_text.ends_with("AAAAIAcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH"));
         let port_22 = "|1|6bD3HoEQXofZEAwHrXjJUu5luJs=|+P2tcSIDKjsgGrjbOzC++AR5398= \
                        ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH";
