@@ -182,6 +182,7 @@ impl Agent {
                 github_token: config.github_token.as_ref().map(|t| t.expose().to_owned()),
                 host_env: std::env::vars().collect(),
                 default_container_image: default_container_image.clone(),
+                job_pids_max: config.job_pids_max,
             },
             container,
         });
@@ -246,6 +247,7 @@ impl Agent {
         shared.runtime.spawn(supervise(shared.clone(), listener));
         // Leftovers of a crashed agent; never delays or fails the start.
         shared.runtime.spawn_blocking(|| {
+            crate::containment::collect_dead_agents_leftovers();
             crate::workspace::collect_stale(&std::env::temp_dir(), crate::workspace::STALE_AFTER)
         });
         Ok(())

@@ -59,6 +59,7 @@ mod var {
     pub const MAX_CONCURRENT_JOBS: &str = "KICI_MAX_CONCURRENT_JOBS";
     pub const CANCEL_GRACE_MS: &str = "KICI_CANCEL_GRACE_MS";
     pub const SHUTDOWN_GRACE_MS: &str = "KICI_SHUTDOWN_GRACE_MS";
+    pub const JOB_PIDS_MAX: &str = "KICI_JOB_PIDS_MAX";
     pub const STEP_MAP: &str = "KICI_STEP_MAP";
     pub const PROCESS_EXECUTOR: &str = "KICI_PROCESS_EXECUTOR";
     pub const CONTAINER_IMAGE: &str = "KICI_CONTAINER_IMAGE";
@@ -132,6 +133,7 @@ pub const VARIABLES: &[VariableDoc] = &[
     doc(var::MAX_CONCURRENT_JOBS, None, "Set by scalers; used as KICI_MAX_CONCURRENCY when that is unset and this is an integer >= 1, otherwise ignored with a warning."),
     doc(var::CANCEL_GRACE_MS, Some("30000"), "Longest graceful cancel in ms before the job is force-killed."),
     doc(var::SHUTDOWN_GRACE_MS, Some("10000"), "Graceful shutdown: ms to wait for the running job before exiting."),
+    doc(var::JOB_PIDS_MAX, Some("0"), "Most processes a job may have at once (a fork bomb stops there), applied through the job's pids cgroup where the agent can make one; 0 = no limit."),
     doc(var::STEP_MAP, None, "JSON file mapping step names to shell commands, read by the shell executor; must be readable."),
     doc(var::PROCESS_EXECUTOR, None, "Program that runs every step instead of the built-in executors."),
     doc(var::CONTAINER_IMAGE, None, "Container image for jobs that name none."),
@@ -476,6 +478,9 @@ pub struct AgentConfig {
     pub cancel_grace: Duration,
     /// Graceful shutdown wait for the running job (`KICI_SHUTDOWN_GRACE_MS`, 10 s).
     pub shutdown_grace: Duration,
+    /// Most processes a job may have at once, through its pids cgroup where one can be made
+    /// (`KICI_JOB_PIDS_MAX`); 0 = no limit.
+    pub job_pids_max: u64,
     /// Step-name -> shell-command map for the shell executor (`KICI_STEP_MAP`); must be readable.
     pub step_map_file: Option<PathBuf>,
     /// Program that runs every step (`KICI_PROCESS_EXECUTOR`).
@@ -618,6 +623,7 @@ impl AgentConfig {
                 max_concurrency: 1,
                 cancel_grace: DEFAULT_CANCEL_GRACE,
                 shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+                job_pids_max: 0,
                 step_map_file: None,
                 process_executor: None,
                 default_container_image: None,
@@ -1026,6 +1032,8 @@ impl AgentConfigBuilder {
         with_cancel_grace(cancel_grace: Duration),
         /// Sets how long graceful shutdown waits for the running job.
         with_shutdown_grace(shutdown_grace: Duration),
+        /// Caps the processes a job may have at once (0 = no limit).
+        with_job_pids_max(job_pids_max: u64),
         /// Enables development mode.
         with_dev(dev: bool),
         /// Sets the outbound throttle.
@@ -1303,6 +1311,7 @@ fn load(
     }
     env.millis(var::CANCEL_GRACE_MS, &mut c.cancel_grace);
     env.millis(var::SHUTDOWN_GRACE_MS, &mut c.shutdown_grace);
+    env.integer(var::JOB_PIDS_MAX, ">= 0", &mut c.job_pids_max);
     c.step_map_file = env.text(var::STEP_MAP).map(PathBuf::from);
     c.process_executor = env.text(var::PROCESS_EXECUTOR).map(str::to_owned);
     c.default_container_image = env.text(var::CONTAINER_IMAGE).map(str::to_owned);
@@ -1428,6 +1437,7 @@ mod tests {
         var::MAX_CONCURRENCY,
         var::CANCEL_GRACE_MS,
         var::SHUTDOWN_GRACE_MS,
+        var::JOB_PIDS_MAX,
     ];
     const NUMBER_VARIABLES: &[&str] = &[
         var::RATE_MSGS_PER_SEC,

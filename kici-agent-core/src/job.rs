@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkout::{self, CheckoutRequest, GitCredentials, HostKeyPolicy};
+use crate::containment::JobContainment;
 use crate::events::{Event, EventQueue};
 use crate::executor::{Executor, ExecutorRegistry, JobContext, StepContext, StepEvent, StepIo};
 use crate::logs::{SecretMasker, StepLog};
@@ -50,6 +51,8 @@ pub(crate) struct JobSettings {
     pub host_env: Vec<(String, String)>,
     /// Image of jobs that name none; set only in container execution mode (spec §12).
     pub default_container_image: Option<String>,
+    /// Most processes a job may have at once, where a pids cgroup is available; 0 = no limit.
+    pub job_pids_max: u64,
 }
 
 /// How the agent tells a running job to stop.
@@ -109,6 +112,7 @@ pub(crate) async fn run_job(
         control,
         state: Arc::new(Mutex::new(RunState::default())),
         job_timed_out: CancellationToken::new(),
+        containment: Arc::new(JobContainment::create(services.settings.job_pids_max)),
     };
     let outcome = run.execute(&dispatch).await;
 
@@ -229,6 +233,8 @@ struct JobRunner {
     control: JobControl,
     state: Arc<Mutex<RunState>>,
     job_timed_out: CancellationToken,
+    /// Holds every process the job's steps start, so none outlives the job.
+    containment: Arc<JobContainment>,
 }
 
 /// How a step ended, for the loop.
@@ -292,6 +298,18 @@ impl JobRunner {
 
         if let Some(deadline) = deadline {
             deadline.abort();
+        }
+        // Before the workspace goes: what the job left running may still write into it.
+        let containment = self.containment.clone();
+        match tokio::task::spawn_blocking(move || containment.kill_all()).await {
+            Ok(0) => {}
+            Ok(killed) => {
+                self.job_log(format!(
+                    "[kici] Killed {killed} process(es) the job left running"
+                ))
+                .await
+            }
+            Err(error) => tracing::error!(%error, "the job's leftover-process cleanup failed"),
         }
         let workspace_path = workspace.path().to_path_buf();
         let removal = tokio::task::spawn_blocking(move || workspace.close()).await;
@@ -699,7 +717,10 @@ impl JobRunner {
             let executor = executor.clone();
             let job = context.clone();
             let step_context = step_context.clone();
-            tokio::spawn(async move { executor.run_step(&job, &step_context, io).await })
+            let containment = self.containment.clone();
+            tokio::spawn(crate::containment::scope(containment, async move {
+                executor.run_step(&job, &step_context, io).await
+            }))
         };
 
         let timeout = Duration::from_millis(

@@ -457,3 +457,282 @@ async fn shutdown_delivers_the_backlog_within_its_grace_and_counts_what_it_could
         "{terminal:?}"
     );
 }
+
+// --- Containment: nothing a job starts outlives it -------------------------------------------
+
+/// A step script that detaches processes every way a step can, writes their pids into `dir`
+/// and returns once all are running: `setsid nohup`, a double fork, a `setsid` process that
+/// ignores SIGTERM and SIGHUP, and plain `nohup`.
+fn detaching_script(dir: &std::path::Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"setsid nohup sleep 4000 >/dev/null 2>&1 & echo $! > {d}/setsid
+( (sleep 4001 >/dev/null 2>&1 & echo $! > {d}/double) & )
+setsid bash -c 'trap "" TERM HUP; echo $$ > {d}/ignores; exec sleep 4002' >/dev/null 2>&1 &
+nohup sleep 4003 >/dev/null 2>&1 & echo $! > {d}/nohup
+for f in setsid double ignores nohup; do while [ ! -s {d}/$f ]; do sleep 0.01; done; done"#
+    )
+}
+
+/// Waits (bounded) until the detaching script has written every pid, and returns them.
+async fn detached_pids(dir: &std::path::Path) -> Vec<i32> {
+    let read = || -> Option<Vec<i32>> {
+        ["setsid", "double", "ignores", "nohup"]
+            .iter()
+            .map(|name| {
+                std::fs::read_to_string(dir.join(name))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(pids) = read() {
+            return pids;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Gone, or a zombie (dead, waiting for whoever its parent is now to reap it).
+fn is_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Waits (bounded) until every pid is gone; the kill is asynchronous for processes that are
+/// not the agent's children.
+async fn assert_all_gone(pids: &[i32]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !pids.iter().all(|&pid| is_gone(pid)) {
+        if std::time::Instant::now() > deadline {
+            let alive: Vec<_> = pids.iter().filter(|&&p| !is_gone(p)).collect();
+            // Leave nothing behind even when failing.
+            for &&pid in &alive {
+                // SAFETY: kill of a pid this test's job started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            panic!("still running after the job ended: {alive:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn job_status_is(message: &serde_json::Value, job_id: &str, state: &str) -> bool {
+    message["jobId"] == job_id && message["state"] == state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_a_job_detaches_survives_its_successful_end() {
+    let pids_dir = tempfile::tempdir().unwrap();
+    let job_file = pids_dir.path().join("job.json");
+    let job = serde_json::json!({
+        "name": "detach",
+        "steps": [{"name": "detach", "run": detaching_script(pids_dir.path())}],
+    });
+    std::fs::write(&job_file, job.to_string()).unwrap();
+    let out = agent_command(&[])
+        .arg("exec")
+        .arg(&job_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    // At least the two `setsid` ones; the other two stayed in the step's process group, which
+    // is SIGKILLed when the step ends, and may or may not have exited by the job's end.
+    let killed: u32 = stdout
+        .split("[kici] Killed ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no leftover-kill line: {stdout}"));
+    assert!((2..=4).contains(&killed), "{stdout}");
+    assert_all_gone(&detached_pids(pids_dir.path()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_a_job_detaches_survives_cancel_or_shutdown() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (mut child, _, drain) = spawn_agent(&mock);
+    let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+
+    for (job_id, stop) in [("cancelled-job", "cancel"), ("shutdown-job", "shutdown")] {
+        let pids_dir = tempfile::tempdir().unwrap();
+        let script = format!("{}\nsleep 600", detaching_script(pids_dir.path()));
+        let dispatch = kici_mock_orchestrator::sample_dispatch(
+            "run-contain",
+            job_id,
+            "",
+            "main",
+            "",
+            serde_json::json!([{"name": "detach", "run": script}]),
+        );
+        mock.dispatch(&agent_id, dispatch).await.unwrap();
+        let pids = detached_pids(pids_dir.path()).await;
+        if stop == "cancel" {
+            mock.cancel(&agent_id, "run-contain", job_id, false)
+                .await
+                .unwrap();
+            assert!(mock
+                .wait_for_message(
+                    "job.status",
+                    |m| job_status_is(m, job_id, "cancelled"),
+                    Duration::from_secs(20)
+                )
+                .await
+                .is_some());
+        } else {
+            signal(&child, libc::SIGTERM);
+            child = tokio::task::spawn_blocking(move || {
+                assert_eq!(wait_exit(&mut child), Some(0));
+                child
+            })
+            .await
+            .unwrap();
+        }
+        assert_all_gone(&pids).await;
+    }
+    drop(child);
+    drain.join().unwrap();
+}
+
+/// The instance string (`<pid>-<start ticks>`) of this test process: a live owner.
+fn own_instance() -> String {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let ticks = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .to_owned();
+    format!("{}-{ticks}", std::process::id())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_the_next_agent_removes_what_the_dead_one_left_and_nothing_else() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp_path = tmp.path().display().to_string();
+    // A live agent's workspace (this test process stands in as its owner): never touched.
+    let live = tmp.path().join("kici-live01");
+    std::fs::create_dir(&live).unwrap();
+    std::fs::write(tmp.path().join("kici-live01.owner"), own_instance()).unwrap();
+
+    let (mut child, _, drain) = spawn_agent_with(&mock, &[("TMPDIR", tmp_path.as_str())]);
+    let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+    let pids_dir = tempfile::tempdir().unwrap();
+    let script = format!("{}\nsleep 600", detaching_script(pids_dir.path()));
+    let dispatch = kici_mock_orchestrator::sample_dispatch(
+        "run-crash",
+        "crash-job",
+        "",
+        "main",
+        "",
+        serde_json::json!([{"name": "detach", "run": script}]),
+    );
+    mock.dispatch(&agent_id, dispatch).await.unwrap();
+    let pids = detached_pids(pids_dir.path()).await;
+    signal(&child, libc::SIGKILL);
+    let _ = child.0.wait();
+    drain.join().unwrap();
+    let ours = |dir: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("kici-") && !n.ends_with(".owner"))
+            .collect();
+        names.sort();
+        names
+    };
+    let left = ours(tmp.path());
+    assert!(
+        left.len() >= 2,
+        "a workspace and a kici-env dir stay after the crash: {left:?}"
+    );
+    assert!(
+        pids.iter().all(|&pid| !is_gone(pid)),
+        "the crash leaves the job's processes running"
+    );
+
+    let (child, _, drain) = spawn_agent_with(&mock, &[("TMPDIR", tmp_path.as_str())]);
+    assert_all_gone(&pids).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ours(tmp.path()) != ["kici-live01"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left: {:?}",
+            ours(tmp.path())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tmp.path().join("kici-live01.owner").exists());
+    drop(child);
+    drain.join().unwrap();
+}
+
+/// Needs a pids cgroup the agent can create (root here and in CI: v1 `pids` or v2); fails
+/// loudly, never skips, when there is none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_bomb_stops_at_the_jobs_pids_limit() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (child, _, drain) = spawn_agent_with(&mock, &[("KICI_JOB_PIDS_MAX", "20")]);
+    let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+    let count = tempfile::tempdir().unwrap();
+    let count_file = count.path().join("count");
+    let script = format!(
+        "sh -c 'n=0; while [ $n -lt 200 ]; do sleep 60 & n=$((n+1)); echo $n > {}; done'",
+        count_file.display()
+    );
+    let dispatch = kici_mock_orchestrator::sample_dispatch(
+        "run-bomb",
+        "bomb-job",
+        "",
+        "main",
+        "",
+        serde_json::json!([{"name": "bomb", "run": script}]),
+    );
+    mock.dispatch(&agent_id, dispatch).await.unwrap();
+    let status = mock
+        .wait_for_message(
+            "job.status",
+            |m| m["jobId"] == "bomb-job" && (m["state"] == "failed" || m["state"] == "success"),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("the job ended");
+    let started: u32 = std::fs::read_to_string(&count_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        status["state"], "failed",
+        "the fork bomb must hit the limit"
+    );
+    assert!(
+        started < 20,
+        "{started} processes started under a limit of 20"
+    );
+    drop(child);
+    drain.join().unwrap();
+}
