@@ -18,6 +18,7 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v git >/dev/null || need_apt+=(git)
 command -v valgrind >/dev/null || need_apt+=(valgrind)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v bwrap >/dev/null || need_apt+=(bubblewrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null

@@ -121,8 +121,8 @@ pub const VARIABLES: &[VariableDoc] = &[
     doc(var::JOB_HEARTBEAT_INTERVAL_MS, Some("60000"), "Period of job.heartbeat messages during a job, in ms (> 0)."),
     doc(var::HEARTBEAT_INTERVAL_MS, Some("30000"), "Period of connection heartbeats after registration, in ms (> 0); the orchestrator drops an agent after 180 s."),
     doc(var::BACKPRESSURE_MODE, Some("pause"), "Log-streaming backpressure: pause (slow the step) | drop. This agent always pauses; `drop` is accepted with a warning."),
-    doc(var::SANDBOX, Some("false"), "Exactly `true` asks for bubblewrap sandboxing, which this agent does not implement: start-up is refused."),
-    doc(var::SANDBOX_NETWORK, Some("isolated"), "Network of the bubblewrap sandbox: isolated | host (validated only; see KICI_SANDBOX)."),
+    doc(var::SANDBOX, Some("false"), "Exactly `true`: bare-metal steps run inside a bubblewrap sandbox (read-only system, private /tmp, the workspace at /workspace, own pid/ipc namespaces); start-up fails when `bwrap` is missing or cannot run."),
+    doc(var::SANDBOX_NETWORK, Some("isolated"), "Network of the bubblewrap sandbox: isolated (loopback only) | host."),
     doc(var::SCALER_MANAGED, Some("0"), "Exactly `1`: ephemeral agent owned by the auto-scaler (`kici:*` labels allowed; idle self-shutdown is not implemented yet, a warning says so)."),
     doc(var::SCALER_IDLE_TIMEOUT, Some("5000"), "Scaler-managed idle self-shutdown delay in ms (validated; self-shutdown is not implemented yet)."),
     doc(var::SCALER_PENDING_DISPATCH_TIMEOUT, Some("60000"), "Scaler-managed: ms to wait for a pre-bound job announced at registration; <= 0 = no wait."),
@@ -456,7 +456,8 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Log-streaming backpressure policy (`KICI_BACKPRESSURE_MODE`, pause).
     pub backpressure_mode: BackpressureMode,
-    /// Bubblewrap sandboxing (`KICI_SANDBOX`): not implemented, so `true` fails validation.
+    /// Bare-metal steps run inside a bubblewrap sandbox (`KICI_SANDBOX`); `Agent::start` fails
+    /// when `bwrap` is missing or cannot make the namespaces.
     pub sandbox: bool,
     /// Network of the bubblewrap sandbox (`KICI_SANDBOX_NETWORK`, isolated).
     pub sandbox_network: SandboxNetwork,
@@ -699,13 +700,6 @@ impl AgentConfig {
         };
         if let Err(message) = check_orchestrator_url(&self.orchestrator_url) {
             issue(var::ORCHESTRATOR_URL, message);
-        }
-        if self.sandbox {
-            // Silently running unsandboxed would be worse than refusing.
-            issue(
-                var::SANDBOX,
-                "bubblewrap sandboxing is not implemented by this agent; unset it, or use container jobs".into(),
-            );
         }
         // Longer than any real grace, and small enough that `Instant + duration` cannot overflow.
         const MAX_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -1012,7 +1006,7 @@ impl AgentConfigBuilder {
         with_heartbeat_interval(heartbeat_interval: Duration),
         /// Sets the log-streaming backpressure policy.
         with_backpressure_mode(backpressure_mode: BackpressureMode),
-        /// Asks for bubblewrap sandboxing: not implemented, so `true` makes `build` fail.
+        /// Runs bare-metal steps inside a bubblewrap sandbox.
         with_sandbox(sandbox: bool),
         /// Sets the bubblewrap sandbox network.
         with_sandbox_network(sandbox_network: SandboxNetwork),
@@ -1668,14 +1662,10 @@ mod tests {
     }
 
     #[test]
-    fn sandbox_is_refused_rather_than_silently_ignored() {
-        let Err(err) = load_vars(&[(var::SANDBOX, "true")]) else {
-            panic!("KICI_SANDBOX=true was accepted");
-        };
-        assert!(
-            err.to_string().contains("KICI_SANDBOX: bubblewrap"),
-            "{err}"
-        );
+    fn sandbox_is_a_setting_like_any_other() {
+        let c = config(&[(var::SANDBOX, "true"), (var::SANDBOX_NETWORK, "host")]);
+        assert!(c.sandbox);
+        assert_eq!(c.sandbox_network, SandboxNetwork::Host);
     }
 
     #[test]

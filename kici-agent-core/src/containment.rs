@@ -42,20 +42,29 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// Rounds of the tag sweep: a process forking while it is swept is found again next round.
 const SWEEP_ROUNDS: usize = 50;
 
+/// How `process::run` spawns the processes of the step running on this task: inside the job's
+/// containment, and inside its sandbox when the agent sandboxes bare-metal steps.
+#[derive(Debug, Clone)]
+pub(crate) struct SpawnPolicy {
+    pub containment: Arc<JobContainment>,
+    pub sandbox: Option<Arc<crate::sandbox::Sandbox>>,
+}
+
 tokio::task_local! {
-    /// The containment of the step being run on this task (set by the job runner around an
-    /// executor's `run_step`), read by `process::run` when it spawns.
-    static CURRENT: Arc<JobContainment>;
+    /// Set by the job runner around an executor's `run_step`; a task-local rather than an
+    /// executor argument so that every built-in executor, and `process::run` called from any
+    /// custom one, gets it without a change to the `Executor` trait.
+    static CURRENT: SpawnPolicy;
 }
 
-/// Runs `future` with `containment` as the one processes spawned by `process::run` join.
-pub(crate) async fn scope<F: Future>(containment: Arc<JobContainment>, future: F) -> F::Output {
-    CURRENT.scope(containment, future).await
+/// Runs `future` with `policy` applying to the processes `process::run` spawns.
+pub(crate) async fn scope<F: Future>(policy: SpawnPolicy, future: F) -> F::Output {
+    CURRENT.scope(policy, future).await
 }
 
-/// The containment of the current step, if any.
-pub(crate) fn current() -> Option<Arc<JobContainment>> {
-    CURRENT.try_with(Arc::clone).ok()
+/// The spawn policy of the current step, if any.
+pub(crate) fn current() -> Option<SpawnPolicy> {
+    CURRENT.try_with(Clone::clone).ok()
 }
 
 static SUBREAPER: AtomicBool = AtomicBool::new(false);

@@ -53,6 +53,8 @@ pub(crate) struct JobSettings {
     pub default_container_image: Option<String>,
     /// Most processes a job may have at once, where a pids cgroup is available; 0 = no limit.
     pub job_pids_max: u64,
+    /// Bare-metal steps run in a bubblewrap sandbox with this network (`KICI_SANDBOX`).
+    pub sandbox: Option<crate::config::SandboxNetwork>,
 }
 
 /// How the agent tells a running job to stop.
@@ -221,6 +223,8 @@ struct RunState {
     results: Vec<(u32, crate::protocol::StepResult)>,
     outputs: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
     env: Option<StepEnv>,
+    /// Where bare-metal steps run when the agent sandboxes them (needs the workspace).
+    sandbox: Option<Arc<crate::sandbox::Sandbox>>,
     prepared: Vec<Arc<dyn Executor>>,
 }
 
@@ -360,7 +364,14 @@ impl JobRunner {
                 return (JobState::Failed, Some(error));
             }
         }
-        self.lock().env = Some(self.base_env(dispatch, &workspace));
+        {
+            let mut state = self.lock();
+            state.env = Some(self.base_env(dispatch, &workspace));
+            state.sandbox =
+                self.services.settings.sandbox.map(|network| {
+                    Arc::new(crate::sandbox::Sandbox::new(network, workspace.clone()))
+                });
+        }
         let context = JobContext {
             run_id: dispatch.run_id.clone(),
             job_id: dispatch.job_id.clone(),
@@ -717,8 +728,11 @@ impl JobRunner {
             let executor = executor.clone();
             let job = context.clone();
             let step_context = step_context.clone();
-            let containment = self.containment.clone();
-            tokio::spawn(crate::containment::scope(containment, async move {
+            let policy = crate::containment::SpawnPolicy {
+                containment: self.containment.clone(),
+                sandbox: self.lock().sandbox.clone(),
+            };
+            tokio::spawn(crate::containment::scope(policy, async move {
                 executor.run_step(&job, &step_context, io).await
             }))
         };

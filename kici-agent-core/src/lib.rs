@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod process;
 pub mod protocol;
+mod sandbox;
 pub mod workspace;
 
 pub use agent::{Agent, AgentError, AgentState, VERSION};

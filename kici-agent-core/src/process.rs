@@ -33,7 +33,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::containment::JobContainment;
+use crate::containment::SpawnPolicy;
 
 /// Host variables a step inherits from the agent's environment when set (spec §10.1, Unix part).
 const HOST_ALLOWLIST: [&str; 10] = [
@@ -438,10 +438,10 @@ pub async fn run(
         program: spec.program.clone(),
         source,
     };
-    let containment = crate::containment::current();
+    let policy = crate::containment::current();
     let (mut child, pid) = {
         let mut spawning = crate::containment::spawning();
-        let child = build_command(&spec, containment.as_deref())
+        let child = build_command(&spec, policy.as_ref())
             .spawn()
             .map_err(spawn_error)?;
         // A pid is only missing once the child has been reaped, which cannot have happened yet.
@@ -487,11 +487,19 @@ pub async fn run(
 }
 
 /// The process for `spec`: own session, exactly the step environment, piped output; inside
-/// the job's containment (its cgroups and tag) when there is one.
-fn build_command(spec: &CommandSpec, containment: Option<&JobContainment>) -> Command {
-    let mut command = Command::new(&spec.program);
+/// the job's containment (its cgroups and tag) and sandbox when there are.
+fn build_command(spec: &CommandSpec, policy: Option<&SpawnPolicy>) -> Command {
+    let (program, args) = match policy.and_then(|p| p.sandbox.as_deref()) {
+        Some(sandbox) => {
+            // The hand-off files' directory, which the step must be able to write.
+            let handoff_dir = spec.env.get("KICI_ENV").and_then(|f| Path::new(f).parent());
+            sandbox.wrap(&spec.program, &spec.args, handoff_dir)
+        }
+        None => (spec.program.clone(), spec.args.clone()),
+    };
+    let mut command = Command::new(program);
     command
-        .args(&spec.args)
+        .args(args)
         .current_dir(&spec.cwd)
         .env_clear()
         .envs(spec.env.iter())
@@ -502,10 +510,10 @@ fn build_command(spec: &CommandSpec, containment: Option<&JobContainment>) -> Co
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let cgroup_fds = match containment {
-        Some(containment) => {
-            command.env(crate::containment::TAG_VARIABLE, containment.tag());
-            containment.join_fds()
+    let cgroup_fds = match policy {
+        Some(policy) => {
+            command.env(crate::containment::TAG_VARIABLE, policy.containment.tag());
+            policy.containment.join_fds()
         }
         None => Vec::new(),
     };

@@ -736,3 +736,191 @@ async fn a_fork_bomb_stops_at_the_jobs_pids_limit() {
     drop(child);
     drain.join().unwrap();
 }
+
+// --- The bubblewrap sandbox (KICI_SANDBOX=true) ----------------------------------------------
+
+/// What a sandboxed step can see and do, one `probe:answer` line each.
+fn sandbox_probe_script(outside: &std::path::Path, port: u16) -> String {
+    format!(
+        r#"test -e {outside} && echo "outside:visible" || echo "outside:hidden"
+test -e {repo}/Cargo.toml && echo "repo:visible" || echo "repo:hidden"
+touch /usr/kici-sandbox-probe 2>/dev/null && echo "usr:writable" || echo "usr:read-only"
+(echo hi > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo "host-port:reached" || echo "host-port:unreachable"
+echo "pid1:$(cat /proc/1/comm)"
+echo "cwd:$PWD"
+echo "workspace-var:$KICI_WORKSPACE"
+echo SANDBOXED=yes >> "$KICI_ENV""#,
+        outside = outside.display(),
+        repo = examples_dir().display(),
+    )
+}
+
+/// The step's log lines of job `job_id`, in order.
+fn log_lines(mock: &MockOrchestrator, job_id: &str) -> Vec<String> {
+    mock.messages_of_type("log.chunk")
+        .iter()
+        .filter(|m| m["jobId"] == job_id && m["stepIndex"] == 0)
+        .flat_map(|m| m["lines"].as_array().cloned().unwrap_or_default())
+        .filter_map(|line| line.as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxed_steps_see_only_the_workspace_and_the_network_the_setting_allows() {
+    let outside = tempfile::tempdir().unwrap();
+    let outside_file = outside.path().join("agent-secret.txt");
+    std::fs::write(&outside_file, "not for steps").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || for _ in listener.incoming() {});
+
+    for network in ["isolated", "host"] {
+        let mock = MockOrchestrator::start(MockConfig::default())
+            .await
+            .unwrap();
+        let (child, _, drain) = spawn_agent_with(
+            &mock,
+            &[("KICI_SANDBOX", "true"), ("KICI_SANDBOX_NETWORK", network)],
+        );
+        let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+        let job_id = format!("sandbox-{network}");
+        let dispatch = kici_mock_orchestrator::sample_dispatch(
+            "run-sandbox",
+            &job_id,
+            "",
+            "main",
+            "",
+            serde_json::json!([
+                {"name": "probe", "run": sandbox_probe_script(&outside_file, port)},
+                {"name": "handoff", "run": "echo \"handoff:$SANDBOXED\""},
+            ]),
+        );
+        mock.dispatch(&agent_id, dispatch).await.unwrap();
+        let status = mock
+            .wait_for_message(
+                "job.status",
+                |m| m["jobId"] == job_id && m["state"] != "running",
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("the job ended");
+        let lines = log_lines(&mock, &job_id);
+        assert_eq!(status["state"], "success", "{lines:?}");
+        let expected_port = if network == "isolated" {
+            "host-port:unreachable"
+        } else {
+            "host-port:reached"
+        };
+        for expected in [
+            "outside:hidden",
+            "repo:hidden",
+            "usr:read-only",
+            expected_port,
+            "pid1:bwrap",
+            "cwd:/workspace",
+            "workspace-var:/workspace",
+        ] {
+            assert!(
+                lines.iter().any(|l| l == expected),
+                "{expected} in {lines:?}"
+            );
+        }
+        let handoff: Vec<String> = mock
+            .messages_of_type("log.chunk")
+            .iter()
+            .filter(|m| m["jobId"] == job_id && m["stepIndex"] == 1)
+            .flat_map(|m| m["lines"].as_array().cloned().unwrap_or_default())
+            .filter_map(|l| l.as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(handoff, ["handoff:yes"], "$KICI_ENV reaches the next step");
+        drop(child);
+        drain.join().unwrap();
+    }
+}
+
+/// Processes whose command line is exactly `sleep <seconds>`.
+fn sleeps_of(seconds: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c == format!("sleep\0{seconds}\0").as_bytes())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_everything_inside_the_sandbox() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (child, _, drain) = spawn_agent_with(&mock, &[("KICI_SANDBOX", "true")]);
+    let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+    let seconds = format!("{}", 4000 + std::process::id() % 1000);
+    let script = format!("setsid sleep {seconds} & sleep {seconds} & echo started; wait");
+    let dispatch = kici_mock_orchestrator::sample_dispatch(
+        "run-sandbox",
+        "sandbox-cancel",
+        "",
+        "main",
+        "",
+        serde_json::json!([{"name": "sleepers", "run": script}]),
+    );
+    mock.dispatch(&agent_id, dispatch).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sleeps_of(&seconds).len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sleepers did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    mock.cancel(&agent_id, "run-sandbox", "sandbox-cancel", false)
+        .await
+        .unwrap();
+    assert!(mock
+        .wait_for_message(
+            "job.status",
+            |m| job_status_is(m, "sandbox-cancel", "cancelled"),
+            Duration::from_secs(20)
+        )
+        .await
+        .is_some());
+    assert_all_gone(&sleeps_of(&seconds)).await;
+    assert!(sleeps_of(&seconds).is_empty());
+    drop(child);
+    drain.join().unwrap();
+}
+
+#[test]
+fn a_sandbox_without_bwrap_refuses_to_start() {
+    let bin = tempfile::tempdir().unwrap();
+    for tool in ["git", "bash"] {
+        let path = String::from_utf8(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(path.trim(), bin.path().join(tool)).unwrap();
+    }
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("PATH", bin.path())
+        .env("KICI_ORCHESTRATOR_URL", "ws://127.0.0.1:9/ws")
+        .env("KICI_SANDBOX", "true")
+        .env("KICI_PORT", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("KICI_SANDBOX=true needs bubblewrap")
+            && stderr.contains("apt-get install bubblewrap"),
+        "{stderr}"
+    );
+}
