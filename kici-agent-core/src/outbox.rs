@@ -223,7 +223,9 @@ impl State {
             return None;
         }
         // Never connected yet counts as down since the start.
-        let since = self.disconnected_at.unwrap_or_else(tokio::time::Instant::now);
+        let since = self
+            .disconnected_at
+            .unwrap_or_else(tokio::time::Instant::now);
         Some(since + offline_pause)
     }
 
@@ -827,7 +829,11 @@ mod tests {
         assert!(!producer.is_finished(), "a 29 s outage must not drop lines");
         outbox.set_connected(true);
         let mut pacer = unlimited();
-        assert!(outbox.next_frame(&mut pacer).await.text.contains("0123456789ab"));
+        assert!(outbox
+            .next_frame(&mut pacer)
+            .await
+            .text
+            .contains("0123456789ab"));
         producer.await.unwrap();
         assert!(outbox.next_frame(&mut pacer).await.text.contains("second"));
 
@@ -840,10 +846,16 @@ mod tests {
             tokio::spawn(async move { outbox.push_lines(&a, 0, vec!["third".into()]).await })
         };
         tokio::time::sleep(Duration::from_secs(31)).await;
-        assert!(producer.is_finished(), "the producer waits no longer than the pause");
+        assert!(
+            producer.is_finished(),
+            "the producer waits no longer than the pause"
+        );
         outbox.set_connected(true);
         let text = outbox.next_frame(&mut pacer).await.text;
-        assert!(text.contains("[1 lines dropped") && text.contains("third"), "{text}");
+        assert!(
+            text.contains("[1 lines dropped") && text.contains("third"),
+            "{text}"
+        );
         assert!(!text.contains("0123456789cd"), "{text}");
     }
 

@@ -1,30 +1,13 @@
 //! The standalone binary: configuration errors, local exec, and the agent against the strict
 //! mock orchestrator with signals (loopback only).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::Duration;
 
-use kici_mock_orchestrator::{MockConfig, MockOrchestrator, TEST_TOKEN};
-
-const BIN: &str = env!("CARGO_BIN_EXE_kici-agent");
-
-fn examples_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The binary with a clean environment: PATH and HOME, plus `vars`.
-fn agent_command(vars: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(BIN);
-    command.env_clear();
-    for key in ["PATH", "HOME"] {
-        if let Ok(value) = std::env::var(key) {
-            command.env(key, value);
-        }
-    }
-    command.envs(vars.iter().copied());
-    command
-}
+use common::*;
+use kici_mock_orchestrator::{MockConfig, MockOrchestrator};
 
 #[test]
 fn an_unknown_kici_variable_refuses_start_with_a_hint() {
@@ -116,89 +99,6 @@ fn exec_runs_the_sample_job_files() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/job.json"));
 }
 
-/// A spawned agent, killed if a test fails before it exits.
-struct Spawned(std::process::Child);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Starts the binary against `mock`; returns the child and its HTTP port (from its log).
-fn spawn_agent(mock: &MockOrchestrator) -> (Spawned, u16, std::thread::JoinHandle<Vec<String>>) {
-    spawn_agent_with(mock, &[])
-}
-
-fn spawn_agent_with(
-    mock: &MockOrchestrator,
-    extra: &[(&str, &str)],
-) -> (Spawned, u16, std::thread::JoinHandle<Vec<String>>) {
-    let url = mock.ws_url();
-    let mut vars = vec![
-        ("KICI_ORCHESTRATOR_URL", url.as_str()),
-        ("KICI_AGENT_TOKEN", TEST_TOKEN),
-        ("KICI_PORT", "0"),
-        ("KICI_BIND_ADDRESS", "127.0.0.1"),
-        ("KICI_LOG_FORMAT", "json"),
-    ];
-    vars.extend_from_slice(extra);
-    let mut child = agent_command(&vars).stdout(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let port = loop {
-        let line = lines
-            .next()
-            .expect("agent log ended before it started")
-            .unwrap();
-        let record: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
-        if record["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("Agent started on port"))
-        {
-            break record["port"].as_u64().unwrap() as u16;
-        }
-    };
-    // Keep reading the log so the agent never blocks on a full pipe; keep it for asserts.
-    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<String>>());
-    (Spawned(child), port, drain)
-}
-
-fn get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        response.split_once("\r\n\r\n").unwrap().1.to_owned(),
-    )
-}
-
-fn signal(child: &Spawned, signal: i32) {
-    // SAFETY: kill with a pid we spawned.
-    assert_eq!(unsafe { libc::kill(child.0.id() as i32, signal) }, 0);
-}
-
-fn wait_exit(child: &mut Spawned) -> Option<i32> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            return status.code();
-        }
-        assert!(std::time::Instant::now() < deadline, "agent did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_registers_serves_endpoints_drains_on_usr1_and_stops_on_term() {
     let mock = MockOrchestrator::start(MockConfig::default())
@@ -256,18 +156,6 @@ async fn the_binary_registers_serves_endpoints_drains_on_usr1_and_stops_on_term(
         .count();
     assert_eq!(normal_close, 2, "{:?}", mock.closes());
     assert!(mock.violations().is_empty(), "{:?}", mock.violations());
-}
-
-/// Peak RSS of a process (`VmHWM`), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
 }
 
 /// Stated bound: the agent's peak RSS stays under 64 MiB while a 100 MB log drains, because
