@@ -35,6 +35,15 @@ if cargo clippy --workspace --exclude kici-agent-py --all-targets -- -D warnings
 log "cargo test (Rust: core, binary, mock orchestrator, C ABI)"
 if cargo test --workspace --exclude kici-agent-py; then record rust ok; else record rust FAILED; fi
 
+# --- chaos (faults against the binary, minutes at the real rate limits) ------------------------
+log "chaos suite (fault-injecting proxy, restarting mock, malformed frames)"
+chaos_started=$(date +%s)
+if timeout 900 cargo test -p kici-agent-cli --test chaos -- --ignored --nocapture; then
+  record chaos "ok ($(( $(date +%s) - chaos_started )) s)"
+else
+  record chaos "FAILED ($(( $(date +%s) - chaos_started )) s)"
+fi
+
 # --- containers (a real engine) ------------------------------------------------------------
 if [ -x scripts/container-engine.sh ] && [ -f kici-agent-core/tests/container.rs ]; then
   log "container engine + container tests"
