@@ -270,8 +270,8 @@ kici_result kici_agent_register_default_executor(struct kici_agent *agent,
  * Starts the agent in the background: its own runtime threads, the HTTP endpoints, and the
  * connection to the orchestrator (reconnecting as needed). Returns once the HTTP port is
  * bound, so a port conflict is `KICI_RESULT_IO` here; the agent can then be started again.
- * `KICI_RESULT_INVALID_CONFIG` for a setting this agent accepts but cannot honour (such as
- * `sandbox`) or an unreadable step map; `KICI_RESULT_INVALID_STATE` when already started or
+ * `KICI_RESULT_INVALID_CONFIG` for a setting this host cannot honour (`sandbox` without a
+ * working `bwrap`) or an unreadable step map; `KICI_RESULT_INVALID_STATE` when already started or
  * stopped.
  *
  * Ownership: `agent` is borrowed. Thread safety: see `kici_agent`; not from a callback.
@@ -606,8 +606,10 @@ kici_result kici_config_set_backpressure_mode(struct kici_config *config,
                                               struct kici_error **err);
 
 /**
- * Asks for bubblewrap sandboxing (`KICI_SANDBOX`, false). Not implemented: with `true`,
- * `kici_config_validate` and `kici_agent_new` fail with `KICI_RESULT_INVALID_CONFIG`.
+ * Runs bare-metal steps inside a bubblewrap sandbox (`KICI_SANDBOX`, false): read-only
+ * system directories, a private /tmp, the workspace at /workspace, own pid and ipc
+ * namespaces. With `true`, `kici_agent_start` fails with `KICI_RESULT_INVALID_CONFIG` when
+ * `bwrap` is missing or cannot create the namespaces.
  *
  * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
  */

@@ -21,6 +21,7 @@ command -v curl >/dev/null || need_apt+=(curl)
 # A real sshd (and ssh-keygen) for the SSH clone tests (kici-agent-core/tests/ssh_clone.rs),
 # which run with the Rust suite and fail without it.
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v bwrap >/dev/null || need_apt+=(bubblewrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -36,6 +37,15 @@ if cargo clippy --workspace --exclude kici-agent-py --all-targets -- -D warnings
 # --- Rust ----------------------------------------------------------------------------------
 log "cargo test (Rust: core, binary, mock orchestrator, C ABI)"
 if cargo test --workspace --exclude kici-agent-py; then record rust ok; else record rust FAILED; fi
+
+# --- chaos (faults against the binary, minutes at the real rate limits) ------------------------
+log "chaos suite (fault-injecting proxy, restarting mock, malformed frames)"
+chaos_started=$(date +%s)
+if timeout 900 cargo test -p kici-agent-cli --test chaos -- --ignored --nocapture; then
+  record chaos "ok ($(( $(date +%s) - chaos_started )) s)"
+else
+  record chaos "FAILED ($(( $(date +%s) - chaos_started )) s)"
+fi
 
 # --- containers (a real engine) ------------------------------------------------------------
 if [ -x scripts/container-engine.sh ] && [ -f kici-agent-core/tests/container.rs ]; then

@@ -47,6 +47,9 @@ pub enum AgentError {
     AlreadyStarted,
     #[error("container backend: {0}")]
     Container(#[from] ContainerError),
+    /// `KICI_SANDBOX=true` but bubblewrap is missing or cannot make its namespaces here.
+    #[error("{0}")]
+    Sandbox(String),
 }
 
 /// The container executor (spec §12.3). It does not contact the engine yet. In container
@@ -182,6 +185,8 @@ impl Agent {
                 github_token: config.github_token.as_ref().map(|t| t.expose().to_owned()),
                 host_env: std::env::vars().collect(),
                 default_container_image: default_container_image.clone(),
+                job_pids_max: config.job_pids_max,
+                sandbox: config.sandbox.then_some(config.sandbox_network),
             },
             container,
         });
@@ -225,6 +230,11 @@ impl Agent {
             return Err(AgentError::AlreadyStarted);
         }
         let shared = self.shared.clone();
+        if shared.config.sandbox {
+            // Running unsandboxed when asked for a sandbox would be worse than not starting.
+            crate::sandbox::check_available(shared.config.sandbox_network)
+                .map_err(AgentError::Sandbox)?;
+        }
         let addr = SocketAddr::new(shared.config.bind_address, shared.config.port);
         let listener = {
             let _runtime = shared.runtime.enter();
@@ -246,6 +256,7 @@ impl Agent {
         shared.runtime.spawn(supervise(shared.clone(), listener));
         // Leftovers of a crashed agent; never delays or fails the start.
         shared.runtime.spawn_blocking(|| {
+            crate::containment::collect_dead_agents_leftovers();
             crate::workspace::collect_stale(&std::env::temp_dir(), crate::workspace::STALE_AFTER)
         });
         Ok(())

@@ -59,6 +59,7 @@ mod var {
     pub const MAX_CONCURRENT_JOBS: &str = "KICI_MAX_CONCURRENT_JOBS";
     pub const CANCEL_GRACE_MS: &str = "KICI_CANCEL_GRACE_MS";
     pub const SHUTDOWN_GRACE_MS: &str = "KICI_SHUTDOWN_GRACE_MS";
+    pub const JOB_PIDS_MAX: &str = "KICI_JOB_PIDS_MAX";
     pub const STEP_MAP: &str = "KICI_STEP_MAP";
     pub const PROCESS_EXECUTOR: &str = "KICI_PROCESS_EXECUTOR";
     pub const CONTAINER_IMAGE: &str = "KICI_CONTAINER_IMAGE";
@@ -120,8 +121,8 @@ pub const VARIABLES: &[VariableDoc] = &[
     doc(var::JOB_HEARTBEAT_INTERVAL_MS, Some("60000"), "Period of job.heartbeat messages during a job, in ms (> 0)."),
     doc(var::HEARTBEAT_INTERVAL_MS, Some("30000"), "Period of connection heartbeats after registration, in ms (> 0); the orchestrator drops an agent after 180 s."),
     doc(var::BACKPRESSURE_MODE, Some("pause"), "Log-streaming backpressure: pause (slow the step) | drop. This agent always pauses; `drop` is accepted with a warning."),
-    doc(var::SANDBOX, Some("false"), "Exactly `true` asks for bubblewrap sandboxing, which this agent does not implement: start-up is refused."),
-    doc(var::SANDBOX_NETWORK, Some("isolated"), "Network of the bubblewrap sandbox: isolated | host (validated only; see KICI_SANDBOX)."),
+    doc(var::SANDBOX, Some("false"), "Exactly `true`: bare-metal steps run inside a bubblewrap sandbox (read-only system, private /tmp, the workspace at /workspace, own pid/ipc namespaces); start-up fails when `bwrap` is missing or cannot run."),
+    doc(var::SANDBOX_NETWORK, Some("isolated"), "Network of the bubblewrap sandbox: isolated (loopback only) | host."),
     doc(var::SCALER_MANAGED, Some("0"), "Exactly `1`: ephemeral agent owned by the auto-scaler (`kici:*` labels allowed; idle self-shutdown is not implemented yet, a warning says so)."),
     doc(var::SCALER_IDLE_TIMEOUT, Some("5000"), "Scaler-managed idle self-shutdown delay in ms (validated; self-shutdown is not implemented yet)."),
     doc(var::SCALER_PENDING_DISPATCH_TIMEOUT, Some("60000"), "Scaler-managed: ms to wait for a pre-bound job announced at registration; <= 0 = no wait."),
@@ -132,6 +133,7 @@ pub const VARIABLES: &[VariableDoc] = &[
     doc(var::MAX_CONCURRENT_JOBS, None, "Set by scalers; used as KICI_MAX_CONCURRENCY when that is unset and this is an integer >= 1, otherwise ignored with a warning."),
     doc(var::CANCEL_GRACE_MS, Some("30000"), "Longest graceful cancel in ms before the job is force-killed."),
     doc(var::SHUTDOWN_GRACE_MS, Some("10000"), "Graceful shutdown: ms to wait for the running job before exiting."),
+    doc(var::JOB_PIDS_MAX, Some("0"), "Most processes a job may have at once (a fork bomb stops there), applied through the job's pids cgroup where the agent can make one; 0 = no limit."),
     doc(var::STEP_MAP, None, "JSON file mapping step names to shell commands, read by the shell executor; must be readable."),
     doc(var::PROCESS_EXECUTOR, None, "Program that runs every step instead of the built-in executors."),
     doc(var::CONTAINER_IMAGE, None, "Container image for jobs that name none."),
@@ -454,7 +456,8 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     /// Log-streaming backpressure policy (`KICI_BACKPRESSURE_MODE`, pause).
     pub backpressure_mode: BackpressureMode,
-    /// Bubblewrap sandboxing (`KICI_SANDBOX`): not implemented, so `true` fails validation.
+    /// Bare-metal steps run inside a bubblewrap sandbox (`KICI_SANDBOX`); `Agent::start` fails
+    /// when `bwrap` is missing or cannot make the namespaces.
     pub sandbox: bool,
     /// Network of the bubblewrap sandbox (`KICI_SANDBOX_NETWORK`, isolated).
     pub sandbox_network: SandboxNetwork,
@@ -476,6 +479,9 @@ pub struct AgentConfig {
     pub cancel_grace: Duration,
     /// Graceful shutdown wait for the running job (`KICI_SHUTDOWN_GRACE_MS`, 10 s).
     pub shutdown_grace: Duration,
+    /// Most processes a job may have at once, through its pids cgroup where one can be made
+    /// (`KICI_JOB_PIDS_MAX`); 0 = no limit.
+    pub job_pids_max: u64,
     /// Step-name -> shell-command map for the shell executor (`KICI_STEP_MAP`); must be readable.
     pub step_map_file: Option<PathBuf>,
     /// Program that runs every step (`KICI_PROCESS_EXECUTOR`).
@@ -618,6 +624,7 @@ impl AgentConfig {
                 max_concurrency: 1,
                 cancel_grace: DEFAULT_CANCEL_GRACE,
                 shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+                job_pids_max: 0,
                 step_map_file: None,
                 process_executor: None,
                 default_container_image: None,
@@ -693,13 +700,6 @@ impl AgentConfig {
         };
         if let Err(message) = check_orchestrator_url(&self.orchestrator_url) {
             issue(var::ORCHESTRATOR_URL, message);
-        }
-        if self.sandbox {
-            // Silently running unsandboxed would be worse than refusing.
-            issue(
-                var::SANDBOX,
-                "bubblewrap sandboxing is not implemented by this agent; unset it, or use container jobs".into(),
-            );
         }
         // Longer than any real grace, and small enough that `Instant + duration` cannot overflow.
         const MAX_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -1006,7 +1006,7 @@ impl AgentConfigBuilder {
         with_heartbeat_interval(heartbeat_interval: Duration),
         /// Sets the log-streaming backpressure policy.
         with_backpressure_mode(backpressure_mode: BackpressureMode),
-        /// Asks for bubblewrap sandboxing: not implemented, so `true` makes `build` fail.
+        /// Runs bare-metal steps inside a bubblewrap sandbox.
         with_sandbox(sandbox: bool),
         /// Sets the bubblewrap sandbox network.
         with_sandbox_network(sandbox_network: SandboxNetwork),
@@ -1026,6 +1026,8 @@ impl AgentConfigBuilder {
         with_cancel_grace(cancel_grace: Duration),
         /// Sets how long graceful shutdown waits for the running job.
         with_shutdown_grace(shutdown_grace: Duration),
+        /// Caps the processes a job may have at once (0 = no limit).
+        with_job_pids_max(job_pids_max: u64),
         /// Enables development mode.
         with_dev(dev: bool),
         /// Sets the outbound throttle.
@@ -1303,6 +1305,7 @@ fn load(
     }
     env.millis(var::CANCEL_GRACE_MS, &mut c.cancel_grace);
     env.millis(var::SHUTDOWN_GRACE_MS, &mut c.shutdown_grace);
+    env.integer(var::JOB_PIDS_MAX, ">= 0", &mut c.job_pids_max);
     c.step_map_file = env.text(var::STEP_MAP).map(PathBuf::from);
     c.process_executor = env.text(var::PROCESS_EXECUTOR).map(str::to_owned);
     c.default_container_image = env.text(var::CONTAINER_IMAGE).map(str::to_owned);
@@ -1428,6 +1431,7 @@ mod tests {
         var::MAX_CONCURRENCY,
         var::CANCEL_GRACE_MS,
         var::SHUTDOWN_GRACE_MS,
+        var::JOB_PIDS_MAX,
     ];
     const NUMBER_VARIABLES: &[&str] = &[
         var::RATE_MSGS_PER_SEC,
@@ -1658,14 +1662,10 @@ mod tests {
     }
 
     #[test]
-    fn sandbox_is_refused_rather_than_silently_ignored() {
-        let Err(err) = load_vars(&[(var::SANDBOX, "true")]) else {
-            panic!("KICI_SANDBOX=true was accepted");
-        };
-        assert!(
-            err.to_string().contains("KICI_SANDBOX: bubblewrap"),
-            "{err}"
-        );
+    fn sandbox_is_a_setting_like_any_other() {
+        let c = config(&[(var::SANDBOX, "true"), (var::SANDBOX_NETWORK, "host")]);
+        assert!(c.sandbox);
+        assert_eq!(c.sandbox_network, SandboxNetwork::Host);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::checkout::{self, CheckoutRequest, GitCredentials, HostKeyPolicy};
+use crate::containment::JobContainment;
 use crate::events::{Event, EventQueue};
 use crate::executor::{Executor, ExecutorRegistry, JobContext, StepContext, StepEvent, StepIo};
 use crate::logs::{SecretMasker, StepLog};
@@ -50,6 +51,10 @@ pub(crate) struct JobSettings {
     pub host_env: Vec<(String, String)>,
     /// Image of jobs that name none; set only in container execution mode (spec §12).
     pub default_container_image: Option<String>,
+    /// Most processes a job may have at once, where a pids cgroup is available; 0 = no limit.
+    pub job_pids_max: u64,
+    /// Bare-metal steps run in a bubblewrap sandbox with this network (`KICI_SANDBOX`).
+    pub sandbox: Option<crate::config::SandboxNetwork>,
 }
 
 /// How the agent tells a running job to stop.
@@ -109,6 +114,7 @@ pub(crate) async fn run_job(
         control,
         state: Arc::new(Mutex::new(RunState::default())),
         job_timed_out: CancellationToken::new(),
+        containment: Arc::new(JobContainment::create(services.settings.job_pids_max)),
     };
     let outcome = run.execute(&dispatch).await;
 
@@ -217,6 +223,8 @@ struct RunState {
     results: Vec<(u32, crate::protocol::StepResult)>,
     outputs: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
     env: Option<StepEnv>,
+    /// Where bare-metal steps run when the agent sandboxes them (needs the workspace).
+    sandbox: Option<Arc<crate::sandbox::Sandbox>>,
     prepared: Vec<Arc<dyn Executor>>,
 }
 
@@ -229,6 +237,8 @@ struct JobRunner {
     control: JobControl,
     state: Arc<Mutex<RunState>>,
     job_timed_out: CancellationToken,
+    /// Holds every process the job's steps start, so none outlives the job.
+    containment: Arc<JobContainment>,
 }
 
 /// How a step ended, for the loop.
@@ -293,6 +303,18 @@ impl JobRunner {
         if let Some(deadline) = deadline {
             deadline.abort();
         }
+        // Before the workspace goes: what the job left running may still write into it.
+        let containment = self.containment.clone();
+        match tokio::task::spawn_blocking(move || containment.kill_all()).await {
+            Ok(0) => {}
+            Ok(killed) => {
+                self.job_log(format!(
+                    "[kici] Killed {killed} process(es) the job left running"
+                ))
+                .await
+            }
+            Err(error) => tracing::error!(%error, "the job's leftover-process cleanup failed"),
+        }
         let workspace_path = workspace.path().to_path_buf();
         let removal = tokio::task::spawn_blocking(move || workspace.close()).await;
         if !matches!(removal, Ok(Ok(()))) {
@@ -342,7 +364,14 @@ impl JobRunner {
                 return (JobState::Failed, Some(error));
             }
         }
-        self.lock().env = Some(self.base_env(dispatch, &workspace));
+        {
+            let mut state = self.lock();
+            state.env = Some(self.base_env(dispatch, &workspace));
+            state.sandbox =
+                self.services.settings.sandbox.map(|network| {
+                    Arc::new(crate::sandbox::Sandbox::new(network, workspace.clone()))
+                });
+        }
         let context = JobContext {
             run_id: dispatch.run_id.clone(),
             job_id: dispatch.job_id.clone(),
@@ -699,7 +728,13 @@ impl JobRunner {
             let executor = executor.clone();
             let job = context.clone();
             let step_context = step_context.clone();
-            tokio::spawn(async move { executor.run_step(&job, &step_context, io).await })
+            let policy = crate::containment::SpawnPolicy {
+                containment: self.containment.clone(),
+                sandbox: self.lock().sandbox.clone(),
+            };
+            tokio::spawn(crate::containment::scope(policy, async move {
+                executor.run_step(&job, &step_context, io).await
+            }))
         };
 
         let timeout = Duration::from_millis(

@@ -22,10 +22,12 @@ pub mod checkout;
 pub mod config;
 pub mod connection;
 pub mod container;
+pub mod containment;
 pub mod events;
 pub mod executor;
 pub mod host;
 pub mod http;
+mod instance;
 pub mod job;
 pub mod local;
 pub mod logs;
@@ -33,11 +35,13 @@ pub mod metrics;
 pub mod outbox;
 pub mod process;
 pub mod protocol;
+mod sandbox;
 pub mod workspace;
 
 pub use agent::{Agent, AgentError, AgentState, VERSION};
 pub use config::{AgentConfig, ConfigError};
 pub use connection::ConnectionState;
+pub use containment::become_child_subreaper;
 pub use events::Event;
 pub use executor::{
     Executor, ExecutorRegistry, JobContext, ProcessExecutor, ShellExecutor, StepContext,

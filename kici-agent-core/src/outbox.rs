@@ -8,9 +8,11 @@
 //!   terminal status comes last, while statuses still overtake the log lines queued after them.
 //! - **Nothing lost**: statuses are never dropped; while disconnected they are held and replayed
 //!   in order after re-registering, and [`Outbox::undelivered_jobs`] feeds `inFlightJobs`.
-//! - **Bounded memory**: while connected, a producer whose lines would push the log backlog past
-//!   the bound waits (real backpressure: the step's pipe is not read); while disconnected the
-//!   oldest lines are dropped instead and one marker line says how many.
+//! - **Bounded memory**: a producer whose lines would push the log backlog past the bound waits
+//!   (real backpressure: the step's pipe is not read), connected or not, so a short outage
+//!   loses no line. Only once the agent has been disconnected for `offline_pause` (spec §14.3's
+//!   30 s safety valve) do producers go on, and the oldest lines are dropped instead, with one
+//!   marker line that says how many.
 //! - **Pacing**: [`Pacer`] mirrors the orchestrator's token buckets; log lines are packed into as
 //!   few `log.chunk` frames as the byte budget allows, never above `max_frame_bytes`.
 
@@ -28,8 +30,11 @@ use crate::protocol::{
 /// Limits of the outbox and of the pacing.
 #[derive(Debug, Clone)]
 pub struct OutboxLimits {
-    /// Log bytes held before producers wait (connected) or the oldest lines go (disconnected).
+    /// Log bytes held before producers wait (or, past `offline_pause`, the oldest lines go).
     pub backlog_bytes: usize,
+    /// How long producers over the bound wait for a lost connection to come back before the
+    /// oldest lines are dropped so the step can go on (spec §14.3: 30 s).
+    pub offline_pause: Duration,
     /// The largest frame ever sent (the orchestrator closes above 2 MiB).
     pub max_frame_bytes: usize,
     /// Lines wait this long to be batched with later ones ...
@@ -42,6 +47,7 @@ impl Default for OutboxLimits {
     fn default() -> Self {
         OutboxLimits {
             backlog_bytes: 8 * 1024 * 1024,
+            offline_pause: Duration::from_secs(30),
             max_frame_bytes: 512 * 1024,
             linger: Duration::from_millis(100),
             batch_lines: 50,
@@ -202,11 +208,27 @@ struct State {
     next_status_seq: u64,
     backlog_bytes: usize,
     connected: bool,
+    /// Since when the connection has been down (`None` while connected). Tokio's clock, so
+    /// tests can pause time.
+    disconnected_at: Option<tokio::time::Instant>,
     /// Producers waiting for backlog space (backpressure is active while > 0).
     waiting_producers: usize,
 }
 
 impl State {
+    /// When producers over the bound stop waiting for a lost connection: `None` while
+    /// connected (they wait for the sender instead).
+    fn offline_valve(&self, offline_pause: Duration) -> Option<tokio::time::Instant> {
+        if self.connected {
+            return None;
+        }
+        // Never connected yet counts as down since the start.
+        let since = self
+            .disconnected_at
+            .unwrap_or_else(tokio::time::Instant::now);
+        Some(since + offline_pause)
+    }
+
     fn lane_mut(&mut self, job: &JobRef) -> &mut JobLane {
         let index = match self.lanes.iter().position(|l| l.job.job_id == job.job_id) {
             Some(index) => index,
@@ -319,8 +341,8 @@ impl Outbox {
         self.changed.notify_one();
     }
 
-    /// Queues log lines of one step. Waits while connected and the backlog is over its bound;
-    /// while disconnected, drops the oldest queued lines instead.
+    /// Queues log lines of one step. Waits while the backlog is over its bound; once the
+    /// connection has been down for `offline_pause`, drops the oldest queued lines instead.
     pub async fn push_lines(&self, job: &JobRef, step_index: i64, lines: Vec<String>) {
         if lines.is_empty() {
             return;
@@ -328,11 +350,14 @@ impl Outbox {
         let mut waited = false;
         loop {
             let space = self.space.notified();
+            let valve;
             {
                 let mut state = self.lock();
-                if !state.connected || state.backlog_bytes < self.limits.backlog_bytes {
+                valve = state.offline_valve(self.limits.offline_pause);
+                let valve_open = valve.is_some_and(|at| tokio::time::Instant::now() >= at);
+                if valve_open || state.backlog_bytes < self.limits.backlog_bytes {
                     self.enqueue_lines(&mut state, job, step_index, lines);
-                    if !state.connected {
+                    if valve_open {
                         let dropped = state.drop_oldest_lines_over(self.limits.backlog_bytes);
                         self.metrics.log_lines_dropped_total.inc_by(dropped);
                     }
@@ -359,7 +384,13 @@ impl Outbox {
                     }
                 }
             }
-            space.await;
+            match valve {
+                // Wake at the valve too: nothing else frees space while disconnected.
+                Some(at) => {
+                    let _ = tokio::time::timeout_at(at, space).await;
+                }
+                None => space.await,
+            }
         }
         self.changed.notify_one();
     }
@@ -397,16 +428,20 @@ impl Outbox {
         state.backlog_bytes += added;
     }
 
-    /// The connection state: while disconnected nothing is sent and producers never wait.
+    /// The connection state: while disconnected nothing is sent, and producers over the bound
+    /// wait up to `offline_pause` for it to come back.
     pub fn set_connected(&self, connected: bool) {
         let mut state = self.lock();
+        if !connected && state.connected {
+            state.disconnected_at = Some(tokio::time::Instant::now());
+        }
         state.connected = connected;
-        if !connected {
+        if connected {
+            state.disconnected_at = None;
+        } else {
             // Acks of jobs we run are still owed; everything else in the control lane is
             // regenerated on the next registration or no longer meaningful.
             state.control.retain(|m| matches!(m, Outbound::JobAck(_)));
-            let dropped = state.drop_oldest_lines_over(self.limits.backlog_bytes);
-            self.metrics.log_lines_dropped_total.inc_by(dropped);
         }
         drop(state);
         self.space.notify_waiters();
@@ -745,9 +780,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn offline_overflow_drops_oldest_with_one_marker() {
+    async fn offline_overflow_past_the_pause_drops_oldest_with_one_marker() {
         let limits = OutboxLimits {
             backlog_bytes: 100,
+            offline_pause: Duration::ZERO,
             ..OutboxLimits::default()
         };
         let outbox = Outbox::new(limits, Metrics::new());
@@ -768,6 +804,59 @@ mod tests {
         assert_eq!(lines[1], "line 0039");
         assert_eq!(lines.last().unwrap(), "line 0049");
         assert_eq!(lines.len(), 12);
+    }
+
+    /// A short outage loses nothing: producers over the bound wait for the connection, and only
+    /// once it has been down for `offline_pause` do the oldest lines go.
+    #[tokio::test(start_paused = true)]
+    async fn producers_wait_through_an_outage_until_the_offline_pause_ends() {
+        let limits = OutboxLimits {
+            backlog_bytes: 10,
+            offline_pause: Duration::from_secs(30),
+            ..OutboxLimits::default()
+        };
+        let outbox = std::sync::Arc::new(Outbox::new(limits, Metrics::new()));
+        outbox.set_connected(true);
+        let a = job("a");
+        outbox.push_lines(&a, 0, vec!["0123456789ab".into()]).await;
+        outbox.set_connected(false);
+        let producer = {
+            let outbox = outbox.clone();
+            let a = a.clone();
+            tokio::spawn(async move { outbox.push_lines(&a, 0, vec!["second".into()]).await })
+        };
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert!(!producer.is_finished(), "a 29 s outage must not drop lines");
+        outbox.set_connected(true);
+        let mut pacer = unlimited();
+        assert!(outbox
+            .next_frame(&mut pacer)
+            .await
+            .text
+            .contains("0123456789ab"));
+        producer.await.unwrap();
+        assert!(outbox.next_frame(&mut pacer).await.text.contains("second"));
+
+        // A longer outage: at 30 s the producer goes on and the oldest line is dropped.
+        outbox.push_lines(&a, 0, vec!["0123456789cd".into()]).await;
+        outbox.set_connected(false);
+        let producer = {
+            let outbox = outbox.clone();
+            let a = a.clone();
+            tokio::spawn(async move { outbox.push_lines(&a, 0, vec!["third".into()]).await })
+        };
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        assert!(
+            producer.is_finished(),
+            "the producer waits no longer than the pause"
+        );
+        outbox.set_connected(true);
+        let text = outbox.next_frame(&mut pacer).await.text;
+        assert!(
+            text.contains("[1 lines dropped") && text.contains("third"),
+            "{text}"
+        );
+        assert!(!text.contains("0123456789cd"), "{text}");
     }
 
     #[tokio::test]

@@ -33,6 +33,8 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::containment::SpawnPolicy;
+
 /// Host variables a step inherits from the agent's environment when set (spec §10.1, Unix part).
 const HOST_ALLOWLIST: [&str; 10] = [
     "PATH",
@@ -128,7 +130,7 @@ impl fmt::Debug for StepEnv {
 /// leaked one per job).
 #[derive(Debug)]
 pub struct HandoffFiles {
-    dir: tempfile::TempDir,
+    dir: crate::workspace::OwnedDir,
     env_file: PathBuf,
     path_file: PathBuf,
     output_file: PathBuf,
@@ -137,12 +139,7 @@ pub struct HandoffFiles {
 impl HandoffFiles {
     /// Creates the directory (in `in_dir`, else the system temp dir) and the three empty files.
     pub fn create(in_dir: Option<&Path>) -> io::Result<Self> {
-        let mut builder = tempfile::Builder::new();
-        builder.prefix("kici-env-");
-        let dir = match in_dir {
-            Some(parent) => builder.tempdir_in(parent)?,
-            None => builder.tempdir()?,
-        };
+        let dir = crate::workspace::OwnedDir::create("kici-env-", in_dir)?;
         let files = Self {
             env_file: dir.path().join("env"),
             path_file: dir.path().join("path"),
@@ -441,14 +438,26 @@ pub async fn run(
         program: spec.program.clone(),
         source,
     };
-    let mut child = build_command(&spec).spawn().map_err(spawn_error)?;
-    // A pid is only missing once the child has been reaped, which cannot have happened yet.
-    let pid = child
-        .id()
-        .ok_or_else(|| spawn_error(io::Error::other("spawned process has no pid")))?;
-    let pgid = i32::try_from(pid)
-        .map_err(|_| spawn_error(io::Error::other(format!("pid {pid} out of range"))))?;
-    let mut group_guard = GroupKillGuard { pgid, armed: true };
+    let policy = crate::containment::current();
+    let (mut child, pid) = {
+        let mut spawning = crate::containment::spawning();
+        let child = build_command(&spec, policy.as_ref())
+            .spawn()
+            .map_err(spawn_error)?;
+        // A pid is only missing once the child has been reaped, which cannot have happened yet.
+        let pid = child
+            .id()
+            .ok_or_else(|| spawn_error(io::Error::other("spawned process has no pid")))?;
+        spawning.spawned(pid);
+        (child, pid)
+    };
+    let mut group_guard = GroupKillGuard {
+        pid,
+        pgid: i32::try_from(pid)
+            .map_err(|_| spawn_error(io::Error::other(format!("pid {pid} out of range"))))?,
+        armed: true,
+    };
+    let pgid = group_guard.pgid;
 
     let pipes = MergedPipes::new(child.stdout.take(), child.stderr.take());
     let stdin = child.stdin.take();
@@ -477,11 +486,20 @@ pub async fn run(
     })
 }
 
-/// The process for `spec`: own session, exactly the step environment, piped output.
-fn build_command(spec: &CommandSpec) -> Command {
-    let mut command = Command::new(&spec.program);
+/// The process for `spec`: own session, exactly the step environment, piped output; inside
+/// the job's containment (its cgroups and tag) and sandbox when there are.
+fn build_command(spec: &CommandSpec, policy: Option<&SpawnPolicy>) -> Command {
+    let (program, args) = match policy.and_then(|p| p.sandbox.as_deref()) {
+        Some(sandbox) => {
+            // The hand-off files' directory, which the step must be able to write.
+            let handoff_dir = spec.env.get("KICI_ENV").and_then(|f| Path::new(f).parent());
+            sandbox.wrap(&spec.program, &spec.args, handoff_dir)
+        }
+        None => (spec.program.clone(), spec.args.clone()),
+    };
+    let mut command = Command::new(program);
     command
-        .args(&spec.args)
+        .args(args)
         .current_dir(&spec.cwd)
         .env_clear()
         .envs(spec.env.iter())
@@ -492,12 +510,20 @@ fn build_command(spec: &CommandSpec) -> Command {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    let cgroup_fds = match policy {
+        Some(policy) => {
+            command.env(crate::containment::TAG_VARIABLE, policy.containment.tag());
+            policy.containment.join_fds()
+        }
+        None => Vec::new(),
+    };
     // A new session rather than only a new group: the step also loses any controlling
     // terminal, so a tool prompting on /dev/tty fails at once instead of hanging the step.
-    // SAFETY: the closure runs between fork and exec and only calls setsid(2), which is
-    // async-signal-safe and allocates nothing.
+    // SAFETY: the closure runs between fork and exec and only calls setsid(2) and write(2)
+    // on already open fds, which are async-signal-safe, and allocates nothing.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
+            crate::containment::join_in_child(&cgroup_fds);
             if libc::setsid() == -1 {
                 Err(io::Error::last_os_error())
             } else {
@@ -508,8 +534,10 @@ fn build_command(spec: &CommandSpec) -> Command {
     command
 }
 
-/// SIGKILLs the step's group when [`run`] is abandoned before it finished its own cleanup.
+/// SIGKILLs the step's group when [`run`] is abandoned before it finished its own cleanup,
+/// and tells the containment the child is no longer `run`'s to reap.
 struct GroupKillGuard {
+    pid: u32,
     pgid: i32,
     armed: bool,
 }
@@ -519,6 +547,7 @@ impl Drop for GroupKillGuard {
         if self.armed {
             send_to_group(self.pgid, libc::SIGKILL);
         }
+        crate::containment::reaped(self.pid);
     }
 }
 

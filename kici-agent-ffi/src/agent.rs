@@ -66,7 +66,9 @@ impl kici_agent {
 
 fn agent_failure(error: AgentError) -> Failure {
     let code = match &error {
-        AgentError::Config(_) | AgentError::StepMap(_) => kici_result::InvalidConfig,
+        AgentError::Config(_) | AgentError::StepMap(_) | AgentError::Sandbox(_) => {
+            kici_result::InvalidConfig
+        }
         AgentError::Runtime(_) | AgentError::Http { .. } | AgentError::Container(_) => {
             kici_result::Io
         }
@@ -242,8 +244,8 @@ pub unsafe extern "C" fn kici_agent_register_default_executor(
 /// Starts the agent in the background: its own runtime threads, the HTTP endpoints, and the
 /// connection to the orchestrator (reconnecting as needed). Returns once the HTTP port is
 /// bound, so a port conflict is `KICI_RESULT_IO` here; the agent can then be started again.
-/// `KICI_RESULT_INVALID_CONFIG` for a setting this agent accepts but cannot honour (such as
-/// `sandbox`) or an unreadable step map; `KICI_RESULT_INVALID_STATE` when already started or
+/// `KICI_RESULT_INVALID_CONFIG` for a setting this host cannot honour (`sandbox` without a
+/// working `bwrap`) or an unreadable step map; `KICI_RESULT_INVALID_STATE` when already started or
 /// stopped.
 ///
 /// Ownership: `agent` is borrowed. Thread safety: see `kici_agent`; not from a callback.

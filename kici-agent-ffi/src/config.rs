@@ -590,8 +590,10 @@ pub unsafe extern "C" fn kici_config_set_backpressure_mode(
     }
 }
 
-/// Asks for bubblewrap sandboxing (`KICI_SANDBOX`, false). Not implemented: with `true`,
-/// `kici_config_validate` and `kici_agent_new` fail with `KICI_RESULT_INVALID_CONFIG`.
+/// Runs bare-metal steps inside a bubblewrap sandbox (`KICI_SANDBOX`, false): read-only
+/// system directories, a private /tmp, the workspace at /workspace, own pid and ipc
+/// namespaces. With `true`, `kici_agent_start` fails with `KICI_RESULT_INVALID_CONFIG` when
+/// `bwrap` is missing or cannot create the namespaces.
 ///
 /// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
 #[no_mangle]

@@ -103,6 +103,10 @@ fn run_agent() -> ExitCode {
             lines.join("\n")
         ));
     }
+    // Orphans of jobs (double fork, setsid, nohup) stay ours to kill and reap, not PID 1's.
+    if let Err(error) = kici_agent_core::become_child_subreaper() {
+        tracing::warn!(%error, "could not become a child subreaper: detached job processes reparent to PID 1");
+    }
     let grace = config.shutdown_grace;
     let agent = match Agent::new(config) {
         Ok(agent) => Arc::new(agent),

@@ -1,30 +1,13 @@
 //! The standalone binary: configuration errors, local exec, and the agent against the strict
 //! mock orchestrator with signals (loopback only).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::Duration;
 
-use kici_mock_orchestrator::{MockConfig, MockOrchestrator, TEST_TOKEN};
-
-const BIN: &str = env!("CARGO_BIN_EXE_kici-agent");
-
-fn examples_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The binary with a clean environment: PATH and HOME, plus `vars`.
-fn agent_command(vars: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(BIN);
-    command.env_clear();
-    for key in ["PATH", "HOME"] {
-        if let Ok(value) = std::env::var(key) {
-            command.env(key, value);
-        }
-    }
-    command.envs(vars.iter().copied());
-    command
-}
+use common::*;
+use kici_mock_orchestrator::{MockConfig, MockOrchestrator};
 
 #[test]
 fn an_unknown_kici_variable_refuses_start_with_a_hint() {
@@ -116,89 +99,6 @@ fn exec_runs_the_sample_job_files() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/job.json"));
 }
 
-/// A spawned agent, killed if a test fails before it exits.
-struct Spawned(std::process::Child);
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Starts the binary against `mock`; returns the child and its HTTP port (from its log).
-fn spawn_agent(mock: &MockOrchestrator) -> (Spawned, u16, std::thread::JoinHandle<Vec<String>>) {
-    spawn_agent_with(mock, &[])
-}
-
-fn spawn_agent_with(
-    mock: &MockOrchestrator,
-    extra: &[(&str, &str)],
-) -> (Spawned, u16, std::thread::JoinHandle<Vec<String>>) {
-    let url = mock.ws_url();
-    let mut vars = vec![
-        ("KICI_ORCHESTRATOR_URL", url.as_str()),
-        ("KICI_AGENT_TOKEN", TEST_TOKEN),
-        ("KICI_PORT", "0"),
-        ("KICI_BIND_ADDRESS", "127.0.0.1"),
-        ("KICI_LOG_FORMAT", "json"),
-    ];
-    vars.extend_from_slice(extra);
-    let mut child = agent_command(&vars).stdout(Stdio::piped()).spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let port = loop {
-        let line = lines
-            .next()
-            .expect("agent log ended before it started")
-            .unwrap();
-        let record: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
-        if record["message"]
-            .as_str()
-            .is_some_and(|m| m.starts_with("Agent started on port"))
-        {
-            break record["port"].as_u64().unwrap() as u16;
-        }
-    };
-    // Keep reading the log so the agent never blocks on a full pipe; keep it for asserts.
-    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<String>>());
-    (Spawned(child), port, drain)
-}
-
-fn get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        response.split_once("\r\n\r\n").unwrap().1.to_owned(),
-    )
-}
-
-fn signal(child: &Spawned, signal: i32) {
-    // SAFETY: kill with a pid we spawned.
-    assert_eq!(unsafe { libc::kill(child.0.id() as i32, signal) }, 0);
-}
-
-fn wait_exit(child: &mut Spawned) -> Option<i32> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            return status.code();
-        }
-        assert!(std::time::Instant::now() < deadline, "agent did not exit");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_registers_serves_endpoints_drains_on_usr1_and_stops_on_term() {
     let mock = MockOrchestrator::start(MockConfig::default())
@@ -256,18 +156,6 @@ async fn the_binary_registers_serves_endpoints_drains_on_usr1_and_stops_on_term(
         .count();
     assert_eq!(normal_close, 2, "{:?}", mock.closes());
     assert!(mock.violations().is_empty(), "{:?}", mock.violations());
-}
-
-/// Peak RSS of a process (`VmHWM`), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
 }
 
 /// Stated bound: the agent's peak RSS stays under 64 MiB while a 100 MB log drains, because
@@ -455,5 +343,472 @@ async fn shutdown_delivers_the_backlog_within_its_grace_and_counts_what_it_could
             .iter()
             .any(|m| m["jobId"] == "hasty" && m["state"] == "cancelled"),
         "{terminal:?}"
+    );
+}
+
+// --- Containment: nothing a job starts outlives it -------------------------------------------
+
+/// A step script that detaches processes every way a step can, writes their pids into `dir`
+/// and returns once all are running: `setsid nohup`, a double fork, a `setsid` process that
+/// ignores SIGTERM and SIGHUP, and plain `nohup`.
+fn detaching_script(dir: &std::path::Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"setsid nohup sleep 4000 >/dev/null 2>&1 & echo $! > {d}/setsid
+( (sleep 4001 >/dev/null 2>&1 & echo $! > {d}/double) & )
+setsid bash -c 'trap "" TERM HUP; echo $$ > {d}/ignores; exec sleep 4002' >/dev/null 2>&1 &
+nohup sleep 4003 >/dev/null 2>&1 & echo $! > {d}/nohup
+for f in setsid double ignores nohup; do while [ ! -s {d}/$f ]; do sleep 0.01; done; done"#
+    )
+}
+
+/// Waits (bounded) until the detaching script has written every pid, and returns them.
+async fn detached_pids(dir: &std::path::Path) -> Vec<i32> {
+    let read = || -> Option<Vec<i32>> {
+        ["setsid", "double", "ignores", "nohup"]
+            .iter()
+            .map(|name| {
+                std::fs::read_to_string(dir.join(name))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(pids) = read() {
+            return pids;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the step did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Gone, or a zombie (dead, waiting for whoever its parent is now to reap it).
+fn is_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Waits (bounded) until every pid is gone; the kill is asynchronous for processes that are
+/// not the agent's children.
+async fn assert_all_gone(pids: &[i32]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !pids.iter().all(|&pid| is_gone(pid)) {
+        if std::time::Instant::now() > deadline {
+            let alive: Vec<_> = pids.iter().filter(|&&p| !is_gone(p)).collect();
+            // Leave nothing behind even when failing.
+            for &&pid in &alive {
+                // SAFETY: kill of a pid this test's job started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            panic!("still running after the job ended: {alive:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn job_status_is(message: &serde_json::Value, job_id: &str, state: &str) -> bool {
+    message["jobId"] == job_id && message["state"] == state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_a_job_detaches_survives_its_successful_end() {
+    let pids_dir = tempfile::tempdir().unwrap();
+    let job_file = pids_dir.path().join("job.json");
+    let job = serde_json::json!({
+        "name": "detach",
+        "steps": [{"name": "detach", "run": detaching_script(pids_dir.path())}],
+    });
+    std::fs::write(&job_file, job.to_string()).unwrap();
+    let out = agent_command(&[])
+        .arg("exec")
+        .arg(&job_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    // At least the two `setsid` ones; the other two stayed in the step's process group, which
+    // is SIGKILLed when the step ends, and may or may not have exited by the job's end.
+    let killed: u32 = stdout
+        .split("[kici] Killed ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no leftover-kill line: {stdout}"));
+    assert!((2..=4).contains(&killed), "{stdout}");
+    assert_all_gone(&detached_pids(pids_dir.path()).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_a_job_detaches_survives_cancel_or_shutdown() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (mut child, _, drain) = spawn_agent(&mock);
+    let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+
+    for (job_id, stop) in [("cancelled-job", "cancel"), ("shutdown-job", "shutdown")] {
+        let pids_dir = tempfile::tempdir().unwrap();
+        let script = format!("{}\nsleep 600", detaching_script(pids_dir.path()));
+        let dispatch = kici_mock_orchestrator::sample_dispatch(
+            "run-contain",
+            job_id,
+            "",
+            "main",
+            "",
+            serde_json::json!([{"name": "detach", "run": script}]),
+        );
+        mock.dispatch(&agent_id, dispatch).await.unwrap();
+        let pids = detached_pids(pids_dir.path()).await;
+        if stop == "cancel" {
+            mock.cancel(&agent_id, "run-contain", job_id, false)
+                .await
+                .unwrap();
+            assert!(mock
+                .wait_for_message(
+                    "job.status",
+                    |m| job_status_is(m, job_id, "cancelled"),
+                    Duration::from_secs(20)
+                )
+                .await
+                .is_some());
+        } else {
+            signal(&child, libc::SIGTERM);
+            child = tokio::task::spawn_blocking(move || {
+                assert_eq!(wait_exit(&mut child), Some(0));
+                child
+            })
+            .await
+            .unwrap();
+        }
+        assert_all_gone(&pids).await;
+    }
+    drop(child);
+    drain.join().unwrap();
+}
+
+/// The instance string (`<pid>-<start ticks>`) of this test process: a live owner.
+fn own_instance() -> String {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let ticks = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .to_owned();
+    format!("{}-{ticks}", std::process::id())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_the_next_agent_removes_what_the_dead_one_left_and_nothing_else() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp_path = tmp.path().display().to_string();
+    // A live agent's workspace (this test process stands in as its owner): never touched.
+    let live = tmp.path().join("kici-live01");
+    std::fs::create_dir(&live).unwrap();
+    std::fs::write(tmp.path().join("kici-live01.owner"), own_instance()).unwrap();
+
+    let (mut child, _, drain) = spawn_agent_with(&mock, &[("TMPDIR", tmp_path.as_str())]);
+    let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+    let pids_dir = tempfile::tempdir().unwrap();
+    let script = format!("{}\nsleep 600", detaching_script(pids_dir.path()));
+    let dispatch = kici_mock_orchestrator::sample_dispatch(
+        "run-crash",
+        "crash-job",
+        "",
+        "main",
+        "",
+        serde_json::json!([{"name": "detach", "run": script}]),
+    );
+    mock.dispatch(&agent_id, dispatch).await.unwrap();
+    let pids = detached_pids(pids_dir.path()).await;
+    signal(&child, libc::SIGKILL);
+    let _ = child.0.wait();
+    drain.join().unwrap();
+    let ours = |dir: &std::path::Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("kici-") && !n.ends_with(".owner"))
+            .collect();
+        names.sort();
+        names
+    };
+    let left = ours(tmp.path());
+    assert!(
+        left.len() >= 2,
+        "a workspace and a kici-env dir stay after the crash: {left:?}"
+    );
+    assert!(
+        pids.iter().all(|&pid| !is_gone(pid)),
+        "the crash leaves the job's processes running"
+    );
+
+    let (child, _, drain) = spawn_agent_with(&mock, &[("TMPDIR", tmp_path.as_str())]);
+    assert_all_gone(&pids).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ours(tmp.path()) != ["kici-live01"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left: {:?}",
+            ours(tmp.path())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(tmp.path().join("kici-live01.owner").exists());
+    drop(child);
+    drain.join().unwrap();
+}
+
+/// Needs a pids cgroup the agent can create (root here and in CI: v1 `pids` or v2); fails
+/// loudly, never skips, when there is none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_bomb_stops_at_the_jobs_pids_limit() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (child, _, drain) = spawn_agent_with(&mock, &[("KICI_JOB_PIDS_MAX", "20")]);
+    let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+    let count = tempfile::tempdir().unwrap();
+    let count_file = count.path().join("count");
+    let script = format!(
+        "sh -c 'n=0; while [ $n -lt 200 ]; do sleep 60 & n=$((n+1)); echo $n > {}; done'",
+        count_file.display()
+    );
+    let dispatch = kici_mock_orchestrator::sample_dispatch(
+        "run-bomb",
+        "bomb-job",
+        "",
+        "main",
+        "",
+        serde_json::json!([{"name": "bomb", "run": script}]),
+    );
+    mock.dispatch(&agent_id, dispatch).await.unwrap();
+    let status = mock
+        .wait_for_message(
+            "job.status",
+            |m| m["jobId"] == "bomb-job" && (m["state"] == "failed" || m["state"] == "success"),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("the job ended");
+    let started: u32 = std::fs::read_to_string(&count_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        status["state"], "failed",
+        "the fork bomb must hit the limit"
+    );
+    assert!(
+        started < 20,
+        "{started} processes started under a limit of 20"
+    );
+    drop(child);
+    drain.join().unwrap();
+}
+
+// --- The bubblewrap sandbox (KICI_SANDBOX=true) ----------------------------------------------
+
+/// What a sandboxed step can see and do, one `probe:answer` line each.
+fn sandbox_probe_script(outside: &std::path::Path, port: u16) -> String {
+    format!(
+        r#"test -e {outside} && echo "outside:visible" || echo "outside:hidden"
+test -e {repo}/Cargo.toml && echo "repo:visible" || echo "repo:hidden"
+touch /usr/kici-sandbox-probe 2>/dev/null && echo "usr:writable" || echo "usr:read-only"
+(echo hi > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo "host-port:reached" || echo "host-port:unreachable"
+echo "pid1:$(cat /proc/1/comm)"
+echo "cwd:$PWD"
+echo "workspace-var:$KICI_WORKSPACE"
+echo SANDBOXED=yes >> "$KICI_ENV""#,
+        outside = outside.display(),
+        repo = examples_dir().display(),
+    )
+}
+
+/// The step's log lines of job `job_id`, in order.
+fn log_lines(mock: &MockOrchestrator, job_id: &str) -> Vec<String> {
+    mock.messages_of_type("log.chunk")
+        .iter()
+        .filter(|m| m["jobId"] == job_id && m["stepIndex"] == 0)
+        .flat_map(|m| m["lines"].as_array().cloned().unwrap_or_default())
+        .filter_map(|line| line.as_str().map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxed_steps_see_only_the_workspace_and_the_network_the_setting_allows() {
+    let outside = tempfile::tempdir().unwrap();
+    let outside_file = outside.path().join("agent-secret.txt");
+    std::fs::write(&outside_file, "not for steps").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || for _ in listener.incoming() {});
+
+    for network in ["isolated", "host"] {
+        let mock = MockOrchestrator::start(MockConfig::default())
+            .await
+            .unwrap();
+        let (child, _, drain) = spawn_agent_with(
+            &mock,
+            &[("KICI_SANDBOX", "true"), ("KICI_SANDBOX_NETWORK", network)],
+        );
+        let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+        let job_id = format!("sandbox-{network}");
+        let dispatch = kici_mock_orchestrator::sample_dispatch(
+            "run-sandbox",
+            &job_id,
+            "",
+            "main",
+            "",
+            serde_json::json!([
+                {"name": "probe", "run": sandbox_probe_script(&outside_file, port)},
+                {"name": "handoff", "run": "echo \"handoff:$SANDBOXED\""},
+            ]),
+        );
+        mock.dispatch(&agent_id, dispatch).await.unwrap();
+        let status = mock
+            .wait_for_message(
+                "job.status",
+                |m| m["jobId"] == job_id && m["state"] != "running",
+                Duration::from_secs(30),
+            )
+            .await
+            .expect("the job ended");
+        let lines = log_lines(&mock, &job_id);
+        assert_eq!(status["state"], "success", "{lines:?}");
+        let expected_port = if network == "isolated" {
+            "host-port:unreachable"
+        } else {
+            "host-port:reached"
+        };
+        for expected in [
+            "outside:hidden",
+            "repo:hidden",
+            "usr:read-only",
+            expected_port,
+            "pid1:bwrap",
+            "cwd:/workspace",
+            "workspace-var:/workspace",
+        ] {
+            assert!(
+                lines.iter().any(|l| l == expected),
+                "{expected} in {lines:?}"
+            );
+        }
+        let handoff: Vec<String> = mock
+            .messages_of_type("log.chunk")
+            .iter()
+            .filter(|m| m["jobId"] == job_id && m["stepIndex"] == 1)
+            .flat_map(|m| m["lines"].as_array().cloned().unwrap_or_default())
+            .filter_map(|l| l.as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(handoff, ["handoff:yes"], "$KICI_ENV reaches the next step");
+        drop(child);
+        drain.join().unwrap();
+    }
+}
+
+/// Processes whose command line is exactly `sleep <seconds>`.
+fn sleeps_of(seconds: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c == format!("sleep\0{seconds}\0").as_bytes())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_everything_inside_the_sandbox() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (child, _, drain) = spawn_agent_with(&mock, &[("KICI_SANDBOX", "true")]);
+    let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+    let seconds = format!("{}", 4000 + std::process::id() % 1000);
+    let script = format!("setsid sleep {seconds} & sleep {seconds} & echo started; wait");
+    let dispatch = kici_mock_orchestrator::sample_dispatch(
+        "run-sandbox",
+        "sandbox-cancel",
+        "",
+        "main",
+        "",
+        serde_json::json!([{"name": "sleepers", "run": script}]),
+    );
+    mock.dispatch(&agent_id, dispatch).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while sleeps_of(&seconds).len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sleepers did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    mock.cancel(&agent_id, "run-sandbox", "sandbox-cancel", false)
+        .await
+        .unwrap();
+    assert!(mock
+        .wait_for_message(
+            "job.status",
+            |m| job_status_is(m, "sandbox-cancel", "cancelled"),
+            Duration::from_secs(20)
+        )
+        .await
+        .is_some());
+    assert_all_gone(&sleeps_of(&seconds)).await;
+    assert!(sleeps_of(&seconds).is_empty());
+    drop(child);
+    drain.join().unwrap();
+}
+
+#[test]
+fn a_sandbox_without_bwrap_refuses_to_start() {
+    let bin = tempfile::tempdir().unwrap();
+    for tool in ["git", "bash"] {
+        let path = String::from_utf8(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(path.trim(), bin.path().join(tool)).unwrap();
+    }
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("PATH", bin.path())
+        .env("KICI_ORCHESTRATOR_URL", "ws://127.0.0.1:9/ws")
+        .env("KICI_SANDBOX", "true")
+        .env("KICI_PORT", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("KICI_SANDBOX=true needs bubblewrap")
+            && stderr.contains("apt-get install bubblewrap"),
+        "{stderr}"
     );
 }

@@ -23,6 +23,7 @@ mod config;
 mod connection;
 pub mod control;
 mod messages;
+pub mod proxy;
 mod rate_limit;
 mod server;
 mod state;
@@ -98,6 +99,11 @@ impl MockOrchestrator {
 
     fn shared(&self) -> &Shared {
         &self.inner.shared
+    }
+
+    /// The address the mock listens on (for a proxy in front of it).
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.ws_addr
     }
 
     /// The agent endpoint, `ws://127.0.0.1:<port>/ws`.
