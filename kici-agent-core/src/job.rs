@@ -2,10 +2,12 @@
 //! timeouts, cancel), statuses in the order of spec protocol.md §5, and cleanup.
 
 use std::collections::{BTreeMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -92,6 +94,15 @@ pub(crate) async fn run_job(
             }
         })
     };
+    let mut end = JobEnd {
+        services: services.clone(),
+        job_ref: job_ref.clone(),
+        name: dispatch.job_config.name.clone(),
+        started,
+        control: control.clone(),
+        heartbeat: heartbeat.abort_handle(),
+        release: Some(release),
+    };
 
     let mut masker = SecretMasker::new();
     let mut secrets = dispatch.secret_values();
@@ -110,7 +121,21 @@ pub(crate) async fn run_job(
         state: Arc::new(Mutex::new(RunState::default())),
         job_timed_out: CancellationToken::new(),
     };
-    let outcome = run.execute(&dispatch).await;
+    let outcome = match AssertUnwindSafe(run.execute(&dispatch))
+        .catch_unwind()
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            // Steps it started run in their own tasks: stop them with the job.
+            run.control.force.cancel();
+            run.control.cancel.cancel();
+            let error = format!("the job runner panicked: {}", panic_message(panic));
+            tracing::error!(job_id = %job_ref.job_id, %error, "job failed");
+            run.job_log(format!("[kici] {error}")).await;
+            (JobState::Failed, Some(error))
+        }
+    };
 
     heartbeat.abort();
     let _ = heartbeat.await;
@@ -127,7 +152,7 @@ pub(crate) async fn run_job(
     };
     let data = JobStatusData {
         duration_ms: Some(duration_ms),
-        error: error.clone(),
+        error,
         step_results: Some(step_results),
         outputs: (!outputs.is_empty()).then_some(outputs),
     };
@@ -137,20 +162,72 @@ pub(crate) async fn run_job(
         state.as_str()
     ))
     .await;
-    // The slot is free before the orchestrator learns the job ended: it may dispatch the next
-    // job the moment the terminal status arrives.
-    release();
-    outbox.push_status(&job_ref, job_status(&job_ref, state, Some(data)), true);
-    services.metrics.job_finished(state);
-    services.events.push(Event::JobFinished {
-        run_id: job_ref.run_id.clone(),
-        job_id: job_ref.job_id.clone(),
-        name: dispatch.job_config.name.clone(),
-        state,
-        duration_ms,
-        error,
-    });
+    end.finish(state, data);
     state
+}
+
+/// The end of a job, guaranteed: [`JobEnd::finish`] frees the slot and queues the terminal
+/// status; if the runner unwinds or is dropped before that, `Drop` does it with `failed`, so
+/// neither the slot nor the orchestrator's view of the job is ever left hanging.
+struct JobEnd<R: FnOnce()> {
+    services: Arc<JobServices>,
+    job_ref: JobRef,
+    name: String,
+    started: Instant,
+    control: JobControl,
+    heartbeat: tokio::task::AbortHandle,
+    /// `None` once the terminal status is queued.
+    release: Option<R>,
+}
+
+impl<R: FnOnce()> JobEnd<R> {
+    fn finish(&mut self, state: JobState, data: JobStatusData) {
+        let Some(release) = self.release.take() else {
+            return;
+        };
+        // The slot is free before the orchestrator learns the job ended: it may dispatch the
+        // next job the moment the terminal status arrives.
+        release();
+        let error = data.error.clone();
+        let duration_ms = data.duration_ms.unwrap_or_default();
+        self.services.outbox.push_status(
+            &self.job_ref,
+            job_status(&self.job_ref, state, Some(data)),
+            true,
+        );
+        self.services.metrics.job_finished(state);
+        self.services.events.push(Event::JobFinished {
+            run_id: self.job_ref.run_id.clone(),
+            job_id: self.job_ref.job_id.clone(),
+            name: self.name.clone(),
+            state,
+            duration_ms,
+            error,
+        });
+    }
+}
+
+impl<R: FnOnce()> Drop for JobEnd<R> {
+    fn drop(&mut self) {
+        if self.release.is_none() {
+            return;
+        }
+        self.heartbeat.abort();
+        self.control.force.cancel();
+        self.control.cancel.cancel();
+        let error = if std::thread::panicking() {
+            "the job runner panicked (the agent's log has the panic message)"
+        } else {
+            "the job runner was stopped before the job ended"
+        };
+        tracing::error!(job_id = %self.job_ref.job_id, error, "job failed");
+        let data = JobStatusData {
+            duration_ms: Some(self.started.elapsed().as_millis() as u64),
+            error: Some(error.to_owned()),
+            ..JobStatusData::default()
+        };
+        self.finish(JobState::Failed, data);
+    }
 }
 
 /// A `job.status` message of `job`.

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::{start_with, WAIT};
 use kici_agent_core::config::RateLimits;
-use kici_agent_core::{Executor, ExecutorRegistry, JobContext, StepContext, StepIo, StepResult};
+use kici_agent_core::{
+    Executor, ExecutorRegistry, JobContext, StepContext, StepFailure, StepIo, StepResult,
+};
 use kici_mock_orchestrator::{MockConfig, RateLimits as MockRateLimits};
 use serde_json::json;
 
@@ -174,4 +176,77 @@ async fn state_and_health_readers_never_freeze_dispatch_admission() {
         "the last dispatch was never answered"
     );
     agent.assert_no_violations();
+}
+
+/// Panics in the job-level hook that runs inside the job's own task.
+struct PanicsInPrepare;
+
+#[async_trait::async_trait]
+impl Executor for PanicsInPrepare {
+    fn name(&self) -> &str {
+        "panics-in-prepare"
+    }
+    async fn prepare(&self, _: &JobContext) -> Result<(), StepFailure> {
+        panic!("prepare blew up");
+    }
+    async fn run_step(&self, _: &JobContext, _: &StepContext, _: StepIo) -> StepResult {
+        Ok(())
+    }
+}
+
+/// Panics while running a step.
+struct PanicsInStep;
+
+#[async_trait::async_trait]
+impl Executor for PanicsInStep {
+    fn name(&self) -> &str {
+        "panics-in-step"
+    }
+    async fn run_step(&self, _: &JobContext, _: &StepContext, _: StepIo) -> StepResult {
+        panic!("step blew up");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_executor_fails_its_job_frees_the_slot_and_the_next_job_runs() {
+    let mut executors = registry_with_default(Arc::new(Instantly));
+    executors
+        .for_step("explode-prepare", Arc::new(PanicsInPrepare))
+        .for_step("explode-step", Arc::new(PanicsInStep));
+    let h = start_with(
+        MockConfig::default(),
+        |c| c.with_max_concurrency(1),
+        executors,
+    )
+    .await;
+    h.registered().await;
+
+    for (job, step, message) in [
+        ("prepare-panics", "explode-prepare", "prepare blew up"),
+        ("step-panics", "explode-step", "step blew up"),
+    ] {
+        h.dispatch(job, json!([{"name": step}])).await;
+        let terminal = h.terminal_status(job).await;
+        assert_eq!(terminal["state"], "failed", "{terminal}");
+        // The panic is named where it happened: the job (prepare) or the step.
+        let errors: Vec<String> = h
+            .job_messages(job)
+            .iter()
+            .filter(|m| m["type"] == "job.status" || m["type"] == "step.status")
+            .filter_map(|m| m["data"]["error"].as_str().map(str::to_owned))
+            .collect();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.contains("panicked") && e.contains(message)),
+            "no clear error: {errors:?}"
+        );
+        // The only slot is free again: the next dispatch is acked and runs.
+        let next = format!("after-{job}");
+        h.dispatch(&next, json!([{"name": "fine"}])).await;
+        assert_eq!(h.terminal_status(&next).await["state"], "success");
+        assert!(h.mock.messages_of_type("job.reject").is_empty());
+    }
+    assert_eq!(h.agent.state().active_jobs, 0);
+    h.assert_no_violations();
 }
