@@ -16,7 +16,7 @@ use crate::connection::{self, ConnectionSettings, ConnectionState, SessionHandle
 use crate::container::{ContainerError, ContainerExecutor, ContainerSettings};
 use crate::events::{Event, EventQueue};
 use crate::executor::{builtin_executor, ExecutorRegistry, StepMapError};
-use crate::http::{self, HealthView};
+use crate::http::{self, HealthView, Readiness};
 use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxLimits, Pacer};
@@ -734,8 +734,12 @@ impl HealthView for Shared {
         body
     }
 
-    fn is_ready(&self) -> bool {
-        lock(&self.status).connection == ConnectionState::Registered
+    fn readiness(&self) -> Readiness {
+        let status = lock(&self.status);
+        Readiness {
+            connected: status.connection == ConnectionState::Registered,
+            draining: status.draining,
+        }
     }
 
     fn metrics_text(&self) -> String {
