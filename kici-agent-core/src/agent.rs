@@ -28,6 +28,15 @@ use crate::protocol::{
 /// The agent version (`agent.register.version`, `/health`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The git commit this library was built from (`/health` `buildCommit`), or `"unknown"` when
+/// it was built outside a git checkout of this project.
+pub const BUILD_COMMIT: &str = env!("KICI_BUILD_COMMIT");
+
+/// When this library was built, in seconds since the Unix epoch (`SOURCE_DATE_EPOCH` when set).
+fn build_unix_time() -> u64 {
+    env!("KICI_BUILD_UNIX_TIME").parse().unwrap_or_default()
+}
+
 /// Why an agent could not be created or started.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -238,6 +247,8 @@ impl Agent {
         *started = true;
         tracing::info!(
             agent_id = %shared.config.agent_id,
+            version = VERSION,
+            build_commit = BUILD_COMMIT,
             orchestrator_url = %shared.config.orchestrator_url,
             labels = ?shared.config.wire_labels(),
             port = bound.map(|a| a.port()),
@@ -722,7 +733,8 @@ impl HealthView for Shared {
             "activeJobs": state.active_jobs,
             "connected": state.registered,
             "version": VERSION,
-            "buildCommit": "unknown",
+            "buildCommit": BUILD_COMMIT,
+            "buildDate": http::iso8601_utc(build_unix_time() * 1000),
             "connection": state.connection,
             "draining": state.draining,
         });

@@ -35,7 +35,7 @@ pub mod process;
 pub mod protocol;
 pub mod workspace;
 
-pub use agent::{Agent, AgentError, AgentState, VERSION};
+pub use agent::{Agent, AgentError, AgentState, BUILD_COMMIT, VERSION};
 pub use config::{AgentConfig, ConfigError};
 pub use connection::ConnectionState;
 pub use events::Event;

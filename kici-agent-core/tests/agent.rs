@@ -250,3 +250,26 @@ async fn a_panicking_executor_fails_its_job_frees_the_slot_and_the_next_job_runs
     assert_eq!(h.agent.state().active_jobs, 0);
     h.assert_no_violations();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_the_commit_the_library_was_built_from() {
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("git runs (this test runs inside the repository)");
+    assert!(head.status.success(), "not inside the repository");
+    let head = String::from_utf8(head.stdout).unwrap().trim().to_owned();
+
+    let h = start_with(MockConfig::default(), |c| c, ExecutorRegistry::new()).await;
+    let (status, body) = h.http_get("/health").await;
+    assert_eq!(status, 200);
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["buildCommit"], head.as_str());
+    assert_eq!(kici_agent_core::BUILD_COMMIT, head);
+    let date = health["buildDate"].as_str().unwrap_or_default();
+    assert!(
+        date.len() == 24 && date.ends_with('Z') && date > "2026",
+        "buildDate: {date}"
+    );
+}
