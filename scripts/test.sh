@@ -18,6 +18,10 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v git >/dev/null || need_apt+=(git)
 command -v valgrind >/dev/null || need_apt+=(valgrind)
 command -v curl >/dev/null || need_apt+=(curl)
+# kici-agent-py's Rust tests link libpython (python3-dev); its Python suite needs venv.
+command -v python3 >/dev/null || need_apt+=(python3)
+command -v python3-config >/dev/null || need_apt+=(python3-dev)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -28,11 +32,11 @@ rustup component list --installed 2>/dev/null | grep -q clippy || rustup compone
 log "cargo fmt --check"
 if cargo fmt --all -- --check; then record fmt ok; else record fmt FAILED; fi
 log "cargo clippy"
-if cargo clippy --workspace --exclude kici-agent-py --all-targets -- -D warnings; then record clippy ok; else record clippy FAILED; fi
+if cargo clippy --workspace --all-targets -- -D warnings; then record clippy ok; else record clippy FAILED; fi
 
 # --- Rust ----------------------------------------------------------------------------------
-log "cargo test (Rust: core, binary, mock orchestrator, C ABI)"
-if cargo test --workspace --exclude kici-agent-py; then record rust ok; else record rust FAILED; fi
+log "cargo test (Rust: core, binary, mock orchestrator, C ABI, Python bindings)"
+if cargo test --workspace; then record rust ok; else record rust FAILED; fi
 
 # --- containers (a real engine) ------------------------------------------------------------
 if [ -x scripts/container-engine.sh ] && [ -f kici-agent-core/tests/container.rs ]; then
