@@ -1089,3 +1089,74 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn services() -> Arc<JobServices> {
+        let metrics = Metrics::new();
+        Arc::new(JobServices {
+            outbox: Arc::new(Outbox::new(
+                crate::outbox::OutboxLimits::default(),
+                metrics.clone(),
+            )),
+            metrics,
+            executors: ExecutorRegistry::new(),
+            events: Arc::new(EventQueue::new(10)),
+            settings: JobSettings {
+                max_log_size_bytes: 1024,
+                default_step_timeout: Duration::from_secs(60),
+                job_heartbeat_interval: Duration::from_secs(30),
+                cancel_grace: Duration::from_secs(1),
+                github_token: None,
+                host_env: Vec::new(),
+                default_container_image: None,
+            },
+            container: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_runner_that_unwinds_still_frees_its_slot_and_reports_the_job_failed() {
+        let services = services();
+        let released = Arc::new(AtomicBool::new(false));
+        let control = JobControl::default();
+        let heartbeat = tokio::spawn(std::future::pending::<()>());
+        let unwound = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let released = released.clone();
+            let _end = JobEnd {
+                services: services.clone(),
+                job_ref: JobRef {
+                    run_id: "run".into(),
+                    job_id: "job".into(),
+                },
+                name: "build".into(),
+                started: Instant::now(),
+                control: control.clone(),
+                heartbeat: heartbeat.abort_handle(),
+                release: Some(move || released.store(true, Ordering::SeqCst)),
+            };
+            panic!("a bug in the runner");
+        }));
+        assert!(unwound.is_err());
+        assert!(released.load(Ordering::SeqCst), "the slot was not freed");
+        assert!(control.cancel.is_cancelled() && control.force.is_cancelled());
+        assert!(heartbeat.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            services.outbox.undelivered_jobs(),
+            vec![JobRef {
+                run_id: "run".into(),
+                job_id: "job".into(),
+            }]
+        );
+        match services.events.next(Some(Duration::ZERO)) {
+            Some(Event::JobFinished { state, error, .. }) => {
+                assert_eq!(state, JobState::Failed);
+                assert!(error.unwrap_or_default().contains("panicked"));
+            }
+            other => panic!("no job_finished event: {other:?}"),
+        }
+    }
+}
