@@ -265,7 +265,8 @@ impl Agent {
         Ok(())
     }
 
-    /// Stops taking jobs (dispatches are rejected `draining`) and stops once idle.
+    /// Stops taking jobs (dispatches are rejected `draining`, `/ready` answers 503) and stops
+    /// once idle.
     pub fn drain(&self) {
         lock(&self.shared.status).draining = true;
         self.shared.wake.notify_one();

@@ -155,7 +155,8 @@ class Agent:
         ``shutdown_grace``, then are cancelled). Third: ``KeyboardInterrupt``."""
 
     def drain(self) -> None:
-        """Stops taking jobs; the agent stops once idle. Returns at once (see ``wait``)."""
+        """Stops taking jobs (``/ready`` answers 503 from now on); the agent stops once idle.
+        Returns at once (see ``wait``)."""
 
     def shutdown(self, grace: _Seconds | None = None, *, wait: bool = True) -> None:
         """Stops: no new jobs; running steps get ``grace`` (default ``shutdown_grace``) to
