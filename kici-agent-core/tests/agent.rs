@@ -39,7 +39,7 @@ fn registry_with_default(executor: Arc<dyn Executor>) -> ExecutorRegistry {
 /// A blocking `GET /health` with socket timeouts, so a frozen agent shows as an error rather
 /// than a stuck reader.
 fn blocking_health(addr: SocketAddr) -> std::io::Result<()> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
@@ -55,7 +55,7 @@ fn blocking_health(addr: SocketAddr) -> std::io::Result<()> {
 }
 
 /// Fails the test if any reader makes no progress for this long: the agent is frozen.
-const STALL: Duration = Duration::from_secs(5);
+const STALL: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_and_health_readers_never_freeze_dispatch_admission() {
