@@ -22,6 +22,10 @@ command -v curl >/dev/null || need_apt+=(curl)
 # which run with the Rust suite and fail without it.
 [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v bwrap >/dev/null || need_apt+=(bubblewrap)
+# kici-agent-py's Rust tests link libpython (python3-dev); its Python suite needs venv.
+command -v python3 >/dev/null || need_apt+=(python3)
+command -v python3-config >/dev/null || need_apt+=(python3-dev)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -32,11 +36,11 @@ rustup component list --installed 2>/dev/null | grep -q clippy || rustup compone
 log "cargo fmt --check"
 if cargo fmt --all -- --check; then record fmt ok; else record fmt FAILED; fi
 log "cargo clippy"
-if cargo clippy --workspace --exclude kici-agent-py --all-targets -- -D warnings; then record clippy ok; else record clippy FAILED; fi
+if cargo clippy --workspace --all-targets -- -D warnings; then record clippy ok; else record clippy FAILED; fi
 
 # --- Rust ----------------------------------------------------------------------------------
-log "cargo test (Rust: core, binary, mock orchestrator, C ABI)"
-if cargo test --workspace --exclude kici-agent-py; then record rust ok; else record rust FAILED; fi
+log "cargo test (Rust: core, binary, mock orchestrator, C ABI, Python bindings)"
+if cargo test --workspace; then record rust ok; else record rust FAILED; fi
 
 # --- chaos (faults against the binary, minutes at the real rate limits) ------------------------
 log "chaos suite (fault-injecting proxy, restarting mock, malformed frames)"

@@ -16,7 +16,7 @@ use crate::connection::{self, ConnectionSettings, ConnectionState, SessionHandle
 use crate::container::{ContainerError, ContainerExecutor, ContainerSettings};
 use crate::events::{Event, EventQueue};
 use crate::executor::{builtin_executor, ExecutorRegistry, StepMapError};
-use crate::http::{self, HealthView};
+use crate::http::{self, HealthView, Readiness};
 use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxLimits, Pacer};
@@ -27,6 +27,15 @@ use crate::protocol::{
 
 /// The agent version (`agent.register.version`, `/health`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git commit this library was built from (`/health` `buildCommit`), or `"unknown"` when
+/// it was built outside a git checkout of this project.
+pub const BUILD_COMMIT: &str = env!("KICI_BUILD_COMMIT");
+
+/// When this library was built, in seconds since the Unix epoch (`SOURCE_DATE_EPOCH` when set).
+fn build_unix_time() -> u64 {
+    env!("KICI_BUILD_UNIX_TIME").parse().unwrap_or_default()
+}
 
 /// Why an agent could not be created or started.
 #[derive(Debug, thiserror::Error)]
@@ -110,11 +119,15 @@ struct RunningJob {
     control: JobControl,
 }
 
+/// Everything about the agent that changes together: connection, lifecycle flags and the
+/// running jobs. One lock guards all of it, so there is no lock order to get wrong (an admission
+/// reads `draining` and the job count atomically; a snapshot sees a consistent pair).
 struct Status {
     connection: ConnectionState,
     draining: bool,
     stopped: bool,
     last_error: Option<String>,
+    jobs: HashMap<String, RunningJob>,
 }
 
 struct Shared {
@@ -123,7 +136,6 @@ struct Shared {
     outbox: Arc<Outbox>,
     events: Arc<EventQueue>,
     services: Arc<JobServices>,
-    jobs: Mutex<HashMap<String, RunningJob>>,
     status: Mutex<Status>,
     stopped: Condvar,
     /// Woken when the job count changes or a drain or shutdown is requested.
@@ -196,12 +208,12 @@ impl Agent {
             outbox,
             events,
             services,
-            jobs: Mutex::new(HashMap::new()),
             status: Mutex::new(Status {
                 connection: ConnectionState::Disconnected,
                 draining: false,
                 stopped: false,
                 last_error: None,
+                jobs: HashMap::new(),
             }),
             stopped: Condvar::new(),
             wake: Notify::new(),
@@ -245,6 +257,8 @@ impl Agent {
         *started = true;
         tracing::info!(
             agent_id = %shared.config.agent_id,
+            version = VERSION,
+            build_commit = BUILD_COMMIT,
             orchestrator_url = %shared.config.orchestrator_url,
             labels = ?shared.config.wire_labels(),
             port = bound.map(|a| a.port()),
@@ -262,7 +276,8 @@ impl Agent {
         Ok(())
     }
 
-    /// Stops taking jobs (dispatches are rejected `draining`) and stops once idle.
+    /// Stops taking jobs (dispatches are rejected `draining`, `/ready` answers 503) and stops
+    /// once idle.
     pub fn drain(&self) {
         lock(&self.shared.status).draining = true;
         self.shared.wake.notify_one();
@@ -396,7 +411,11 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         if let Some(grace) = *lock(&shared.shutdown_grace) {
             break grace;
         }
-        if lock(&shared.status).draining && lock(&shared.jobs).is_empty() {
+        let drained = {
+            let status = lock(&shared.status);
+            status.draining && status.jobs.is_empty()
+        };
+        if drained {
             break config.shutdown_grace;
         }
         woken.await;
@@ -404,11 +423,14 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
     tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
     let deadline = tokio::time::Instant::now() + grace;
     if !shared.wait_idle_until(deadline).await {
-        let running: Vec<String> = lock(&shared.jobs).keys().cloned().collect();
-        tracing::warn!(jobs = ?running, "shutdown grace ran out; killing running jobs");
-        for job in lock(&shared.jobs).values() {
-            job.control.force.cancel();
-            job.control.cancel.cancel();
+        {
+            let status = lock(&shared.status);
+            let running: Vec<&String> = status.jobs.keys().collect();
+            tracing::warn!(jobs = ?running, "shutdown grace ran out; killing running jobs");
+            for job in status.jobs.values() {
+                job.control.force.cancel();
+                job.control.cancel.cancel();
+            }
         }
         shared
             .wait_idle_until(tokio::time::Instant::now() + Duration::from_secs(10))
@@ -453,7 +475,7 @@ impl Shared {
             connection: status.connection.clone(),
             draining: status.draining,
             stopped: status.stopped,
-            active_jobs: lock(&self.jobs).len(),
+            active_jobs: status.jobs.len(),
             last_error: status.last_error.clone(),
         }
     }
@@ -470,11 +492,11 @@ impl Shared {
     async fn wait_idle_until(&self, deadline: tokio::time::Instant) -> bool {
         loop {
             let woken = self.wake.notified();
-            if lock(&self.jobs).is_empty() {
+            if lock(&self.status).jobs.is_empty() {
                 return true;
             }
             if tokio::time::timeout_at(deadline, woken).await.is_err() {
-                return lock(&self.jobs).is_empty();
+                return lock(&self.status).jobs.is_empty();
             }
         }
     }
@@ -483,7 +505,7 @@ impl Shared {
         Outbound::AgentStatus(AgentStatus {
             message_id: new_message_id(),
             agent_id: self.config.agent_id.clone(),
-            active_jobs: lock(&self.jobs).len() as u32,
+            active_jobs: lock(&self.status).jobs.len() as u32,
             memory_used_mb: None,
             memory_available_mb: None,
             uptime_seconds: Some(self.started_at.elapsed().as_secs()),
@@ -519,16 +541,17 @@ impl Shared {
         }));
     }
 
-    /// Accepts a job if there is room, under the jobs lock so capacity is exact.
+    /// Accepts a job if there is room, under the status lock so capacity is exact.
     fn admit(self: &Arc<Self>, job: &JobRef) -> Option<JobControl> {
-        let mut jobs = lock(&self.jobs);
-        if lock(&self.status).draining {
-            drop(jobs);
+        let mut status = lock(&self.status);
+        if status.draining {
+            drop(status);
             self.reject(job, RejectReason::Draining);
             return None;
         }
+        let jobs = &mut status.jobs;
         if jobs.len() >= self.config.max_concurrency as usize || jobs.contains_key(&job.job_id) {
-            drop(jobs);
+            drop(status);
             self.reject(job, RejectReason::Busy);
             return None;
         }
@@ -548,7 +571,7 @@ impl Shared {
 
     /// Frees the job's slot; called by the runner just before its terminal status is queued.
     fn release_slot(&self, job: &JobRef) {
-        let mut jobs = lock(&self.jobs);
+        let jobs = &mut lock(&self.status).jobs;
         jobs.remove(&job.job_id);
         self.metrics.jobs_active.set(jobs.len() as i64);
     }
@@ -592,7 +615,11 @@ impl SessionHandler for Shared {
     }
 
     fn registration(&self) -> AgentRegister {
-        let mut in_flight: Vec<JobRef> = lock(&self.jobs).values().map(|j| j.job.clone()).collect();
+        let mut in_flight: Vec<JobRef> = lock(&self.status)
+            .jobs
+            .values()
+            .map(|j| j.job.clone())
+            .collect();
         for job in self.outbox.undelivered_jobs() {
             if !in_flight.contains(&job) {
                 in_flight.push(job);
@@ -667,10 +694,10 @@ impl SessionHandler for Shared {
     }
 
     fn on_cancel(&self, cancel: JobCancel) {
-        // The jobs lock is held while `cancelling` is queued: the runner frees its slot under
+        // The status lock is held while `cancelling` is queued: the runner frees its slot under
         // the same lock before queueing the terminal status, so `cancelling` never follows it.
-        let jobs = lock(&self.jobs);
-        let Some(running) = jobs.get(&cancel.job_id) else {
+        let status = lock(&self.status);
+        let Some(running) = status.jobs.get(&cancel.job_id) else {
             tracing::debug!(job_id = %cancel.job_id, "cancel for a job we do not run; ignored");
             return;
         };
@@ -692,7 +719,7 @@ impl SessionHandler for Shared {
         }
         self.outbox
             .push_lines_now(&job, job::JOB_LOG_INDEX, vec![line.into()]);
-        drop(jobs);
+        drop(status);
         if force {
             control.force.cancel();
             control.cancel.cancel();
@@ -718,7 +745,8 @@ impl HealthView for Shared {
             "activeJobs": state.active_jobs,
             "connected": state.registered,
             "version": VERSION,
-            "buildCommit": "unknown",
+            "buildCommit": BUILD_COMMIT,
+            "buildDate": http::iso8601_utc(build_unix_time() * 1000),
             "connection": state.connection,
             "draining": state.draining,
         });
@@ -730,8 +758,12 @@ impl HealthView for Shared {
         body
     }
 
-    fn is_ready(&self) -> bool {
-        lock(&self.status).connection == ConnectionState::Registered
+    fn readiness(&self) -> Readiness {
+        let status = lock(&self.status);
+        Readiness {
+            connected: status.connection == ConnectionState::Registered,
+            draining: status.draining,
+        }
     }
 
     fn metrics_text(&self) -> String {

@@ -97,7 +97,8 @@ impl EventQueue {
     /// The next event, waiting up to `timeout` (`None` = wait forever). Blocking: call it from
     /// a host thread, not from async code.
     pub fn next(&self, timeout: Option<Duration>) -> Option<Event> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        // A timeout too far away to represent is no deadline at all.
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(event) = queue.pop_front() {
@@ -137,6 +138,20 @@ mod tests {
         );
         assert_eq!(queue.next(Some(Duration::ZERO)), Some(Event::Stopped));
         assert_eq!(queue.next(Some(Duration::from_millis(5))), None);
+    }
+
+    #[test]
+    fn a_timeout_too_large_for_a_deadline_waits_without_one() {
+        let queue = std::sync::Arc::new(EventQueue::new(2));
+        queue.push(Event::Stopped);
+        assert_eq!(queue.next(Some(Duration::MAX)), Some(Event::Stopped));
+        // Nothing queued yet: it waits (no overflow, no early return) until one arrives.
+        let pusher = {
+            let queue = queue.clone();
+            std::thread::spawn(move || queue.push(Event::Disconnected))
+        };
+        assert_eq!(queue.next(Some(Duration::MAX)), Some(Event::Disconnected));
+        pusher.join().unwrap();
     }
 
     #[test]

@@ -17,10 +17,19 @@ use crate::metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
 pub(crate) trait HealthView: Send + Sync {
     /// The `/health` body.
     fn health(&self) -> serde_json::Value;
-    /// Whether `/ready` answers 200 (registered with the orchestrator).
-    fn is_ready(&self) -> bool;
+    /// What `/ready` answers from.
+    fn readiness(&self) -> Readiness;
     /// The `/metrics` body.
     fn metrics_text(&self) -> String;
+}
+
+/// The agent's readiness: `/ready` answers 200 only when registered and not draining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Readiness {
+    /// Registered with the orchestrator.
+    pub connected: bool,
+    /// Draining or shutting down: the agent takes no new jobs, so it is not ready for them.
+    pub draining: bool,
 }
 
 /// Binds the listener (falling back from `::` to `0.0.0.0` where IPv6 is unavailable).
@@ -88,18 +97,26 @@ fn respond(view: &dyn HealthView, request: &Request<Incoming>) -> Response<Full<
     match request.uri().path() {
         "/health" => json(StatusCode::OK, &view.health()),
         "/ready" => {
-            let ready = view.is_ready();
-            let body = if ready {
-                serde_json::json!({"status": "ready", "checks": {"connected": true}})
+            let Readiness {
+                connected,
+                draining,
+            } = view.readiness();
+            // The reference's bodies, plus a `draining` check only while draining (the
+            // reference stays ready while draining; a load balancer should not send work to an
+            // agent that refuses it).
+            let mut checks = serde_json::json!({"connected": connected});
+            if draining {
+                checks["draining"] = serde_json::Value::Bool(true);
+            }
+            let (status, word) = if connected && !draining {
+                (StatusCode::OK, "ready")
             } else {
-                serde_json::json!({"status": "not ready", "checks": {"connected": false}})
+                (StatusCode::SERVICE_UNAVAILABLE, "not ready")
             };
-            let status = if ready {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            json(status, &body)
+            json(
+                status,
+                &serde_json::json!({"status": word, "checks": checks}),
+            )
         }
         "/metrics" => text(StatusCode::OK, METRICS_CONTENT_TYPE, view.metrics_text()),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),

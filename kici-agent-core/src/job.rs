@@ -2,10 +2,12 @@
 //! timeouts, cancel), statuses in the order of spec protocol.md §5, and cleanup.
 
 use std::collections::{BTreeMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -97,6 +99,15 @@ pub(crate) async fn run_job(
             }
         })
     };
+    let mut end = JobEnd {
+        services: services.clone(),
+        job_ref: job_ref.clone(),
+        name: dispatch.job_config.name.clone(),
+        started,
+        control: control.clone(),
+        heartbeat: heartbeat.abort_handle(),
+        release: Some(release),
+    };
 
     let mut masker = SecretMasker::new();
     let mut secrets = dispatch.secret_values();
@@ -116,7 +127,21 @@ pub(crate) async fn run_job(
         job_timed_out: CancellationToken::new(),
         containment: Arc::new(JobContainment::create(services.settings.job_pids_max)),
     };
-    let outcome = run.execute(&dispatch).await;
+    let outcome = match AssertUnwindSafe(run.execute(&dispatch))
+        .catch_unwind()
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            // Steps it started run in their own tasks: stop them with the job.
+            run.control.force.cancel();
+            run.control.cancel.cancel();
+            let error = format!("the job runner panicked: {}", panic_message(panic));
+            tracing::error!(job_id = %job_ref.job_id, %error, "job failed");
+            run.job_log(format!("[kici] {error}")).await;
+            (JobState::Failed, Some(error))
+        }
+    };
 
     heartbeat.abort();
     let _ = heartbeat.await;
@@ -133,7 +158,7 @@ pub(crate) async fn run_job(
     };
     let data = JobStatusData {
         duration_ms: Some(duration_ms),
-        error: error.clone(),
+        error,
         step_results: Some(step_results),
         outputs: (!outputs.is_empty()).then_some(outputs),
     };
@@ -143,20 +168,72 @@ pub(crate) async fn run_job(
         state.as_str()
     ))
     .await;
-    // The slot is free before the orchestrator learns the job ended: it may dispatch the next
-    // job the moment the terminal status arrives.
-    release();
-    outbox.push_status(&job_ref, job_status(&job_ref, state, Some(data)), true);
-    services.metrics.job_finished(state);
-    services.events.push(Event::JobFinished {
-        run_id: job_ref.run_id.clone(),
-        job_id: job_ref.job_id.clone(),
-        name: dispatch.job_config.name.clone(),
-        state,
-        duration_ms,
-        error,
-    });
+    end.finish(state, data);
     state
+}
+
+/// The end of a job, guaranteed: [`JobEnd::finish`] frees the slot and queues the terminal
+/// status; if the runner unwinds or is dropped before that, `Drop` does it with `failed`, so
+/// neither the slot nor the orchestrator's view of the job is ever left hanging.
+struct JobEnd<R: FnOnce()> {
+    services: Arc<JobServices>,
+    job_ref: JobRef,
+    name: String,
+    started: Instant,
+    control: JobControl,
+    heartbeat: tokio::task::AbortHandle,
+    /// `None` once the terminal status is queued.
+    release: Option<R>,
+}
+
+impl<R: FnOnce()> JobEnd<R> {
+    fn finish(&mut self, state: JobState, data: JobStatusData) {
+        let Some(release) = self.release.take() else {
+            return;
+        };
+        // The slot is free before the orchestrator learns the job ended: it may dispatch the
+        // next job the moment the terminal status arrives.
+        release();
+        let error = data.error.clone();
+        let duration_ms = data.duration_ms.unwrap_or_default();
+        self.services.outbox.push_status(
+            &self.job_ref,
+            job_status(&self.job_ref, state, Some(data)),
+            true,
+        );
+        self.services.metrics.job_finished(state);
+        self.services.events.push(Event::JobFinished {
+            run_id: self.job_ref.run_id.clone(),
+            job_id: self.job_ref.job_id.clone(),
+            name: self.name.clone(),
+            state,
+            duration_ms,
+            error,
+        });
+    }
+}
+
+impl<R: FnOnce()> Drop for JobEnd<R> {
+    fn drop(&mut self) {
+        if self.release.is_none() {
+            return;
+        }
+        self.heartbeat.abort();
+        self.control.force.cancel();
+        self.control.cancel.cancel();
+        let error = if std::thread::panicking() {
+            "the job runner panicked (the agent's log has the panic message)"
+        } else {
+            "the job runner was stopped before the job ended"
+        };
+        tracing::error!(job_id = %self.job_ref.job_id, error, "job failed");
+        let data = JobStatusData {
+            duration_ms: Some(self.started.elapsed().as_millis() as u64),
+            error: Some(error.to_owned()),
+            ..JobStatusData::default()
+        };
+        self.finish(JobState::Failed, data);
+    }
 }
 
 /// A `job.status` message of `job`.
@@ -1046,4 +1123,75 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn services() -> Arc<JobServices> {
+        let metrics = Metrics::new();
+        Arc::new(JobServices {
+            outbox: Arc::new(Outbox::new(
+                crate::outbox::OutboxLimits::default(),
+                metrics.clone(),
+            )),
+            metrics,
+            executors: ExecutorRegistry::new(),
+            events: Arc::new(EventQueue::new(10)),
+            settings: JobSettings {
+                max_log_size_bytes: 1024,
+                default_step_timeout: Duration::from_secs(60),
+                job_heartbeat_interval: Duration::from_secs(30),
+                cancel_grace: Duration::from_secs(1),
+                github_token: None,
+                host_env: Vec::new(),
+                default_container_image: None,
+            },
+            container: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_runner_that_unwinds_still_frees_its_slot_and_reports_the_job_failed() {
+        let services = services();
+        let released = Arc::new(AtomicBool::new(false));
+        let control = JobControl::default();
+        let heartbeat = tokio::spawn(std::future::pending::<()>());
+        let unwound = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let released = released.clone();
+            let _end = JobEnd {
+                services: services.clone(),
+                job_ref: JobRef {
+                    run_id: "run".into(),
+                    job_id: "job".into(),
+                },
+                name: "build".into(),
+                started: Instant::now(),
+                control: control.clone(),
+                heartbeat: heartbeat.abort_handle(),
+                release: Some(move || released.store(true, Ordering::SeqCst)),
+            };
+            panic!("a bug in the runner");
+        }));
+        assert!(unwound.is_err());
+        assert!(released.load(Ordering::SeqCst), "the slot was not freed");
+        assert!(control.cancel.is_cancelled() && control.force.is_cancelled());
+        assert!(heartbeat.await.unwrap_err().is_cancelled());
+        assert_eq!(
+            services.outbox.undelivered_jobs(),
+            vec![JobRef {
+                run_id: "run".into(),
+                job_id: "job".into(),
+            }]
+        );
+        match services.events.next(Some(Duration::ZERO)) {
+            Some(Event::JobFinished { state, error, .. }) => {
+                assert_eq!(state, JobState::Failed);
+                assert!(error.unwrap_or_default().contains("panicked"));
+            }
+            other => panic!("no job_finished event: {other:?}"),
+        }
+    }
 }

@@ -38,7 +38,7 @@ pub mod protocol;
 mod sandbox;
 pub mod workspace;
 
-pub use agent::{Agent, AgentError, AgentState, VERSION};
+pub use agent::{Agent, AgentError, AgentState, BUILD_COMMIT, VERSION};
 pub use config::{AgentConfig, ConfigError};
 pub use connection::ConnectionState;
 pub use containment::become_child_subreaper;

@@ -299,7 +299,8 @@ impl Agent {
         }
     }
 
-    /// Stops taking jobs (dispatches are rejected as draining); the agent stops once idle.
+    /// Stops taking jobs (dispatches are rejected as draining, `/ready` answers 503); the agent
+    /// stops once idle.
     /// Returns at once; see `wait()`.
     fn drain(&self) {
         self.core.drain();

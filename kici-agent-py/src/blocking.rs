@@ -22,7 +22,8 @@ where
     T: Send,
     F: FnMut(Duration) -> Option<T> + Send,
 {
-    let deadline = timeout.map(|timeout| Instant::now() + timeout);
+    // A timeout too far away to represent (`float('inf')`-like hosts) is no limit.
+    let deadline = timeout.and_then(|timeout| Instant::now().checked_add(timeout));
     loop {
         let slice = match deadline {
             Some(deadline) => deadline
@@ -42,5 +43,24 @@ where
         if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
             return Ok(None);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_too_large_for_a_deadline_waits_without_one() {
+        Python::initialize();
+        Python::attach(|py| {
+            let mut attempts = 0;
+            let waited = wait_interruptibly(py, Some(Duration::MAX), |slice| {
+                assert!(slice <= SLICE);
+                attempts += 1;
+                (attempts == 3).then_some(attempts)
+            });
+            assert_eq!(waited.unwrap(), Some(3));
+        });
     }
 }

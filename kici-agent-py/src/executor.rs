@@ -5,6 +5,7 @@
 //! async workers, and takes the GIL only there.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, RwLock};
 
 use kici_agent_core::config::AgentConfig;
@@ -54,6 +55,10 @@ impl Executor for StepFunction {
         };
         match tokio::task::spawn_blocking(move || call.run()).await {
             Ok(result) => result,
+            // A Rust panic that came back through the step function as `PanicException` (PyO3
+            // resumes it when it fetches the exception) is a bug in the agent, not the step's
+            // own failure: it goes on as a panic, which the core reports as one.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => Err(StepFailure::new(format!(
                 "the Python step function did not complete: {e}"
             ))),
@@ -79,9 +84,10 @@ impl Call {
                 Ok(cancelled) => cancelled,
                 Err(err) => return Err(python_failure(py, &err, None)),
             };
-            let result = self.invoke(py, &cancelled);
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.invoke(py, &cancelled)));
+            // Threads the step function left waiting on `ctx.cancelled` return, panic or not.
             cancelled.get().release();
-            result
+            result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
 

@@ -66,6 +66,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", kici_agent_core::VERSION)?;
     m.add("ConfigError", m.py().get_type::<ConfigError>())?;
     m.add("AgentError", m.py().get_type::<AgentError>())?;
+    // What PyO3 raises in Python when Rust code panics; named so hosts can recognise it.
+    m.add(
+        "PanicException",
+        m.py().get_type::<pyo3::panic::PanicException>(),
+    )?;
     m.add_class::<agent::Agent>()?;
     m.add_class::<agent::AgentState>()?;
     m.add_class::<agent::Event>()?;

@@ -316,6 +316,38 @@ static void test_a_lost_connection_is_an_event_and_the_agent_comes_back(void) {
     free(status);
 }
 
+static void test_ready_is_503_while_draining(void) {
+    uint16_t port = 0;
+    kici_error *err = NULL;
+    char base[64];
+    char body[256];
+    char *status;
+    http_response response;
+    /* A running job keeps the drained agent up (idle, it would stop at once). */
+    CHECK(mock_dispatch(agent_id, "run-drain", "job-drain", "waiting-job",
+                        "[{\"name\":\"wait\",\"hasOutputs\":false}]", NULL) == 200);
+    status = mock_wait("step.status", "running", "job-drain", 30000);
+    CHECK(status != NULL);
+    free(status);
+    CHECK_CODE(KICI_RESULT_OK, kici_agent_http_port(agent, &port, &err), err);
+    snprintf(base, sizeof base, "http://127.0.0.1:%u", (unsigned)port);
+    CHECK_CODE(KICI_RESULT_OK, kici_agent_drain(agent, &err), err);
+    response = http_request(base, "GET", "/ready", NULL);
+    CHECK(response.status == 503);
+    CHECK(response.body != NULL && strstr(response.body, "\"draining\":true") != NULL);
+    http_response_free(&response);
+    response = http_request(base, "GET", "/health", NULL);
+    CHECK(response.status == 200);
+    CHECK(response.body != NULL && strstr(response.body, "\"draining\":true") != NULL);
+    http_response_free(&response);
+    snprintf(body, sizeof body,
+             "{\"agentId\":\"%s\",\"runId\":\"run-drain\",\"jobId\":\"job-drain\"}", agent_id);
+    CHECK(mock_post("/cancel", body) == 200);
+    status = mock_wait("job.status", "cancelled", "job-drain", 30000);
+    CHECK(status != NULL);
+    free(status);
+}
+
 static void test_shutdown_wait_and_free(void) {
     kici_error *err = NULL;
     char *event;
@@ -341,6 +373,7 @@ int main(void) {
     RUN_TEST(test_cancel_is_observed_through_the_context);
     RUN_TEST(test_health_ready_and_metrics_are_served);
     RUN_TEST(test_a_lost_connection_is_an_event_and_the_agent_comes_back);
+    RUN_TEST(test_ready_is_503_while_draining);
     RUN_TEST(test_shutdown_wait_and_free);
     return harness_finish("test_jobs");
 }

@@ -270,3 +270,35 @@ def test_outputs_must_be_json_data(mock: MockOrchestrator, make_agent: AgentFact
 
     step = mock.wait("step.status", state="failed", job_id=finished.job_id)
     assert step["data"]["error"] == "TypeError: object is not JSON data: use None, bool, int, float, str, list, tuple or dict"
+
+
+def test_a_rust_panic_leaving_a_step_is_reported_as_a_panic(
+    mock: MockOrchestrator, make_agent: AgentFactory
+) -> None:
+    agent = make_agent()
+    seen: list[str] = []
+
+    @agent.step("panics")
+    def panics(step: kici_agent.Step, ctx: kici_agent.StepContext) -> None:
+        try:
+            # What PyO3 raises here when Rust code this function called panics.
+            raise kici_agent.PanicException("index out of bounds")
+        except Exception:  # an ordinary handler must not swallow a panic
+            seen.append("caught by except Exception")
+
+    @agent.step("ok")
+    def ok(step: kici_agent.Step, ctx: kici_agent.StepContext) -> None:
+        ctx.log("fine")
+
+    start_registered(agent)
+    finished, _ = run_job(mock, agent, ["panics"])
+
+    assert seen == []
+    assert finished.state == "failed"
+    failed_step = mock.wait("step.status", state="failed", job_id=finished.job_id)
+    assert failed_step["data"]["error"] == "executor 'python' panicked: index out of bounds"
+    assert issubclass(kici_agent.PanicException, BaseException)
+    assert not issubclass(kici_agent.PanicException, Exception)
+
+    again, _ = run_job(mock, agent, ["ok"])
+    assert again.state == "success"

@@ -64,6 +64,32 @@ def test_ready_is_503_until_registered() -> None:
         unreachable.shutdown(grace=0)
 
 
+def test_ready_is_503_while_draining(mock: MockOrchestrator, make_agent: AgentFactory) -> None:
+    agent = make_agent()
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(step: kici_agent.Step, ctx: kici_agent.StepContext) -> None:
+        entered.set()
+        release.wait(TIMEOUT)
+
+    agent.step("hold", hold)
+    start_registered(agent)
+    # A running job keeps the drained agent up (idle, it would stop at once).
+    dispatch = mock.dispatch(agent.agent_id, ["hold"])
+    assert entered.wait(TIMEOUT)
+    assert http_get(agent, "/ready")[0] == 200
+
+    agent.drain()
+    status, body = http_get(agent, "/ready")
+    assert status == 503, body
+    assert json.loads(body)["checks"]["draining"] is True
+    assert http_get(agent, "/health")[0] == 200
+
+    release.set()
+    mock.wait("job.status", state="success", job_id=dispatch["jobId"])
+    assert agent.wait(timeout=TIMEOUT)
+
+
 def test_two_agents_in_one_interpreter_keep_apart(mock: MockOrchestrator, make_agent: AgentFactory) -> None:
     rigs = [make_agent(agent_id=f"rig-{name}") for name in ("a", "b")]
     for rig in rigs:

@@ -812,3 +812,95 @@ fn a_sandbox_without_bwrap_refuses_to_start() {
         "{stderr}"
     );
 }
+
+/// Polls `/health` until the agent says it is draining (SIGUSR1 is handled asynchronously).
+fn wait_draining(port: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = get(port, "/health");
+        assert_eq!(status, 200, "/health must stay 200 while draining: {body}");
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if health["draining"] == true {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never draining: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_turns_503_while_draining_a_running_job_and_health_stays_200() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let gate_dir = tempfile::tempdir().unwrap();
+    let gate = gate_dir.path().join("go");
+    let (mut child, port, drain) = spawn_agent_with(&mock, &[("KICI_AGENT_ID", "drainer")]);
+    mock.wait_for_message(
+        "config.ack",
+        |m| m["agentId"] == "drainer",
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    let wait_gate = format!(
+        "echo waiting; while [ ! -f {} ]; do sleep 0.02; done",
+        gate.display()
+    );
+    let dispatch = kici_mock_orchestrator::sample_dispatch(
+        "r-drainer",
+        "drainer-job",
+        "",
+        "main",
+        "",
+        serde_json::json!([{"name": "wait", "run": wait_gate}]),
+    );
+    mock.dispatch("drainer", dispatch).await.unwrap();
+    mock.wait_for_message(
+        "log.chunk",
+        |m| m["jobId"] == "drainer-job" && m["stepIndex"] == 0,
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    let (status, _) = tokio::task::spawn_blocking(move || get(port, "/ready"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "registered and running a job: ready");
+
+    signal(&child, libc::SIGUSR1);
+    tokio::task::spawn_blocking(move || wait_draining(port))
+        .await
+        .unwrap();
+    let (status, body) = tokio::task::spawn_blocking(move || get(port, "/ready"))
+        .await
+        .unwrap();
+    assert_eq!(status, 503, "draining: not ready for new jobs: {body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["status"], "not ready");
+    assert_eq!(ready["checks"]["draining"], true);
+    assert_eq!(ready["checks"]["connected"], true);
+
+    // The running job still finishes, then the drained agent exits 0.
+    std::fs::write(&gate, "").unwrap();
+    let terminal = mock
+        .wait_for_message(
+            "job.status",
+            |m| m["jobId"] == "drainer-job" && m["state"] == "success",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert!(terminal.is_some(), "the running job did not finish");
+    assert_eq!(
+        tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+            .await
+            .unwrap()
+            .0,
+        Some(0)
+    );
+    drain.join().unwrap();
+    assert!(mock.violations().is_empty(), "{:?}", mock.violations());
+}

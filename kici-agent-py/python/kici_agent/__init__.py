@@ -12,7 +12,10 @@
     agent.run()  # Ctrl-C drains, a second Ctrl-C stops
 
 A step function returns ``None`` (success) or an ``int`` exit code; raising fails the step
-with the traceback in the step log. ``async def`` functions work too.
+with the traceback in the step log. ``async def`` functions work too. A panic of the agent's
+own Rust code (a bug) reaches Python as ``PanicException``, a ``BaseException`` that
+``except Exception`` does not catch; if it leaves the step function the agent reports it as
+a panic (``executor 'python' panicked: ...``), not as the step's own failure.
 """
 
 from kici_agent._native import (
@@ -24,6 +27,7 @@ from kici_agent._native import (
     Event,
     EventIterator,
     Job,
+    PanicException,
     Step,
     StepContext,
     __version__,
@@ -39,6 +43,7 @@ __all__ = [
     "Event",
     "EventIterator",
     "Job",
+    "PanicException",
     "Step",
     "StepContext",
     "__version__",

@@ -20,6 +20,7 @@ __all__ = [
     "Event",
     "EventIterator",
     "Job",
+    "PanicException",
     "Step",
     "StepContext",
     "enable_logging",
@@ -42,6 +43,11 @@ class ConfigError(ValueError):
 
 class AgentError(RuntimeError):
     """The agent could not do what was asked (start twice, HTTP port taken, ...)."""
+
+class PanicException(BaseException):
+    """Raised in Python when the agent's Rust code panics (a bug in the agent). A
+    ``BaseException``: ``except Exception`` does not catch it. If it leaves a step function the
+    agent reports the step as ``executor 'python' panicked: <message>``."""
 
 def enable_logging(level: str = "info", format: str = "plain") -> bool:
     """Sends the agent's own log to stderr. ``level``: debug | info | warn | error;
@@ -149,7 +155,8 @@ class Agent:
         ``shutdown_grace``, then are cancelled). Third: ``KeyboardInterrupt``."""
 
     def drain(self) -> None:
-        """Stops taking jobs; the agent stops once idle. Returns at once (see ``wait``)."""
+        """Stops taking jobs (``/ready`` answers 503 from now on); the agent stops once idle.
+        Returns at once (see ``wait``)."""
 
     def shutdown(self, grace: _Seconds | None = None, *, wait: bool = True) -> None:
         """Stops: no new jobs; running steps get ``grace`` (default ``shutdown_grace``) to
