@@ -360,6 +360,7 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
             config.rate_limits.byte_burst,
         ),
         connect_timeout: Duration::from_secs(10),
+        reconnect: config.reconnect,
     };
     let connection_task = tokio::spawn(connection::run(
         settings,
@@ -653,6 +654,13 @@ impl SessionHandler for Shared {
             true,
         );
         self.metrics.job_finished(JobState::Failed);
+    }
+
+    fn reconnect_scheduled(&self, attempt: u32, delay: Duration) {
+        self.events.push(Event::ReconnectScheduled {
+            attempt,
+            delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        });
     }
 
     fn on_cancel(&self, cancel: JobCancel) {

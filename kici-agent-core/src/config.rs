@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use crate::connection::ReconnectPolicy;
+
 /// Names of the environment variables, shared by [`VARIABLES`] and the loader.
 mod var {
     pub const ORCHESTRATOR_URL: &str = "KICI_ORCHESTRATOR_URL";
@@ -486,6 +488,8 @@ pub struct AgentConfig {
     pub dev: bool,
     /// Outbound throttle (`KICI_RATE_*`).
     pub rate_limits: RateLimits,
+    /// Spacing of reconnect attempts; code only (the defaults are the reference agent's).
+    pub reconnect: ReconnectPolicy,
     /// Host name for the agent id and the `kici:host:` label; detected, overridable in code.
     pub hostname: String,
 }
@@ -623,6 +627,7 @@ impl AgentConfig {
                 default_container_image: None,
                 dev: false,
                 rate_limits: RateLimits::default(),
+                reconnect: ReconnectPolicy::default(),
                 hostname: detect_hostname(),
             },
         }
@@ -795,6 +800,25 @@ impl AgentConfig {
                     format!("must be a finite number {bound}, got {value}"),
                 );
             }
+        }
+        let reconnect = &self.reconnect;
+        if reconnect.initial_delay.is_zero() || reconnect.initial_delay > reconnect.max_delay {
+            issue(
+                "reconnect",
+                "initial_delay must be greater than 0 and at most max_delay".into(),
+            );
+        }
+        if reconnect.max_delay > MAX_GRACE || reconnect.stable_after > MAX_GRACE {
+            issue(
+                "reconnect",
+                "max_delay and stable_after must be at most 7 days".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&reconnect.jitter) {
+            issue(
+                "reconnect",
+                format!("jitter must be within 0..=1, got {}", reconnect.jitter),
+            );
         }
         if self.hostname.is_empty() {
             issue("hostname", "must not be empty".into());
@@ -1030,6 +1054,8 @@ impl AgentConfigBuilder {
         with_dev(dev: bool),
         /// Sets the outbound throttle.
         with_rate_limits(rate_limits: RateLimits),
+        /// Sets the spacing of reconnect attempts (delays > 0, jitter within 0..=1).
+        with_reconnect(reconnect: ReconnectPolicy),
     }
 
     /// Finishes the configuration and validates it.

@@ -69,6 +69,9 @@ pub struct MockConfig {
     pub heartbeat_timeout: Duration,
     /// Simulated duration of the asynchronous token lookup; any frame arriving meanwhile is a 4003.
     pub auth_check_delay: Duration,
+    /// Close every connection with this code right after its `register.ack`, as an
+    /// orchestrator busy recovering may (issue 12 §3); `None`: keep it.
+    pub close_after_register_ack: Option<u16>,
     /// WebSocket port on 127.0.0.1; 0 picks a free one.
     pub port: u16,
     /// Print every frame, close and violation to stderr (defaults to `KICI_MOCK_TRACE` being set).
@@ -85,6 +88,7 @@ impl Default for MockConfig {
             dispatch_ack_timeout: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(180),
             auth_check_delay: Duration::from_millis(20),
+            close_after_register_ack: None,
             port: 0,
             trace: std::env::var_os("KICI_MOCK_TRACE").is_some(),
         }

@@ -393,7 +393,11 @@ impl Session {
         self.phase = Phase::Registered { agent_id };
         // Registration counts as a heartbeat (§1.1).
         self.last_heartbeat = now;
-        vec![send(messages::register_ack(msg))]
+        let ack = send(messages::register_ack(msg));
+        match self.shared.config.close_after_register_ack {
+            Some(code) => vec![ack, close(code, "Closing right after registration")],
+            None => vec![ack],
+        }
     }
 
     fn on_registered_frame(
