@@ -153,6 +153,13 @@ const DEFAULT_MAX_LOG_SIZE_BYTES: u64 = 10 * 1024 * 1024;
 const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const DEFAULT_JOB_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+/// With the orchestrator's 10 s default deadline these resolve it for any ack-timeout lookup
+/// shorter than 8 s; with its 1 s minimum, for lookups under 0.5 s or between 1 and 2 s.
+const DEFAULT_RUNNING_RESENDS: [Duration; 3] = [
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+    Duration::from_secs(8),
+];
 const DEFAULT_SCALER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_SCALER_PENDING_DISPATCH_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_CONCURRENCY_WAIT_TIMEOUT: Duration = Duration::from_secs(60 * 60);
@@ -490,6 +497,10 @@ pub struct AgentConfig {
     pub rate_limits: RateLimits,
     /// Spacing of reconnect attempts; code only (the defaults are the reference agent's).
     pub reconnect: ReconnectPolicy,
+    /// Times after a job's first `job.status running` at which it is sent again while the job
+    /// runs, so that an ack deadline the orchestrator arms late is still resolved (README,
+    /// "Orchestrator quirks"); code only. Default 0.5 s, 2 s, 8 s; empty: never.
+    pub running_resends: Vec<Duration>,
     /// Host name for the agent id and the `kici:host:` label; detected, overridable in code.
     pub hostname: String,
 }
@@ -628,6 +639,7 @@ impl AgentConfig {
                 dev: false,
                 rate_limits: RateLimits::default(),
                 reconnect: ReconnectPolicy::default(),
+                running_resends: DEFAULT_RUNNING_RESENDS.to_vec(),
                 hostname: detect_hostname(),
             },
         }
@@ -819,6 +831,9 @@ impl AgentConfig {
                 "reconnect",
                 format!("jitter must be within 0..=1, got {}", reconnect.jitter),
             );
+        }
+        if self.running_resends.iter().any(|delay| *delay > MAX_GRACE) {
+            issue("running_resends", "each must be at most 7 days".into());
         }
         if self.hostname.is_empty() {
             issue("hostname", "must not be empty".into());
@@ -1056,6 +1071,8 @@ impl AgentConfigBuilder {
         with_rate_limits(rate_limits: RateLimits),
         /// Sets the spacing of reconnect attempts (delays > 0, jitter within 0..=1).
         with_reconnect(reconnect: ReconnectPolicy),
+        /// Sets when a running job's `job.status running` is sent again (each at most 7 days).
+        with_running_resends(running_resends: Vec<Duration>),
     }
 
     /// Finishes the configuration and validates it.

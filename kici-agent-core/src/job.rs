@@ -50,6 +50,8 @@ pub(crate) struct JobSettings {
     pub host_env: Vec<(String, String)>,
     /// Image of jobs that name none; set only in container execution mode (spec §12).
     pub default_container_image: Option<String>,
+    /// When `job.status running` is sent again after the first one.
+    pub running_resends: Vec<Duration>,
 }
 
 /// How the agent tells a running job to stop.
@@ -93,6 +95,12 @@ pub(crate) async fn run_job(
         })
     };
 
+    let running_resends = resend_running(
+        outbox.clone(),
+        job_ref.clone(),
+        services.settings.running_resends.clone(),
+    );
+
     let mut masker = SecretMasker::new();
     let mut secrets = dispatch.secret_values();
     secrets.extend(services.settings.github_token.as_deref());
@@ -112,8 +120,11 @@ pub(crate) async fn run_job(
     };
     let outcome = run.execute(&dispatch).await;
 
-    heartbeat.abort();
-    let _ = heartbeat.await;
+    // Stopped before the terminal status is queued, so no `running` can follow it.
+    for task in [heartbeat, running_resends] {
+        task.abort();
+        let _ = task.await;
+    }
     let duration_ms = started.elapsed().as_millis() as u64;
     let (state, error) = outcome;
     let (step_results, outputs) = {
@@ -151,6 +162,29 @@ pub(crate) async fn run_job(
         error,
     });
     state
+}
+
+/// Sends `job.status running` again at each of `delays` after the first one. The orchestrator
+/// may arm its ack deadline only after our ack and first `running` arrived, and that `running`
+/// erases the ack it had recorded (README, "Orchestrator quirks"); a later `running` resolves
+/// the armed deadline. The outbox refuses a resend once `cancelling` or the terminal status
+/// was queued, which ends the task.
+fn resend_running(
+    outbox: Arc<Outbox>,
+    job_ref: JobRef,
+    mut delays: Vec<Duration>,
+) -> tokio::task::JoinHandle<()> {
+    delays.sort();
+    tokio::spawn(async move {
+        let first_sent = tokio::time::Instant::now();
+        for delay in delays {
+            tokio::time::sleep_until(first_sent + delay).await;
+            let running = job_status(&job_ref, JobState::Running, None);
+            if !outbox.push_running_again(&job_ref, running) {
+                return;
+            }
+        }
+    })
 }
 
 /// A `job.status` message of `job`.

@@ -207,6 +207,8 @@ pub async fn run(
             github_token: None,
             host_env: std::env::vars().collect(),
             default_container_image: None,
+            // Nobody arms an ack deadline for a local run.
+            running_resends: Vec::new(),
         },
         // A job file with `container` runs in it, on the engine of DOCKER_HOST.
         container: job.container.as_ref().and_then(|_| {

@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::protocol::{
-    json_string_len, new_message_id, now_ms, JobHeartbeat, JobRef, LogChunk, Outbound,
+    json_string_len, new_message_id, now_ms, JobHeartbeat, JobRef, JobState, LogChunk, Outbound,
 };
 
 /// Limits of the outbox and of the pacing.
@@ -160,6 +160,8 @@ struct JobLane {
     dropped_unannounced: u64,
     oldest_line_at: Option<Instant>,
     heartbeat_due: bool,
+    /// `cancelling` or the terminal status was queued: `running` may not be sent again.
+    stopping: bool,
     finished: bool,
 }
 
@@ -174,6 +176,7 @@ impl JobLane {
             dropped_unannounced: 0,
             oldest_line_at: None,
             heartbeat_due: false,
+            stopping: false,
             finished: false,
         }
     }
@@ -300,6 +303,8 @@ impl Outbox {
         state.next_status_seq += 1;
         let lane = state.lane_mut(job);
         let barrier = lane.lines_queued;
+        let cancelling = matches!(&message, Outbound::JobStatus(s) if s.state == JobState::Cancelling);
+        lane.stopping |= terminal || cancelling;
         lane.statuses.push_back(PendingStatus {
             barrier,
             seq,
@@ -311,6 +316,24 @@ impl Outbox {
         }
         drop(state);
         self.changed.notify_one();
+    }
+
+    /// Queues a repeated `job.status running` of a job already running, ahead of log lines and
+    /// statuses like a control message, unless the job has queued `cancelling` or its
+    /// terminal status (a `running` after those would move it back) or is gone. Returns
+    /// whether it was queued.
+    pub fn push_running_again(&self, job: &JobRef, running: Outbound) -> bool {
+        let mut state = self.lock();
+        let running_lane = state
+            .lanes
+            .iter()
+            .any(|l| l.job == *job && !l.stopping);
+        if running_lane {
+            state.control.push_back(running);
+            drop(state);
+            self.changed.notify_one();
+        }
+        running_lane
     }
 
     /// Marks a `job.heartbeat` due for `job` (coalesced: one pending at most).
@@ -664,7 +687,7 @@ fn pack_chunk(lane: &mut JobLane, max_bytes: usize) -> (Outbound, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{JobAck, JobState, JobStatus};
+    use crate::protocol::{JobAck, JobStatus};
 
     fn job(id: &str) -> JobRef {
         JobRef {
