@@ -19,7 +19,7 @@ use crate::executor::{builtin_executor, ExecutorRegistry, StepMapError};
 use crate::http::{self, HealthView};
 use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, OutboxLimits, Pacer};
+use crate::outbox::{JobAttempt, Outbox, OutboxLimits, Pacer};
 use crate::protocol::{
     new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, JobAck, JobCancel, JobDispatch,
     JobRef, JobReject, JobState, JobStatusData, Outbound, RejectReason,
@@ -103,7 +103,7 @@ pub struct AgentState {
 }
 
 struct RunningJob {
-    job: JobRef,
+    attempt: JobAttempt,
     control: JobControl,
 }
 
@@ -511,7 +511,7 @@ impl Shared {
     }
 
     /// Accepts a job if there is room, under the jobs lock so capacity is exact.
-    fn admit(self: &Arc<Self>, job: &JobRef) -> Option<JobControl> {
+    fn admit(self: &Arc<Self>, job: &JobRef) -> Option<(JobAttempt, JobControl)> {
         let mut jobs = lock(&self.jobs);
         if lock(&self.status).draining {
             drop(jobs);
@@ -524,17 +524,19 @@ impl Shared {
             return None;
         }
         let control = JobControl::default();
+        // Before the ack: what an earlier attempt of this job id left undelivered is dropped.
+        let attempt = self.outbox.begin_attempt(job);
         jobs.insert(
             job.job_id.clone(),
             RunningJob {
-                job: job.clone(),
+                attempt: attempt.clone(),
                 control: control.clone(),
             },
         );
         self.metrics.jobs_active.set(jobs.len() as i64);
         // The ack goes before any work, so a slow clone never misses the ack deadline.
         self.ack(job);
-        Some(control)
+        Some((attempt, control))
     }
 
     /// Frees the job's slot; called by the runner just before its terminal status is queued.
@@ -583,7 +585,10 @@ impl SessionHandler for Shared {
     }
 
     fn registration(&self) -> AgentRegister {
-        let mut in_flight: Vec<JobRef> = lock(&self.jobs).values().map(|j| j.job.clone()).collect();
+        let mut in_flight: Vec<JobRef> = lock(&self.jobs)
+            .values()
+            .map(|j| j.attempt.job.clone())
+            .collect();
         for job in self.outbox.undelivered_jobs() {
             if !in_flight.contains(&job) {
                 in_flight.push(job);
@@ -617,7 +622,7 @@ impl SessionHandler for Shared {
 
     fn on_dispatch(self: Arc<Self>, dispatch: Box<JobDispatch>) {
         let job = dispatch.job_ref();
-        let Some(control) = self.admit(&job) else {
+        let Some((attempt, control)) = self.admit(&job) else {
             return;
         };
         tracing::info!(run_id = %job.run_id, job_id = %job.job_id, job = %dispatch.job_config.name, "Accepting job dispatch");
@@ -633,7 +638,7 @@ impl SessionHandler for Shared {
                 let (shared, job) = (shared.clone(), job.clone());
                 move || shared.release_slot(&job)
             };
-            let state = job::run_job(services, dispatch, control, release).await;
+            let state = job::run_job(services, dispatch, attempt, control, release).await;
             tracing::info!(run_id = %job.run_id, job_id = %job.job_id, state = state.as_str(), "job finished");
             shared.job_done();
         });
@@ -642,6 +647,7 @@ impl SessionHandler for Shared {
     fn on_unreadable_dispatch(&self, job: JobRef, error: String) {
         tracing::error!(run_id = %job.run_id, job_id = %job.job_id, %error, "unreadable job dispatch; failing it");
         // Answer it (REC of spec §4.1): ack, then fail, so it does not wait for the ack deadline.
+        let attempt = self.outbox.begin_attempt(&job);
         self.ack(&job);
         let data = JobStatusData {
             error: Some(format!(
@@ -650,7 +656,7 @@ impl SessionHandler for Shared {
             ..JobStatusData::default()
         };
         self.outbox.push_status(
-            &job,
+            &attempt,
             job::job_status(&job, JobState::Failed, Some(data)),
             true,
         );
@@ -673,7 +679,8 @@ impl SessionHandler for Shared {
             return;
         };
         let control = running.control.clone();
-        let job = running.job.clone();
+        let attempt = running.attempt.clone();
+        let job = &attempt.job;
         let force = cancel.force == Some(true) || control.cancel.is_cancelled();
         tracing::info!(job_id = %job.job_id, reason = %cancel.reason, force, "Job cancel received");
         let (state, line) = if force {
@@ -686,10 +693,10 @@ impl SessionHandler for Shared {
         };
         if let Some(state) = state {
             self.outbox
-                .push_status(&job, job::job_status(&job, state, None), false);
+                .push_status(&attempt, job::job_status(job, state, None), false);
         }
         self.outbox
-            .push_lines_now(&job, job::JOB_LOG_INDEX, vec![line.into()]);
+            .push_lines_now(&attempt, job::JOB_LOG_INDEX, vec![line.into()]);
         drop(jobs);
         if force {
             control.force.cancel();

@@ -14,7 +14,7 @@ use crate::events::{Event, EventQueue};
 use crate::executor::{Executor, ExecutorRegistry, JobContext, StepContext, StepEvent, StepIo};
 use crate::logs::{SecretMasker, StepLog};
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{JobAttempt, Outbox};
 use crate::process::{HandoffFiles, StepEnv};
 use crate::protocol::{
     new_message_id, now_ms, ConcurrencyKind, GitAuthKind, JobDispatch, JobRef, JobState, JobStatus,
@@ -66,10 +66,12 @@ pub(crate) struct JobControl {
 /// Cap on how long we wait for an executor that ignores a forced stop.
 const ABANDON_AFTER_FORCE: Duration = Duration::from_secs(5);
 
-/// Runs one accepted job to its terminal status. Returns the terminal state.
+/// Runs one accepted job to its terminal status, queueing its messages as `attempt`. Returns
+/// the terminal state.
 pub(crate) async fn run_job(
     services: Arc<JobServices>,
     dispatch: Box<JobDispatch>,
+    attempt: JobAttempt,
     control: JobControl,
     release: impl FnOnce() + Send,
 ) -> JobState {
@@ -77,27 +79,27 @@ pub(crate) async fn run_job(
     let job_ref = dispatch.job_ref();
     let outbox = services.outbox.clone();
     outbox.push_status(
-        &job_ref,
+        &attempt,
         job_status(&job_ref, JobState::Running, None),
         false,
     );
 
     let heartbeat = {
         let outbox = outbox.clone();
-        let job_ref = job_ref.clone();
+        let attempt = attempt.clone();
         let period = services.settings.job_heartbeat_interval;
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
                 ticks.tick().await;
-                outbox.job_heartbeat_due(&job_ref);
+                outbox.job_heartbeat_due(&attempt);
             }
         })
     };
 
     let running_resends = resend_running(
         outbox.clone(),
-        job_ref.clone(),
+        attempt.clone(),
         services.settings.running_resends.clone(),
     );
 
@@ -113,6 +115,7 @@ pub(crate) async fn run_job(
             .unwrap_or(services.settings.max_log_size_bytes),
         services: services.clone(),
         job_ref: job_ref.clone(),
+        attempt: attempt.clone(),
         masker,
         control,
         state: Arc::new(Mutex::new(RunState::default())),
@@ -151,7 +154,7 @@ pub(crate) async fn run_job(
     // The slot is free before the orchestrator learns the job ended: it may dispatch the next
     // job the moment the terminal status arrives.
     release();
-    outbox.push_status(&job_ref, job_status(&job_ref, state, Some(data)), true);
+    outbox.push_status(&attempt, job_status(&job_ref, state, Some(data)), true);
     services.metrics.job_finished(state);
     services.events.push(Event::JobFinished {
         run_id: job_ref.run_id.clone(),
@@ -171,7 +174,7 @@ pub(crate) async fn run_job(
 /// was queued, which ends the task.
 fn resend_running(
     outbox: Arc<Outbox>,
-    job_ref: JobRef,
+    attempt: JobAttempt,
     mut delays: Vec<Duration>,
 ) -> tokio::task::JoinHandle<()> {
     delays.sort();
@@ -179,8 +182,8 @@ fn resend_running(
         let first_sent = tokio::time::Instant::now();
         for delay in delays {
             tokio::time::sleep_until(first_sent + delay).await;
-            let running = job_status(&job_ref, JobState::Running, None);
-            if !outbox.push_running_again(&job_ref, running) {
+            let running = job_status(&attempt.job, JobState::Running, None);
+            if !outbox.push_running_again(&attempt, running) {
                 return;
             }
         }
@@ -259,6 +262,8 @@ struct JobRunner {
     /// Per-step log cap: the dispatch's `maxLogSizeBytes`, else the agent's.
     log_cap: u64,
     job_ref: JobRef,
+    /// What the outbox files this job's messages under.
+    attempt: JobAttempt,
     masker: SecretMasker,
     control: JobControl,
     state: Arc<Mutex<RunState>>,
@@ -282,7 +287,7 @@ impl JobRunner {
         let line = self.masker.mask(&line).into_owned();
         self.services
             .outbox
-            .push_lines(&self.job_ref, JOB_LOG_INDEX, vec![line])
+            .push_lines(&self.attempt, JOB_LOG_INDEX, vec![line])
             .await;
     }
 
@@ -533,7 +538,7 @@ impl JobRunner {
         });
         self.services
             .outbox
-            .push_status(&self.job_ref, message, false);
+            .push_status(&self.attempt, message, false);
     }
 
     /// Container jobs (spec §12.3) run every step in their container; others use the registry.
@@ -852,7 +857,7 @@ impl JobRunner {
         self.services.metrics.log_bytes_total.inc_by(bytes as u64);
         self.services
             .outbox
-            .push_lines(&self.job_ref, i64::from(step_index), std::mem::take(lines))
+            .push_lines(&self.attempt, i64::from(step_index), std::mem::take(lines))
             .await;
     }
 

@@ -218,7 +218,14 @@ pub async fn run(
         }),
     });
     let dispatch = Box::new(job.to_dispatch());
-    let job_run = tokio::spawn(job::run_job(services, dispatch, cancel.0.clone(), || {}));
+    let attempt = outbox.begin_attempt(&dispatch.job_ref());
+    let job_run = tokio::spawn(job::run_job(
+        services,
+        dispatch,
+        attempt,
+        cancel.0.clone(),
+        || {},
+    ));
     let mut pacer = Pacer::new(1e9, 1e9, 1e12, 1e12);
     loop {
         let frame = outbox.next_frame(&mut pacer).await;
