@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{fast_config_no_auth, Client, PROMPT};
+use common::{no_auth_config, Client, PROMPT};
 use kici_mock_orchestrator::{sample_dispatch, MockOrchestrator};
 use serde_json::{json, Value};
 
@@ -52,7 +52,7 @@ async fn expect_invalid_message(client: &mut Client) {
 
 #[tokio::test]
 async fn unknown_type_after_register_gets_error_frame_and_4003() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
+    let mock = MockOrchestrator::start(no_auth_config())
         .await
         .unwrap();
     let mut client = Client::registered(&mock, "agent-1").await;
@@ -64,7 +64,7 @@ async fn unknown_type_after_register_gets_error_frame_and_4003() {
 
 #[tokio::test]
 async fn negative_step_index_in_step_status_is_invalid() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
+    let mock = MockOrchestrator::start(no_auth_config())
         .await
         .unwrap();
     let mut client = client_with_job(&mock).await;
@@ -80,7 +80,7 @@ async fn negative_step_index_in_step_status_is_invalid() {
 
 #[tokio::test]
 async fn a_clean_job_leaves_no_violations() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
+    let mock = MockOrchestrator::start(no_auth_config())
         .await
         .unwrap();
     let mut client = client_with_job(&mock).await;
@@ -120,7 +120,7 @@ async fn a_clean_job_leaves_no_violations() {
 
 #[tokio::test]
 async fn object_data_error_is_accepted_but_recorded_as_a_violation() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
+    let mock = MockOrchestrator::start(no_auth_config())
         .await
         .unwrap();
     let mut client = client_with_job(&mock).await;
@@ -146,7 +146,7 @@ async fn object_data_error_is_accepted_but_recorded_as_a_violation() {
 
 #[tokio::test]
 async fn messages_for_jobs_not_owned_are_dropped_and_five_close_1001() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
+    let mock = MockOrchestrator::start(no_auth_config())
         .await
         .unwrap();
     let mut client = client_with_job(&mock).await;
@@ -167,7 +167,7 @@ async fn messages_for_jobs_not_owned_are_dropped_and_five_close_1001() {
 
 #[tokio::test]
 async fn feature_requests_get_unavailable_answers() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
+    let mock = MockOrchestrator::start(no_auth_config())
         .await
         .unwrap();
     let mut client = client_with_job(&mock).await;
@@ -185,7 +185,7 @@ async fn feature_requests_get_unavailable_answers() {
 
 #[tokio::test]
 async fn wait_for_wakes_on_arrival() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
+    let mock = MockOrchestrator::start(no_auth_config())
         .await
         .unwrap();
     let mut client = Client::registered(&mock, "agent-1").await;
