@@ -343,7 +343,11 @@ impl Outbox {
         state.control.retain(|message| !same_job(message));
         let mut dropped = control_before - state.control.len();
         let mut freed_bytes = 0;
-        for lane in state.lanes.iter_mut().filter(|l| l.job.job_id == job.job_id) {
+        for lane in state
+            .lanes
+            .iter_mut()
+            .filter(|l| l.job.job_id == job.job_id)
+        {
             dropped += lane.statuses.len() + lane.lines.len() + usize::from(lane.heartbeat_due);
             freed_bytes += lane.lines.iter().map(|l| l.text.len()).sum::<usize>();
             lane.statuses.clear();
@@ -396,7 +400,8 @@ impl Outbox {
             return;
         };
         let barrier = lane.lines_queued;
-        let cancelling = matches!(&message, Outbound::JobStatus(s) if s.state == JobState::Cancelling);
+        let cancelling =
+            matches!(&message, Outbound::JobStatus(s) if s.state == JobState::Cancelling);
         lane.stopping |= terminal || cancelling;
         lane.statuses.push_back(PendingStatus {
             barrier,
@@ -1032,5 +1037,4 @@ mod tests {
         assert!(outbox.undelivered_jobs().is_empty());
         assert!(outbox.lock().lanes.is_empty());
     }
-
 }

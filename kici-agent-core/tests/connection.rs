@@ -183,10 +183,7 @@ async fn ready_is_503_until_registered_and_after_a_disconnect_then_reconnects_at
     h.mock.set_accepting(false);
     h.mock.disconnect(&h.agent_id(), 1001).await.unwrap();
     // The refused attempts after it climb again from the first step.
-    assert_eq!(
-        scheduled_reconnects(&h.agent, 2).await,
-        [(0, 10), (1, 15)]
-    );
+    assert_eq!(scheduled_reconnects(&h.agent, 2).await, [(0, 10), (1, 15)]);
     assert!(!h.agent.state().registered);
     assert_eq!(h.http_get("/ready").await.0, 503);
     let metrics = h.http_get("/metrics").await.1;

@@ -58,7 +58,9 @@ async fn a_job_survives_an_ack_deadline_armed_after_its_ack_and_running() {
         .filter(|m| m["type"] == "job.ack" || m["type"] == "job.status")
         .map(|m| {
             let text = |key: &str| m[key].as_str().unwrap_or_default().to_owned();
-            format!("{} {}", text("type"), text("state")).trim_end().to_owned()
+            format!("{} {}", text("type"), text("state"))
+                .trim_end()
+                .to_owned()
         })
         .collect();
     assert_eq!(
@@ -134,13 +136,19 @@ async fn a_job_dispatched_again_after_a_cancel_does_not_inherit_the_first_attemp
     )
     .await;
     h.registered().await;
-    let log = format!("seq 1 2000 | sed 's/^/old /; s/$/ {}/'; sleep 30", "x".repeat(70));
+    let log = format!(
+        "seq 1 2000 | sed 's/^/old /; s/$/ {}/'; sleep 30",
+        "x".repeat(70)
+    );
     let step = json!([{"name": "s", "run": log}]);
     let run = h.dispatch("again", step).await;
     // Cancel once the whole log is queued (the step then only sleeps).
     let deadline = std::time::Instant::now() + WAIT;
     while metric(&h, "kici_agent_outbox_backlog_bytes").await < 100_000.0 {
-        assert!(std::time::Instant::now() < deadline, "the log never queued up");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the log never queued up"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     h.mock
@@ -155,7 +163,11 @@ async fn a_job_dispatched_again_after_a_cancel_does_not_inherit_the_first_attemp
             .filter(|m| m["jobId"] == "again" && m["state"] == state)
             .count()
     };
-    assert_eq!(statuses("cancelled"), 0, "the first attempt's end was delivered already");
+    assert_eq!(
+        statuses("cancelled"),
+        0,
+        "the first attempt's end was delivered already"
+    );
     h.dispatch("again", json!([{"name": "s", "run": "echo new"}]))
         .await;
 
@@ -174,7 +186,9 @@ async fn a_job_dispatched_again_after_a_cancel_does_not_inherit_the_first_attemp
         })
         .collect();
     assert!(
-        after.iter().all(|m| !m.contains("old") && !m.contains("cancel")),
+        after
+            .iter()
+            .all(|m| !m.contains("old") && !m.contains("cancel")),
         "{after:?}"
     );
     assert!(after.contains(&"lines [\"new\"]".to_string()), "{after:?}");

@@ -767,9 +767,7 @@ mod tests {
         let expiry = session.next_deadline();
         assert_eq!(expiry, arm_at + session.shared.config.dispatch_ack_timeout);
         let actions = session.on_timer(expiry);
-        assert!(
-            matches!(&actions[0], Action::Send(text) if text.contains("dispatch ack timeout"))
-        );
+        assert!(matches!(&actions[0], Action::Send(text) if text.contains("dispatch ack timeout")));
         assert_eq!(close_code(&actions), Some(4031));
         assert_eq!(
             session.shared.requeued(),

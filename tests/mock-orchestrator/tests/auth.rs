@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{auth_request, token_config, no_auth_config, register, Client, PROMPT};
+use common::{auth_request, no_auth_config, register, token_config, Client, PROMPT};
 use std::time::Duration;
 
 use kici_mock_orchestrator::{MockConfig, MockOrchestrator, TEST_TOKEN};
@@ -148,9 +148,7 @@ async fn auth_and_registration_timeouts_are_4002() {
 
 #[tokio::test]
 async fn none_mode_registers_directly_and_rejects_auth_request() {
-    let mock = MockOrchestrator::start(no_auth_config())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = Client::connect(&mock.ws_url()).await;
     client.send(&register("free-agent")).await;
     assert_eq!(client.recv().await["type"], "register.ack");
@@ -172,9 +170,7 @@ async fn none_mode_registers_directly_and_rejects_auth_request() {
 
 #[tokio::test]
 async fn invalid_register_is_4003_without_error_frame() {
-    let mock = MockOrchestrator::start(no_auth_config())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = Client::connect(&mock.ws_url()).await;
     let mut bad = register("bad");
     bad["maxConcurrency"] = json!(0);
@@ -213,9 +209,7 @@ async fn malformed_json_is_4003() {
 
 #[tokio::test]
 async fn refused_while_not_accepting_then_back_on_the_same_port() {
-    let mock = MockOrchestrator::start(no_auth_config())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let addr = mock
         .ws_url()
         .trim_start_matches("ws://")

@@ -77,9 +77,7 @@ async fn running_status_counts_as_ack_and_latency_is_recorded() {
 
 #[tokio::test]
 async fn cancel_carries_force_only_when_set() {
-    let mock = MockOrchestrator::start(no_auth_config())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = Client::registered(&mock, "agent-1").await;
     mock.cancel("agent-1", "run-1", "job-1", false)
         .await
@@ -96,9 +94,7 @@ async fn cancel_carries_force_only_when_set() {
 
 #[tokio::test]
 async fn commands_to_unknown_agents_fail() {
-    let mock = MockOrchestrator::start(no_auth_config())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     assert!(matches!(
         mock.dispatch("ghost", dispatch("job-1")).await,
         Err(MockError::UnknownAgent(_))
@@ -113,9 +109,7 @@ async fn commands_to_unknown_agents_fail() {
 
 #[tokio::test]
 async fn send_raw_and_server_disconnect() {
-    let mock = MockOrchestrator::start(no_auth_config())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = Client::registered(&mock, "agent-1").await;
     mock.send_raw("agent-1", r#"{"type":"future.thing","x":1}"#)
         .await
@@ -130,9 +124,7 @@ async fn send_raw_and_server_disconnect() {
 
 #[tokio::test]
 async fn agent_close_is_recorded() {
-    let mock = MockOrchestrator::start(no_auth_config())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let client = Client::registered(&mock, "agent-1").await;
     client.close(1000, "Auth failed").await;
     let close = mock.wait_for_close(|_| true, PROMPT).await.unwrap();

@@ -82,9 +82,7 @@ async fn sustained_violation_closes_4003() {
 
 #[tokio::test]
 async fn a_3_mib_frame_exceeds_the_byte_burst() {
-    let mock = MockOrchestrator::start(no_auth_config())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = Client::registered(&mock, "agent-1").await;
     let big_line = "x".repeat(3 * 1024 * 1024);
     client
