@@ -240,19 +240,23 @@ impl State {
         })
     }
 
-    /// The attempt's lane, or `None` (and the message counted as dropped) when a later
-    /// attempt of the job superseded it; a superseded lane goes with its terminal status.
+    /// The attempt's lane, or `None` when a later attempt of the job superseded it: the
+    /// `items` being queued are then counted as dropped, and a superseded lane goes with its
+    /// terminal status.
     fn live_lane(
         &mut self,
         attempt: &JobAttempt,
         terminal: bool,
+        items: usize,
         metrics: &Metrics,
     ) -> Option<&mut JobLane> {
         let index = self.lane_index(attempt);
         if !self.lanes[index].superseded {
             return Some(&mut self.lanes[index]);
         }
-        metrics.superseded_messages_dropped_total.inc();
+        metrics
+            .superseded_messages_dropped_total
+            .inc_by(items as u64);
         if terminal {
             self.lanes.remove(index);
         }
@@ -396,7 +400,7 @@ impl Outbox {
         let mut state = self.lock();
         let seq = state.next_status_seq;
         state.next_status_seq += 1;
-        let Some(lane) = state.live_lane(attempt, terminal, &self.metrics) else {
+        let Some(lane) = state.live_lane(attempt, terminal, 1, &self.metrics) else {
             return;
         };
         let barrier = lane.lines_queued;
@@ -435,7 +439,7 @@ impl Outbox {
 
     /// Marks a `job.heartbeat` due for `attempt` (coalesced: one pending at most).
     pub fn job_heartbeat_due(&self, attempt: &JobAttempt) {
-        if let Some(lane) = self.lock().live_lane(attempt, false, &self.metrics) {
+        if let Some(lane) = self.lock().live_lane(attempt, false, 1, &self.metrics) {
             lane.heartbeat_due = true;
         }
         self.changed.notify_one();
@@ -514,7 +518,7 @@ impl Outbox {
         lines: Vec<String>,
     ) {
         let added: usize = lines.iter().map(String::len).sum();
-        let Some(lane) = state.live_lane(attempt, false, &self.metrics) else {
+        let Some(lane) = state.live_lane(attempt, false, lines.len(), &self.metrics) else {
             return;
         };
         lane.oldest_line_at.get_or_insert_with(Instant::now);
@@ -1007,9 +1011,9 @@ mod tests {
         outbox.push_control(ack(&second.job));
         outbox.push_status(&second, status(&second.job, JobState::Running), false);
         // The first attempt ends late: its terminal status goes nowhere.
-        outbox.push_lines(&first, 0, vec!["old".into()]).await;
+        outbox.push_lines(&first, 0, vec!["old".into(); 2]).await;
         outbox.push_status(&first, status(&first.job, JobState::Cancelled), true);
-        assert_eq!(metrics.superseded_messages_dropped_total.get(), 8);
+        assert_eq!(metrics.superseded_messages_dropped_total.get(), 9);
         assert!(!outbox.push_running_again(&first, status(&first.job, JobState::Running)));
         outbox.push_lines(&second, 0, vec!["new".into()]).await;
         outbox.push_status(&second, status(&second.job, JobState::Success), true);

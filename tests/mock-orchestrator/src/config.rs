@@ -76,8 +76,8 @@ pub struct MockConfig {
     /// `job.reject` before then erases that early ack, and the deadline is armed with nothing
     /// left to resolve it. `None`: armed when the dispatch is sent.
     pub ack_lookup_delay: Option<Duration>,
-    /// Close every connection with this code right after its `register.ack`, as an
-    /// orchestrator busy recovering may (issue 12 §3); `None`: keep it.
+    /// Close every connection with this code right after its `register.ack`, as the real one
+    /// did several times in a row while recovering; `None`: keep it.
     pub close_after_register_ack: Option<u16>,
     /// WebSocket port on 127.0.0.1; 0 picks a free one.
     pub port: u16,
