@@ -2149,6 +2149,46 @@ mod tests {
     }
 
     #[test]
+    fn builder_validates_the_reconnect_policy_and_running_resends() {
+        let messages = |builder: AgentConfigBuilder| match builder.build() {
+            Err(ConfigError::Invalid(found)) => found
+                .into_iter()
+                .map(|issue| format!("{}: {}", issue.setting, issue.message))
+                .collect::<Vec<_>>(),
+            other => panic!("expected invalid values, got {other:?}"),
+        };
+        let policy = ReconnectPolicy::default();
+        let found = messages(
+            AgentConfig::builder(URL)
+                .with_reconnect(ReconnectPolicy {
+                    initial_delay: Duration::ZERO,
+                    jitter: 1.5,
+                    ..policy
+                })
+                .with_running_resends(vec![Duration::from_secs(8 * 24 * 3600)]),
+        );
+        assert_eq!(
+            found,
+            [
+                "reconnect: initial_delay must be greater than 0 and at most max_delay",
+                "reconnect: jitter must be within 0..=1, got 1.5",
+                "running_resends: each must be at most 7 days"
+            ]
+        );
+        let found = messages(AgentConfig::builder(URL).with_reconnect(ReconnectPolicy {
+            initial_delay: Duration::from_secs(61),
+            stable_after: Duration::from_secs(8 * 24 * 3600),
+            ..policy
+        }));
+        assert_eq!(found.len(), 2, "{found:?}");
+        let built = AgentConfig::builder(URL)
+            .with_reconnect(policy)
+            .with_running_resends(Vec::new())
+            .build();
+        assert!(built.is_ok_and(|c| c.reconnect == policy && c.running_resends.is_empty()));
+    }
+
+    #[test]
     fn the_step_map_must_be_a_readable_file() {
         let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
         let c = config(&[(var::STEP_MAP, manifest)]);
