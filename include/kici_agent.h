@@ -317,7 +317,8 @@ kici_result kici_agent_wait(const struct kici_agent *agent,
 /**
  * The next event, waiting up to `timeout_ms` (`KICI_WAIT_FOREVER` or over a year: no limit),
  * as one JSON object with a `type`:
- * `registered` {agentId}; `disconnected`; `auth_failed` {reason};
+ * `registered` {agentId}; `disconnected`; `reconnect_scheduled` {attempt, delayMs};
+ * `auth_failed` {reason};
  * `job_started` {runId, jobId, name}; `job_rejected` {runId, jobId, reason};
  * `step_finished` {runId, jobId, stepIndex, stepName, state, durationMs, error?};
  * `job_finished` {runId, jobId, name, state, durationMs, error?}; `stopped`.

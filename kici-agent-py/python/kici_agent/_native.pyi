@@ -225,7 +225,8 @@ class AgentState:
 @final
 class Event:
     """Something the agent did. ``type`` says what; the other attributes are ``None`` unless
-    that kind of event has them: ``registered`` (agent_id), ``disconnected``, ``auth_failed``
+    that kind of event has them: ``registered`` (agent_id), ``disconnected``,
+    ``reconnect_scheduled`` (``attempt`` and ``delayMs`` in ``to_dict()``), ``auth_failed``
     (reason), ``job_started`` (run_id, job_id, name), ``job_rejected`` (run_id, job_id,
     reason), ``step_finished`` (run_id, job_id, step_index, step_name, state, duration_ms,
     error), ``job_finished`` (run_id, job_id, name, state, duration_ms, error), ``stopped``."""

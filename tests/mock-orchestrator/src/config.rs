@@ -69,6 +69,16 @@ pub struct MockConfig {
     pub heartbeat_timeout: Duration,
     /// Simulated duration of the asynchronous token lookup; any frame arriving meanwhile is a 4003.
     pub auth_check_delay: Duration,
+    /// Opt-in reproduction of the real orchestrator's late ack deadline (v0.1.24
+    /// `dispatcher.ts`): the deadline is armed only this long after the dispatch went out (the
+    /// time its ack-timeout lookup takes). A `job.ack` before then is remembered as an early
+    /// ack and the deadline is not armed; but a `job.status running`, a terminal status or a
+    /// `job.reject` before then erases that early ack, and the deadline is armed with nothing
+    /// left to resolve it. `None`: armed when the dispatch is sent.
+    pub ack_lookup_delay: Option<Duration>,
+    /// Close every connection with this code right after its `register.ack`, as the real one
+    /// did several times in a row while recovering; `None`: keep it.
+    pub close_after_register_ack: Option<u16>,
     /// WebSocket port on 127.0.0.1; 0 picks a free one.
     pub port: u16,
     /// Print every frame, close and violation to stderr (defaults to `KICI_MOCK_TRACE` being set).
@@ -85,6 +95,8 @@ impl Default for MockConfig {
             dispatch_ack_timeout: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(180),
             auth_check_delay: Duration::from_millis(20),
+            ack_lookup_delay: None,
+            close_after_register_ack: None,
             port: 0,
             trace: std::env::var_os("KICI_MOCK_TRACE").is_some(),
         }

@@ -1,7 +1,7 @@
 //! One agent connection: the orchestrator's per-socket state machine (protocol.md §1.1, §1.2, §2,
 //! §3, §5.1, §7) and the socket loop that feeds it frames, test commands and timer ticks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -228,6 +228,13 @@ struct PendingAck {
     deadline: Instant,
 }
 
+/// A dispatch whose ack deadline is not armed yet ([`crate::MockConfig::ack_lookup_delay`]).
+#[derive(Debug)]
+struct UnarmedAck {
+    run_id: String,
+    arm_at: Instant,
+}
+
 /// Protocol state of one connection. Pure apart from recording into [`Shared`].
 struct Session {
     shared: Arc<Shared>,
@@ -236,6 +243,10 @@ struct Session {
     limiter: RateLimiter,
     last_heartbeat: Instant,
     pending_acks: HashMap<String, PendingAck>,
+    /// Dispatches whose deadline is armed later (the orchestrator's ack-timeout lookup).
+    unarmed_acks: HashMap<String, UnarmedAck>,
+    /// Jobs whose `job.ack` came while no deadline was armed.
+    early_acks: HashSet<String>,
     ownership_strikes: VecDeque<Instant>,
 }
 
@@ -257,6 +268,8 @@ impl Session {
             phase,
             last_heartbeat: now,
             pending_acks: HashMap::new(),
+            unarmed_acks: HashMap::new(),
+            early_acks: HashSet::new(),
             ownership_strikes: VecDeque::new(),
         }
     }
@@ -272,8 +285,63 @@ impl Session {
             .pending_acks
             .values()
             .map(|pending| pending.deadline)
+            .chain(self.unarmed_acks.values().map(|unarmed| unarmed.arm_at))
             .min();
         first_ack.map_or(phase_deadline, |ack| ack.min(phase_deadline))
+    }
+
+    /// Arms the deadlines whose lookup has finished by `now`, unless an early ack is on
+    /// record (the real `armAckDeadline`). Run before anything else at `now`, so a frame that
+    /// arrives after the arming time finds the deadline armed even if the timer fires late.
+    fn arm_due_deadlines(&mut self, now: Instant) {
+        let due: Vec<String> = self
+            .unarmed_acks
+            .iter()
+            .filter(|(_, unarmed)| unarmed.arm_at <= now)
+            .map(|(job_id, _)| job_id.clone())
+            .collect();
+        for job_id in due {
+            let Some(unarmed) = self.unarmed_acks.remove(&job_id) else {
+                continue;
+            };
+            if self.early_acks.remove(&job_id) {
+                continue;
+            }
+            let deadline = unarmed.arm_at + self.shared.config.dispatch_ack_timeout;
+            self.pending_acks.insert(
+                job_id,
+                PendingAck {
+                    run_id: unarmed.run_id,
+                    deadline,
+                },
+            );
+        }
+    }
+
+    /// What a job-scoped message does to the ack deadline of its job, as the real dispatcher
+    /// handles it: `job.ack` resolves an armed deadline or is remembered as an early ack;
+    /// `job.reject`, `job.status running` and a terminal `job.status` resolve an armed deadline
+    /// and erase any early ack (`resolvePendingAck`).
+    fn settle_ack(&mut self, msg_type: &str, msg: &Value, job_id: &str, now: Instant) {
+        let state = msg["state"].as_str().unwrap_or_default();
+        let counts_as_ack = matches!(msg_type, "job.ack" | "job.reject")
+            || (msg_type == "job.status" && state == "running");
+        if counts_as_ack {
+            self.shared.mark_acked(job_id, now);
+        }
+        let resolves = counts_as_ack
+            || (msg_type == "job.status" && matches!(state, "success" | "failed" | "cancelled"));
+        if !resolves {
+            return;
+        }
+        let was_armed = self.pending_acks.remove(job_id).is_some();
+        if msg_type == "job.ack" {
+            if !was_armed {
+                self.early_acks.insert(job_id.to_string());
+            }
+        } else {
+            self.early_acks.remove(job_id);
+        }
     }
 
     fn record(&self, at: Instant, text_len: usize, msg: Value, accepted: bool) {
@@ -299,6 +367,7 @@ impl Session {
 
     fn on_text(&mut self, text: &str) -> Vec<Action> {
         let now = Instant::now();
+        self.arm_due_deadlines(now);
         let text_len = text.encode_utf16().count();
         let msg: Value = match serde_json::from_str(text) {
             Ok(msg) => msg,
@@ -393,7 +462,11 @@ impl Session {
         self.phase = Phase::Registered { agent_id };
         // Registration counts as a heartbeat (§1.1).
         self.last_heartbeat = now;
-        vec![send(messages::register_ack(msg))]
+        let ack = send(messages::register_ack(msg));
+        match self.shared.config.close_after_register_ack {
+            Some(code) => vec![ack, close(code, "Closing right after registration")],
+            None => vec![ack],
+        }
     }
 
     fn on_registered_frame(
@@ -438,12 +511,7 @@ impl Session {
             if !self.shared.owns_job(agent_id, &job_id) {
                 return self.ownership_violation(now, text_len, msg, agent_id);
             }
-            let acknowledges = matches!(msg_type.as_str(), "job.ack" | "job.reject")
-                || (msg_type == "job.status" && msg["state"] == "running");
-            if acknowledges {
-                self.pending_acks.remove(&job_id);
-                self.shared.mark_acked(&job_id, now);
-            }
+            self.settle_ack(&msg_type, &msg, &job_id, now);
             self.record(now, text_len, msg, true);
             return Vec::new();
         }
@@ -489,6 +557,7 @@ impl Session {
     }
 
     fn on_timer(&mut self, now: Instant) -> Vec<Action> {
+        self.arm_due_deadlines(now);
         let config = &self.shared.config;
         match &self.phase {
             Phase::AwaitingAuth { deadline } if now >= *deadline => {
@@ -532,6 +601,8 @@ impl Session {
                 "job {job_id} not acknowledged within {:?} of its dispatch",
                 config.dispatch_ack_timeout
             ));
+            // The real one requeues the job for another dispatch once the agent is gone.
+            self.shared.record_requeue(job_id, "dispatch ack timeout");
             return vec![
                 send(messages::job_cancel(
                     &pending.run_id,
@@ -553,10 +624,19 @@ impl Session {
                 job_id,
                 text,
             } => {
-                let deadline = now + self.shared.config.dispatch_ack_timeout;
                 self.shared.mark_dispatched(&job_id, now);
-                self.pending_acks
-                    .insert(job_id, PendingAck { run_id, deadline });
+                match self.shared.config.ack_lookup_delay {
+                    Some(lookup) => {
+                        let arm_at = now + lookup;
+                        self.unarmed_acks
+                            .insert(job_id, UnarmedAck { run_id, arm_at });
+                    }
+                    None => {
+                        let deadline = now + self.shared.config.dispatch_ack_timeout;
+                        self.pending_acks
+                            .insert(job_id, PendingAck { run_id, deadline });
+                    }
+                }
                 vec![Action::Send(text)]
             }
             Command::Close { code, reason } => vec![Action::Close { code, reason }],
@@ -636,6 +716,76 @@ mod tests {
         }
         assert_eq!(close_code(&session.on_text(&ack)), Some(1001));
         assert_eq!(session.shared.violations().len(), 5);
+    }
+
+    /// A registered session of agent `a` whose ack deadlines are armed a minute after the
+    /// dispatch, with job `j` just dispatched to it; returns the arming moment.
+    fn session_with_late_arming() -> (Session, Instant) {
+        let config = MockConfig {
+            auth: AuthMode::None,
+            ack_lookup_delay: Some(Duration::from_secs(60)),
+            ..MockConfig::default()
+        };
+        let mut session = Session::new(Arc::new(Shared::new(config)), 1, Instant::now());
+        session.on_text(&register_text("a"));
+        session.shared.set_job_owner("j", "a");
+        let sent = Instant::now();
+        let dispatch = Command::Dispatch {
+            run_id: "r".into(),
+            job_id: "j".into(),
+            text: "{}".into(),
+        };
+        assert_eq!(session.on_command(dispatch, sent).len(), 1);
+        (session, sent + Duration::from_secs(60))
+    }
+
+    fn job_text(msg_type: &str, state: Option<&str>) -> String {
+        let mut msg = json!({"type": msg_type, "messageId": "m", "runId": "r", "jobId": "j",
+                             "timestamp": 1});
+        if let Some(state) = state {
+            msg["state"] = json!(state);
+        }
+        msg.to_string()
+    }
+
+    #[test]
+    fn an_early_ack_keeps_a_late_deadline_from_being_armed() {
+        let (mut session, arm_at) = session_with_late_arming();
+        assert!(session.on_text(&job_text("job.ack", None)).is_empty());
+        assert!(session.on_timer(arm_at).is_empty());
+        assert!(session.pending_acks.is_empty());
+        let long_after = arm_at + session.shared.config.dispatch_ack_timeout * 2;
+        assert_eq!(close_code(&session.on_timer(long_after)), None);
+    }
+
+    #[test]
+    fn running_before_the_late_arming_erases_the_early_ack_and_the_deadline_fires() {
+        let (mut session, arm_at) = session_with_late_arming();
+        session.on_text(&job_text("job.ack", None));
+        session.on_text(&job_text("job.status", Some("running")));
+        assert!(session.on_timer(arm_at).is_empty());
+        let expiry = session.next_deadline();
+        assert_eq!(expiry, arm_at + session.shared.config.dispatch_ack_timeout);
+        let actions = session.on_timer(expiry);
+        assert!(matches!(&actions[0], Action::Send(text) if text.contains("dispatch ack timeout")));
+        assert_eq!(close_code(&actions), Some(4031));
+        assert_eq!(
+            session.shared.requeued(),
+            [("j".to_string(), "dispatch ack timeout".to_string())]
+        );
+    }
+
+    #[test]
+    fn running_after_the_late_arming_resolves_the_deadline() {
+        let (mut session, arm_at) = session_with_late_arming();
+        session.on_text(&job_text("job.ack", None));
+        session.on_text(&job_text("job.status", Some("running")));
+        session.on_timer(arm_at);
+        assert_eq!(session.pending_acks.len(), 1);
+        session.on_text(&job_text("job.status", Some("running")));
+        assert!(session.pending_acks.is_empty());
+        let long_after = arm_at + session.shared.config.dispatch_ack_timeout * 2;
+        assert_eq!(close_code(&session.on_timer(long_after)), None);
     }
 
     #[test]

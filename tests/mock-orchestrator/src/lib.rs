@@ -248,6 +248,12 @@ impl MockOrchestrator {
         self.shared().ack_latency(job_id)
     }
 
+    /// `(jobId, reason)` of every job taken back from its agent (a missed ack deadline), to be
+    /// dispatched again by the test as the real orchestrator would; in order.
+    pub fn requeued(&self) -> Vec<(String, String)> {
+        self.shared().requeued()
+    }
+
     fn channel(
         &self,
         agent_id: &str,

@@ -12,7 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 const USAGE: &str = "usage: kici-mock-orchestrator [--token TOKEN | --no-auth] [--port P] \
 [--ack-timeout-ms N] [--auth-timeout-ms N] [--register-timeout-ms N] [--heartbeat-timeout-ms N] \
-[--trace]
+[--ack-lookup-delay-ms N] [--close-after-register-ack CODE] [--trace]
   default token: the library's TEST_TOKEN";
 
 /// A command line the binary cannot run with.
@@ -45,6 +45,10 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<MockConfig, Usag
             "--auth-timeout-ms" => config.auth_timeout = millis(&flag, value()?)?,
             "--register-timeout-ms" => config.register_timeout = millis(&flag, value()?)?,
             "--heartbeat-timeout-ms" => config.heartbeat_timeout = millis(&flag, value()?)?,
+            "--ack-lookup-delay-ms" => config.ack_lookup_delay = Some(millis(&flag, value()?)?),
+            "--close-after-register-ack" => {
+                config.close_after_register_ack = Some(number(&flag, value()?)?);
+            }
             _ => return Err(UsageError::Unknown(flag)),
         }
     }
@@ -95,5 +99,36 @@ async fn main() -> ExitCode {
             eprintln!("kici-mock-orchestrator: {err}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<MockConfig, UsageError> {
+        parse_args(args.iter().map(|arg| arg.to_string()))
+    }
+
+    #[test]
+    fn the_opt_in_orchestrator_behaviours_have_flags() {
+        let config = parse(&[
+            "--ack-lookup-delay-ms",
+            "1500",
+            "--close-after-register-ack",
+            "1012",
+        ])
+        .unwrap();
+        assert_eq!(config.ack_lookup_delay, Some(Duration::from_millis(1500)));
+        assert_eq!(config.close_after_register_ack, Some(1012));
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(
+            (defaults.ack_lookup_delay, defaults.close_after_register_ack),
+            (None, None)
+        );
+        assert!(matches!(
+            parse(&["--close-after-register-ack", "x"]),
+            Err(UsageError::NotANumber { .. })
+        ));
     }
 }

@@ -71,6 +71,8 @@ struct State {
     job_owner: HashMap<String, String>,
     dispatched_at: HashMap<String, Instant>,
     ack_latency: HashMap<String, Duration>,
+    /// `(jobId, reason)` of jobs the mock took back from an agent, in order.
+    requeued: Vec<(String, String)>,
     violations: Vec<String>,
     rate_limit_warnings: usize,
     dropped_by_rate_limit: usize,
@@ -295,6 +297,17 @@ impl Shared {
 
     pub(crate) fn dropped_by_rate_limit(&self) -> usize {
         self.lock().dropped_by_rate_limit
+    }
+
+    /// Records that a job was taken back from its agent to be dispatched again.
+    pub(crate) fn record_requeue(&self, job_id: &str, reason: &str) {
+        self.lock()
+            .requeued
+            .push((job_id.to_string(), reason.to_string()));
+    }
+
+    pub(crate) fn requeued(&self) -> Vec<(String, String)> {
+        self.lock().requeued.clone()
     }
 
     pub(crate) fn ack_latency(&self, job_id: &str) -> Option<Duration> {

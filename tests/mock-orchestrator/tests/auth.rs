@@ -2,13 +2,15 @@
 
 mod common;
 
-use common::{auth_request, fast_config, fast_config_no_auth, register, Client, PROMPT};
-use kici_mock_orchestrator::{MockOrchestrator, TEST_TOKEN};
+use common::{auth_request, no_auth_config, register, token_config, Client, PROMPT};
+use std::time::Duration;
+
+use kici_mock_orchestrator::{MockConfig, MockOrchestrator, TEST_TOKEN};
 use serde_json::json;
 
 #[tokio::test]
 async fn token_success_then_register_ack() {
-    let mock = MockOrchestrator::start(fast_config()).await.unwrap();
+    let mock = MockOrchestrator::start(token_config()).await.unwrap();
     let mut client = Client::connect(&mock.ws_url()).await;
     client.send(&auth_request(TEST_TOKEN)).await;
     let success = client.recv().await;
@@ -36,7 +38,7 @@ async fn token_success_then_register_ack() {
 
 #[tokio::test]
 async fn wrong_token_gets_auth_failure_and_4010() {
-    let mock = MockOrchestrator::start(fast_config()).await.unwrap();
+    let mock = MockOrchestrator::start(token_config()).await.unwrap();
     let mut client = Client::connect(&mock.ws_url()).await;
     client.send(&auth_request("kat_wrong")).await;
     assert_eq!(
@@ -55,7 +57,7 @@ async fn wrong_token_gets_auth_failure_and_4010() {
 
 #[tokio::test]
 async fn frame_sent_before_auth_success_closes_4003() {
-    let mock = MockOrchestrator::start(fast_config()).await.unwrap();
+    let mock = MockOrchestrator::start(token_config()).await.unwrap();
     let mut client = Client::connect(&mock.ws_url()).await;
     client.send(&auth_request(TEST_TOKEN)).await;
     client.send(&register("eager")).await;
@@ -70,7 +72,7 @@ async fn frame_sent_before_auth_success_closes_4003() {
 
 #[tokio::test]
 async fn heartbeat_before_register_in_token_mode_is_4010() {
-    let mock = MockOrchestrator::start(fast_config()).await.unwrap();
+    let mock = MockOrchestrator::start(token_config()).await.unwrap();
     let mut client = Client::connect(&mock.ws_url()).await;
     client
         .send(&json!({"type": "heartbeat", "timestamp": common::now_ms()}))
@@ -84,7 +86,7 @@ async fn heartbeat_before_register_in_token_mode_is_4010() {
 
 #[tokio::test]
 async fn heartbeat_after_auth_but_before_register_is_4003() {
-    let mock = MockOrchestrator::start(fast_config()).await.unwrap();
+    let mock = MockOrchestrator::start(token_config()).await.unwrap();
     let mut client = Client::connect(&mock.ws_url()).await;
     client.send(&auth_request(TEST_TOKEN)).await;
     assert_eq!(client.recv().await["type"], "auth.success");
@@ -102,7 +104,7 @@ async fn heartbeat_after_auth_but_before_register_is_4003() {
 
 #[tokio::test]
 async fn protocol_version_zero_is_4005() {
-    let mock = MockOrchestrator::start(fast_config()).await.unwrap();
+    let mock = MockOrchestrator::start(token_config()).await.unwrap();
     let mut client = Client::connect(&mock.ws_url()).await;
     client
         .send(&json!({"type": "auth.request", "token": TEST_TOKEN, "protocolVersion": 0}))
@@ -116,13 +118,25 @@ async fn protocol_version_zero_is_4005() {
 
 #[tokio::test]
 async fn auth_and_registration_timeouts_are_4002() {
-    let mock = MockOrchestrator::start(fast_config()).await.unwrap();
+    let mock = MockOrchestrator::start(MockConfig {
+        auth_timeout: Duration::from_millis(300),
+        ..token_config()
+    })
+    .await
+    .unwrap();
     let mut silent = Client::connect(&mock.ws_url()).await;
     assert_eq!(
         silent.expect_close().await,
         (Some(4002), "Auth timeout".to_string())
     );
 
+    // Only the registration timer is short here: the auth request need not beat anything.
+    let mock = MockOrchestrator::start(MockConfig {
+        register_timeout: Duration::from_millis(300),
+        ..token_config()
+    })
+    .await
+    .unwrap();
     let mut unregistered = Client::connect(&mock.ws_url()).await;
     unregistered.send(&auth_request(TEST_TOKEN)).await;
     assert_eq!(unregistered.recv().await["type"], "auth.success");
@@ -134,9 +148,7 @@ async fn auth_and_registration_timeouts_are_4002() {
 
 #[tokio::test]
 async fn none_mode_registers_directly_and_rejects_auth_request() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = Client::connect(&mock.ws_url()).await;
     client.send(&register("free-agent")).await;
     assert_eq!(client.recv().await["type"], "register.ack");
@@ -158,9 +170,7 @@ async fn none_mode_registers_directly_and_rejects_auth_request() {
 
 #[tokio::test]
 async fn invalid_register_is_4003_without_error_frame() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = Client::connect(&mock.ws_url()).await;
     let mut bad = register("bad");
     bad["maxConcurrency"] = json!(0);
@@ -173,7 +183,7 @@ async fn invalid_register_is_4003_without_error_frame() {
 async fn heartbeat_timeout_is_4004() {
     let mock = MockOrchestrator::start(kici_mock_orchestrator::MockConfig {
         heartbeat_timeout: std::time::Duration::from_millis(300),
-        ..fast_config_no_auth()
+        ..no_auth_config()
     })
     .await
     .unwrap();
@@ -187,7 +197,7 @@ async fn heartbeat_timeout_is_4004() {
 
 #[tokio::test]
 async fn malformed_json_is_4003() {
-    let mock = MockOrchestrator::start(fast_config()).await.unwrap();
+    let mock = MockOrchestrator::start(token_config()).await.unwrap();
     let mut client = Client::connect(&mock.ws_url()).await;
     client.send_text("{not json").await;
     assert_eq!(
@@ -199,9 +209,7 @@ async fn malformed_json_is_4003() {
 
 #[tokio::test]
 async fn refused_while_not_accepting_then_back_on_the_same_port() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let addr = mock
         .ws_url()
         .trim_start_matches("ws://")

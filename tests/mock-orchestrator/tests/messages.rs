@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{fast_config_no_auth, Client, PROMPT};
+use common::{no_auth_config, Client, PROMPT};
 use kici_mock_orchestrator::{sample_dispatch, MockOrchestrator};
 use serde_json::{json, Value};
 
@@ -52,9 +52,7 @@ async fn expect_invalid_message(client: &mut Client) {
 
 #[tokio::test]
 async fn unknown_type_after_register_gets_error_frame_and_4003() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = Client::registered(&mock, "agent-1").await;
     client.send(&json!({"type": "ack", "messageId": "m"})).await;
     expect_invalid_message(&mut client).await;
@@ -64,9 +62,7 @@ async fn unknown_type_after_register_gets_error_frame_and_4003() {
 
 #[tokio::test]
 async fn negative_step_index_in_step_status_is_invalid() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = client_with_job(&mock).await;
     client
         .send(
@@ -80,9 +76,7 @@ async fn negative_step_index_in_step_status_is_invalid() {
 
 #[tokio::test]
 async fn a_clean_job_leaves_no_violations() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = client_with_job(&mock).await;
     let now = common::now_ms();
     for msg in [
@@ -120,9 +114,7 @@ async fn a_clean_job_leaves_no_violations() {
 
 #[tokio::test]
 async fn object_data_error_is_accepted_but_recorded_as_a_violation() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = client_with_job(&mock).await;
     client
         .send(&job_status(
@@ -146,9 +138,7 @@ async fn object_data_error_is_accepted_but_recorded_as_a_violation() {
 
 #[tokio::test]
 async fn messages_for_jobs_not_owned_are_dropped_and_five_close_1001() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = client_with_job(&mock).await;
     for _ in 0..5 {
         client
@@ -167,9 +157,7 @@ async fn messages_for_jobs_not_owned_are_dropped_and_five_close_1001() {
 
 #[tokio::test]
 async fn feature_requests_get_unavailable_answers() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = client_with_job(&mock).await;
     client
         .send(
@@ -185,9 +173,7 @@ async fn feature_requests_get_unavailable_answers() {
 
 #[tokio::test]
 async fn wait_for_wakes_on_arrival() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = Client::registered(&mock, "agent-1").await;
     let waiter = {
         let mock = mock.clone();

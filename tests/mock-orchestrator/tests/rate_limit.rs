@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{fast_config_no_auth, Client, PROMPT};
+use common::{no_auth_config, Client, PROMPT};
 use kici_mock_orchestrator::{MockConfig, MockOrchestrator, RateLimits};
 use serde_json::json;
 
@@ -20,7 +20,7 @@ async fn over_budget_messages_are_dropped_with_a_warning() {
             msgs_per_sec: 0.5,
             ..RateLimits::default()
         },
-        ..fast_config_no_auth()
+        ..no_auth_config()
     };
     let mock = MockOrchestrator::start(config).await.unwrap();
     // agent.register takes the first token.
@@ -63,7 +63,7 @@ async fn sustained_violation_closes_4003() {
             sustained_violation: Duration::from_millis(100),
             ..RateLimits::default()
         },
-        ..fast_config_no_auth()
+        ..no_auth_config()
     };
     let mock = MockOrchestrator::start(config).await.unwrap();
     let mut client = Client::registered(&mock, "agent-1").await;
@@ -82,9 +82,7 @@ async fn sustained_violation_closes_4003() {
 
 #[tokio::test]
 async fn a_3_mib_frame_exceeds_the_byte_burst() {
-    let mock = MockOrchestrator::start(fast_config_no_auth())
-        .await
-        .unwrap();
+    let mock = MockOrchestrator::start(no_auth_config()).await.unwrap();
     let mut client = Client::registered(&mock, "agent-1").await;
     let big_line = "x".repeat(3 * 1024 * 1024);
     client
@@ -115,7 +113,7 @@ async fn size_is_measured_in_utf16_code_units() {
             byte_burst: 1000.0,
             ..RateLimits::default()
         },
-        ..fast_config_no_auth()
+        ..no_auth_config()
     };
     let mock = MockOrchestrator::start(config).await.unwrap();
     let mut client = Client::registered(&mock, "agent-1").await;
