@@ -5,15 +5,14 @@
 //! `register.ack`: the orchestrator treats any other early frame as fatal (§11.11), so the
 //! outbox is only drained by a registered session.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
@@ -23,6 +22,7 @@ use crate::protocol::{
     now_ms, parse_inbound, AgentRegister, AuthRequest, Heartbeat, Inbound, InboundError, JobCancel,
     JobDispatch, JobRef, Outbound, PROTOCOL_VERSION,
 };
+use crate::tls::Socket;
 
 /// How long a shutdown waits for the orchestrator to answer our close frame.
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
@@ -54,6 +54,8 @@ pub enum ConnectionState {
 pub(crate) trait SessionHandler: Send + Sync {
     /// The connection state changed.
     fn state_changed(&self, state: ConnectionState);
+    /// A socket was lost or could not be opened; the agent will retry.
+    fn connection_lost(&self, reason: &str);
     /// A fresh registration message (with the current `inFlightJobs`).
     fn registration(&self) -> AgentRegister;
     /// A job was dispatched to us.
@@ -72,6 +74,8 @@ pub(crate) struct ConnectionSettings {
     pub heartbeat_interval: Duration,
     pub pacer: Pacer,
     pub connect_timeout: Duration,
+    /// Extra CA certificates trusted for `wss://`.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// The reconnect delay before attempt `attempt` (0-based): min(60 s, 1 s x 1.5^n x U[1, 1.5)).
@@ -86,8 +90,6 @@ enum SessionEnd {
     AuthFailed(String),
     Lost { reason: String, registered: bool },
 }
-
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// Runs the connection until `shutdown` fires or authentication fails for good.
 pub(crate) async fn run(
@@ -123,6 +125,7 @@ pub(crate) async fn run(
                 }
                 let delay = reconnect_delay(attempt, rand::random::<f64>() * 0.5);
                 tracing::warn!(%reason, attempt, delay_ms = delay.as_millis() as u64, "Scheduling reconnect");
+                handler.connection_lost(&reason);
                 attempt = attempt.saturating_add(1);
                 handler.state_changed(ConnectionState::Disconnected);
                 metrics.reconnects_total.inc();
@@ -153,13 +156,12 @@ async fn session(
     };
     let connect = tokio::time::timeout(
         settings.connect_timeout,
-        // Nagle off: a heartbeat or status should not wait behind a delayed ACK.
-        tokio_tungstenite::connect_async_with_config(settings.url.as_str(), None, true),
+        crate::tls::connect(&settings.url, settings.tls_ca_file.as_deref()),
     );
     let mut socket = tokio::select! {
         result = connect => match result {
-            Ok(Ok((socket, _response))) => socket,
-            Ok(Err(e)) => return lost(format!("connect failed: {e}")),
+            Ok(Ok(socket)) => socket,
+            Ok(Err(e)) => return lost(e.to_string()),
             Err(_) => return lost("connect timed out".into()),
         },
         _ = shutdown.cancelled() => return SessionEnd::Shutdown,

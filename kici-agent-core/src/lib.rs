@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod process;
 pub mod protocol;
+mod tls;
 pub mod workspace;
 
 pub use agent::{Agent, AgentError, AgentState, VERSION};
