@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kici_mock_orchestrator::{MockConfig, MockOrchestrator, TEST_TOKEN};
+use kici_mock_orchestrator::{MockConfig, MockOrchestrator, MockTls, TEST_TOKEN};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kici-agent");
 
@@ -148,12 +148,14 @@ fn spawn_agent_with(
     vars.extend_from_slice(extra);
     let mut child = agent_command(&vars).stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut start_log = Vec::new();
     let port = loop {
         let line = lines
             .next()
             .expect("agent log ended before it started")
             .unwrap();
         let record: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+        start_log.push(line);
         if record["message"]
             .as_str()
             .is_some_and(|m| m.starts_with("Agent started on port"))
@@ -161,8 +163,11 @@ fn spawn_agent_with(
             break record["port"].as_u64().unwrap() as u16;
         }
     };
-    // Keep reading the log so the agent never blocks on a full pipe; keep it for asserts.
-    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<String>>());
+    // Keep reading the log so the agent never blocks on a full pipe; keep it all for asserts.
+    let drain = std::thread::spawn(move || {
+        start_log.extend(lines.map_while(Result::ok));
+        start_log
+    });
     (Spawned(child), port, drain)
 }
 
@@ -456,4 +461,79 @@ async fn shutdown_delivers_the_backlog_within_its_grace_and_counts_what_it_could
             .any(|m| m["jobId"] == "hasty" && m["state"] == "cancelled"),
         "{terminal:?}"
     );
+}
+
+/// A private CA reaches the binary the ways operators set it: the OpenSSL convention
+/// (`SSL_CERT_FILE`, which replaces the system store), Node's `NODE_EXTRA_CA_CERTS` and the
+/// agent's own `KICI_TLS_CA_FILE` (both added to it). Each run has its own environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_trusts_a_private_ca_from_each_environment_variable() {
+    for variable in ["SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS", "KICI_TLS_CA_FILE"] {
+        let tls = MockTls::generate().unwrap();
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(ca.path(), tls.ca_pem()).unwrap();
+        let mock = MockOrchestrator::start(MockConfig {
+            tls: Some(tls),
+            ..MockConfig::default()
+        })
+        .await
+        .unwrap();
+        let ca_path = ca.path().to_str().unwrap();
+        let (child, _, drain) = spawn_agent_with(&mock, &[(variable, ca_path)]);
+        assert!(
+            mock.wait_for_agent(Duration::from_secs(20)).await.is_some(),
+            "{variable}: no registration over wss://; TLS failures: {:?}",
+            mock.tls_failures()
+        );
+        signal(&child, libc::SIGTERM);
+        let mut child = child;
+        assert_eq!(
+            tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+                .await
+                .unwrap()
+                .0,
+            Some(0)
+        );
+        drain.join().unwrap();
+        mock.shutdown().await;
+    }
+}
+
+/// Like Node, an unreadable `NODE_EXTRA_CA_CERTS` is a warning, not a reason to refuse starting;
+/// the orchestrator's certificate is then untrusted and the reconnect log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_node_extra_ca_certs_warns_and_the_handshake_failure_is_logged() {
+    let tls = MockTls::generate().unwrap();
+    let mock = MockOrchestrator::start(MockConfig {
+        tls: Some(tls),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let (child, _, drain) =
+        spawn_agent_with(&mock, &[("NODE_EXTRA_CA_CERTS", "/nonexistent/ca.pem")]);
+    assert!(
+        mock.wait_until(|m| !m.tls_failures().is_empty(), Duration::from_secs(20))
+            .await
+    );
+    signal(&child, libc::SIGTERM);
+    let mut child = child;
+    assert_eq!(
+        tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+            .await
+            .unwrap()
+            .0,
+        Some(0)
+    );
+    let log = drain.join().unwrap().join("\n");
+    assert!(
+        log.contains("NODE_EXTRA_CA_CERTS: ignoring the extra CA certificates: cannot read /nonexistent/ca.pem"),
+        "{log}"
+    );
+    assert!(
+        log.contains("failed: invalid peer certificate: UnknownIssuer"),
+        "{log}"
+    );
+    assert!(!log.contains(TEST_TOKEN), "token leaked into the log");
+    mock.shutdown().await;
 }
