@@ -98,7 +98,8 @@ pub struct AgentState {
     pub draining: bool,
     pub stopped: bool,
     pub active_jobs: usize,
-    /// The last error worth showing: auth failure, lost connection.
+    /// The last error worth showing: auth failure, lost connection (e.g. `TLS handshake with
+    /// host:443 failed: invalid peer certificate: UnknownIssuer`); cleared on registration.
     pub last_error: Option<String>,
 }
 

@@ -77,7 +77,9 @@ impl MockTls {
         &self.ca_pem
     }
 
-    pub(crate) fn acceptor(&self) -> &TlsAcceptor {
+    /// The server side of TLS with the CA-signed certificate, for tests that serve something
+    /// other than the orchestrator (an HTTPS git remote, ...) under the same CA.
+    pub fn acceptor(&self) -> &TlsAcceptor {
         &self.acceptor
     }
 }
