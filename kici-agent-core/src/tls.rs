@@ -15,16 +15,53 @@
 use std::collections::HashSet;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// The orchestrator socket.
-pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub(crate) type Socket = WebSocketStream<MaybeTlsStream<Transport>>;
+
+/// The TCP stream under the WebSocket, written with `send(MSG_NOSIGNAL)` only. rustls hands its
+/// records over as vectored writes, and `writev` to a socket the peer has closed raises SIGPIPE,
+/// which kills a C host that does not ignore it (Rust and Python programs do). Forwarding only
+/// `poll_write` keeps every write on `send`, which reports `EPIPE` instead.
+pub(crate) struct Transport(TcpStream);
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
 
 /// Why the orchestrator socket could not be opened. The messages name the endpoint as
 /// `host:port` only: the URL itself may carry credentials.
@@ -108,6 +145,7 @@ pub(crate) async fn connect(
         source,
     })?;
 
+    let tcp = Transport(tcp);
     let stream = if secure {
         let config = client_config(extra_ca_file).map_err(|reason| ConnectError::TlsSetup {
             endpoint: endpoint.clone(),

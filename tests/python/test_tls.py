@@ -34,8 +34,7 @@ def tls_agent(mock: MockOrchestrator, tls_ca_file: Path | None = None) -> kici_a
 
 def test_wss_registers_with_the_ca_trusted_through_tls_ca_file(tls_mock: MockOrchestrator, ca_file: Path) -> None:
     assert tls_mock.ws.startswith("wss://127.0.0.1:")
-    with tls_agent(tls_mock, tls_ca_file=ca_file) as agent:
-        agent.start()
+    with tls_agent(tls_mock, tls_ca_file=ca_file) as agent:  # entering starts it
         next_event(agent, "registered")
         assert agent.last_error is None
         assert tls_mock.wait_agent() == agent.agent_id
@@ -43,7 +42,6 @@ def test_wss_registers_with_the_ca_trusted_through_tls_ca_file(tls_mock: MockOrc
 
 def test_an_untrusted_certificate_is_the_last_error_and_the_agent_retries(tls_mock: MockOrchestrator) -> None:
     with tls_agent(tls_mock) as agent:
-        agent.start()
         tls_mock.wait_tls_failures(2)  # refused, then retried: not a permanent failure
 
         port = tls_mock.ws.rsplit(":", 1)[1].removesuffix("/ws")
