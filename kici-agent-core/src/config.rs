@@ -2218,4 +2218,53 @@ mod tests {
             assert!(!doc.description.is_empty(), "{}", doc.name);
         }
     }
+
+    /// A PEM file holding the certificate of a freshly generated test CA.
+    fn ca_file() -> tempfile::NamedTempFile {
+        let tls = kici_mock_orchestrator::MockTls::generate().expect("test certificates");
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), tls.ca_pem()).expect("write the CA");
+        file
+    }
+
+    #[test]
+    fn the_tls_ca_file_comes_from_kici_tls_ca_file_else_node_extra_ca_certs() {
+        let (ours, node) = (ca_file(), ca_file());
+        let ours_path = ours.path().to_str().unwrap();
+        let node_path = node.path().to_str().unwrap();
+        assert_eq!(
+            config(&[
+                (var::TLS_CA_FILE, ours_path),
+                (var::NODE_EXTRA_CA_CERTS, node_path)
+            ])
+            .tls_ca_file,
+            Some(ours.path().to_owned())
+        );
+        assert_eq!(
+            config(&[(var::NODE_EXTRA_CA_CERTS, node_path)]).tls_ca_file,
+            Some(node.path().to_owned())
+        );
+        assert_eq!(config(&[]).tls_ca_file, None);
+    }
+
+    #[test]
+    fn an_unusable_node_extra_ca_certs_is_a_warning_but_an_unusable_kici_tls_ca_file_an_error() {
+        let loaded = load_vars(&[(var::NODE_EXTRA_CA_CERTS, "/nonexistent/ca.pem")]).unwrap();
+        assert_eq!(loaded.config.tls_ca_file, None);
+        assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+        assert!(
+            loaded.warnings[0].starts_with("NODE_EXTRA_CA_CERTS: ignoring the extra CA certificates: cannot read /nonexistent/ca.pem"),
+            "{:?}",
+            loaded.warnings
+        );
+        let found = issues(&[(var::TLS_CA_FILE, "/nonexistent/ca.pem")]);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].setting, "KICI_TLS_CA_FILE");
+        assert!(
+            found[0]
+                .message
+                .starts_with("cannot read /nonexistent/ca.pem"),
+            "{found:?}"
+        );
+    }
 }
