@@ -202,7 +202,8 @@ fn client_config(extra_ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfi
     if roots.is_empty() {
         return Err(
             "no trusted CA certificate: the platform store is empty (install \
-                    ca-certificates) and no extra CA file is configured"
+             ca-certificates, or point SSL_CERT_FILE at a bundle) and no extra CA file is \
+             configured"
                 .into(),
         );
     }
@@ -243,8 +244,10 @@ pub(crate) fn trust_for_git(path: &Path) -> Result<(), String> {
     if trusted.contains(path) {
         return Ok(());
     }
-    // SAFETY: libgit2 guards its TLS context itself; the only concurrent caller of this option in
-    // this process is serialised by the lock above.
+    // SAFETY: the option adds the file to the certificate store of libgit2's process-wide OpenSSL
+    // context; OpenSSL locks that store, so clones running meanwhile are not disturbed, and the
+    // lock above serialises our own callers. git2's one-time initialisation, which this may run
+    // first, is the same one every clone runs.
     unsafe { git2::opts::set_ssl_cert_file(path) }.map_err(|e| {
         format!(
             "cannot add {} to git's trusted CAs: {}",
