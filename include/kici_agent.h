@@ -729,6 +729,19 @@ kici_result kici_config_set_step_map_file(struct kici_config *config,
                                           struct kici_error **err);
 
 /**
+ * Sets a PEM file of extra CA certificates trusted for `wss://` and git HTTPS clones, on top of
+ * the platform's roots (`KICI_TLS_CA_FILE`; `kici_config_from_env` falls back to a readable
+ * `NODE_EXTRA_CA_CERTS`); "" removes it. The file must hold a certificate when validated. git's
+ * trust is process-wide: once an agent started with it, every agent in the process trusts it
+ * for clones.
+ *
+ * Ownership: `config` is borrowed; `path` is copied. Thread safety: see `kici_config`.
+ */
+kici_result kici_config_set_tls_ca_file(struct kici_config *config,
+                                        const char *path,
+                                        struct kici_error **err);
+
+/**
  * Sets a program that runs every step not taken by a registered executor
  * (`KICI_PROCESS_EXECUTOR`); "" removes it.
  *

@@ -26,6 +26,9 @@ command -v bwrap >/dev/null || need_apt+=(bubblewrap)
 command -v python3 >/dev/null || need_apt+=(python3)
 command -v python3-config >/dev/null || need_apt+=(python3-dev)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+# The TLS tests expect a non-empty system root store (an untrusted test CA must fail as
+# UnknownIssuer, not as "no trusted CA certificate").
+[ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null

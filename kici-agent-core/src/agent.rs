@@ -110,7 +110,8 @@ pub struct AgentState {
     pub draining: bool,
     pub stopped: bool,
     pub active_jobs: usize,
-    /// The last error worth showing: auth failure, lost connection.
+    /// The last error worth showing: auth failure, lost connection (e.g. `TLS handshake with
+    /// host:443 failed: invalid peer certificate: UnknownIssuer`); cleared on registration.
     pub last_error: Option<String>,
 }
 
@@ -268,6 +269,12 @@ impl Agent {
         for warning in ignored_settings(&shared.config) {
             tracing::warn!("{warning}");
         }
+        if let Some(ca_file) = &shared.config.tls_ca_file {
+            // libgit2's TLS trust is process-wide, so it is set here, once, not per clone.
+            if let Err(error) = crate::tls::trust_for_git(ca_file) {
+                tracing::error!(%error, "git HTTPS clones will not trust the extra CA certificates");
+            }
+        }
         shared.runtime.spawn(supervise(shared.clone(), listener));
         // Leftovers of a crashed agent; never delays or fails the start.
         shared.runtime.spawn_blocking(|| {
@@ -388,6 +395,7 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         ),
         connect_timeout: Duration::from_secs(10),
         reconnect: config.reconnect,
+        tls_ca_file: config.tls_ca_file.clone(),
     };
     let connection_task = tokio::spawn(connection::run(
         settings,
@@ -618,6 +626,10 @@ impl SessionHandler for Shared {
         }
     }
 
+    fn connection_lost(&self, reason: &str) {
+        lock(&self.status).last_error = Some(reason.to_owned());
+    }
+
     fn registration(&self) -> AgentRegister {
         let mut in_flight: Vec<JobRef> = lock(&self.status)
             .jobs
@@ -763,6 +775,9 @@ impl HealthView for Shared {
             "connection": state.connection,
             "draining": state.draining,
         });
+        if let Some(error) = &state.last_error {
+            body["lastError"] = serde_json::Value::String(error.clone());
+        }
         if let ConnectionState::AuthFailed(reason) = &state.connection {
             body["stoppedReason"] = serde_json::Value::String(format!(
                 "authentication failed: {reason}; not reconnecting (fix KICI_AGENT_TOKEN and restart)"

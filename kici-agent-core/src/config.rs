@@ -12,7 +12,10 @@
 //!   run KiCI's TypeScript builder/init jobs, and advertising the roles would make the orchestrator
 //!   route them here;
 //! * `KICI_MAX_CONCURRENT_JOBS` is known (a scaler may set it) and feeds `max_concurrency` when
-//!   `KICI_MAX_CONCURRENCY` is unset.
+//!   `KICI_MAX_CONCURRENCY` is unset;
+//! * `KICI_TLS_CA_FILE` is this agent's own; when it is unset, `NODE_EXTRA_CA_CERTS` (which the
+//!   Node runtime honours for the Node agent) takes its place, and like Node an unreadable file
+//!   only warns.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -71,6 +74,9 @@ mod var {
     pub const RATE_MSG_BURST: &str = "KICI_RATE_MSG_BURST";
     pub const RATE_BYTES_PER_SEC: &str = "KICI_RATE_BYTES_PER_SEC";
     pub const RATE_BYTE_BURST: &str = "KICI_RATE_BYTE_BURST";
+    pub const TLS_CA_FILE: &str = "KICI_TLS_CA_FILE";
+    /// Node's own extra-CA variable, honoured for operators coming from the Node agent.
+    pub const NODE_EXTRA_CA_CERTS: &str = "NODE_EXTRA_CA_CERTS";
 }
 
 /// Documentation of one known environment variable (the README table is generated from these).
@@ -145,6 +151,7 @@ pub const VARIABLES: &[VariableDoc] = &[
     doc(var::RATE_MSG_BURST, Some("150"), "Outbound throttle: message burst (the orchestrator allows 200)."),
     doc(var::RATE_BYTES_PER_SEC, Some("450000"), "Outbound throttle: bytes per second (the orchestrator allows 512000/s)."),
     doc(var::RATE_BYTE_BURST, Some("1500000"), "Outbound throttle: byte burst (the orchestrator allows 2097152)."),
+    doc(var::TLS_CA_FILE, None, "PEM file of extra CA certificates trusted for wss:// and git HTTPS clones, besides the system's; unset: NODE_EXTRA_CA_CERTS."),
 ];
 
 /// `KICI_*` name prefixes that are always accepted (test harnesses, step environment pass-through).
@@ -507,6 +514,10 @@ pub struct AgentConfig {
     /// runs, so that an ack deadline the orchestrator arms late is still resolved (README,
     /// "Orchestrator quirks"); code only. Default 0.5 s, 2 s, 8 s; empty: never.
     pub running_resends: Vec<Duration>,
+    /// PEM file of extra CA certificates trusted for `wss://` and git HTTPS clones, on top of the
+    /// platform's roots (`KICI_TLS_CA_FILE`; when unset, a readable `NODE_EXTRA_CA_CERTS`). Must
+    /// hold at least one certificate. git's copy is process-wide, see the README.
+    pub tls_ca_file: Option<PathBuf>,
     /// Host name for the agent id and the `kici:host:` label; detected, overridable in code.
     pub hostname: String,
 }
@@ -517,7 +528,7 @@ pub struct FromEnv {
     /// The validated configuration.
     pub config: AgentConfig,
     /// Non-fatal findings (unknown variables under `KICI_DEV=true`, an ignored
-    /// `KICI_MAX_CONCURRENT_JOBS`).
+    /// `KICI_MAX_CONCURRENT_JOBS` or `NODE_EXTRA_CA_CERTS`).
     pub warnings: Vec<String>,
 }
 
@@ -647,6 +658,7 @@ impl AgentConfig {
                 rate_limits: RateLimits::default(),
                 reconnect: ReconnectPolicy::default(),
                 running_resends: DEFAULT_RUNNING_RESENDS.to_vec(),
+                tls_ca_file: None,
                 hostname: detect_hostname(),
             },
         }
@@ -657,8 +669,12 @@ impl AgentConfig {
         let mut vars = BTreeMap::new();
         let mut issues = Vec::new();
         for (name, value) in std::env::vars_os() {
-            // Only KICI_* variables are read or checked; anything else may hold any bytes.
-            let Some(name) = name.to_str().filter(|name| name.starts_with("KICI_")) else {
+            // Only KICI_* variables (and Node's extra-CA one) are read or checked; anything else
+            // may hold any bytes.
+            let Some(name) = name
+                .to_str()
+                .filter(|name| name.starts_with("KICI_") || *name == var::NODE_EXTRA_CA_CERTS)
+            else {
                 continue;
             };
             match value.into_string() {
@@ -777,6 +793,11 @@ impl AgentConfig {
         if let Some(path) = &self.step_map_file {
             if let Err(message) = check_readable_file(path) {
                 issue(var::STEP_MAP, message);
+            }
+        }
+        if let Some(path) = &self.tls_ca_file {
+            if let Err(message) = crate::tls::read_ca_file(path) {
+                issue(var::TLS_CA_FILE, message);
             }
         }
         for (name, value) in [
@@ -1007,6 +1028,13 @@ impl AgentConfigBuilder {
     /// Sets a program that runs every step.
     pub fn with_process_executor(mut self, program: impl Into<String>) -> Self {
         self.config.process_executor = Some(program.into());
+        self
+    }
+
+    /// Trusts the CA certificates of this PEM file for `wss://` and git HTTPS clones, on top of
+    /// the platform's roots; the file must hold at least one certificate at `build` time.
+    pub fn with_tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.tls_ca_file = Some(path.into());
         self
     }
 
@@ -1357,6 +1385,20 @@ fn load(
     env.number(var::RATE_MSG_BURST, &mut c.rate_limits.msg_burst);
     env.number(var::RATE_BYTES_PER_SEC, &mut c.rate_limits.bytes_per_sec);
     env.number(var::RATE_BYTE_BURST, &mut c.rate_limits.byte_burst);
+    c.tls_ca_file = env.text(var::TLS_CA_FILE).map(PathBuf::from);
+    if c.tls_ca_file.is_none() {
+        if let Some(raw) = env.text(var::NODE_EXTRA_CA_CERTS) {
+            // Node's semantics: a file it cannot load is reported and skipped, not fatal.
+            let path = PathBuf::from(raw);
+            match crate::tls::read_ca_file(&path) {
+                Ok(_) => c.tls_ca_file = Some(path),
+                Err(reason) => warnings.push(format!(
+                    "{}: ignoring the extra CA certificates: {reason}",
+                    var::NODE_EXTRA_CA_CERTS
+                )),
+            }
+        }
+    }
 
     let config = builder.finish();
     config.validate_after(env.issues)?;
@@ -2258,5 +2300,54 @@ mod tests {
             assert!(names.insert(doc.name), "duplicate {}", doc.name);
             assert!(!doc.description.is_empty(), "{}", doc.name);
         }
+    }
+
+    /// A PEM file holding the certificate of a freshly generated test CA.
+    fn ca_file() -> tempfile::NamedTempFile {
+        let tls = kici_mock_orchestrator::MockTls::generate().expect("test certificates");
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), tls.ca_pem()).expect("write the CA");
+        file
+    }
+
+    #[test]
+    fn the_tls_ca_file_comes_from_kici_tls_ca_file_else_node_extra_ca_certs() {
+        let (ours, node) = (ca_file(), ca_file());
+        let ours_path = ours.path().to_str().unwrap();
+        let node_path = node.path().to_str().unwrap();
+        assert_eq!(
+            config(&[
+                (var::TLS_CA_FILE, ours_path),
+                (var::NODE_EXTRA_CA_CERTS, node_path)
+            ])
+            .tls_ca_file,
+            Some(ours.path().to_owned())
+        );
+        assert_eq!(
+            config(&[(var::NODE_EXTRA_CA_CERTS, node_path)]).tls_ca_file,
+            Some(node.path().to_owned())
+        );
+        assert_eq!(config(&[]).tls_ca_file, None);
+    }
+
+    #[test]
+    fn an_unusable_node_extra_ca_certs_is_a_warning_but_an_unusable_kici_tls_ca_file_an_error() {
+        let loaded = load_vars(&[(var::NODE_EXTRA_CA_CERTS, "/nonexistent/ca.pem")]).unwrap();
+        assert_eq!(loaded.config.tls_ca_file, None);
+        assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+        assert!(
+            loaded.warnings[0].starts_with("NODE_EXTRA_CA_CERTS: ignoring the extra CA certificates: cannot read /nonexistent/ca.pem"),
+            "{:?}",
+            loaded.warnings
+        );
+        let found = issues(&[(var::TLS_CA_FILE, "/nonexistent/ca.pem")]);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].setting, "KICI_TLS_CA_FILE");
+        assert!(
+            found[0]
+                .message
+                .starts_with("cannot read /nonexistent/ca.pem"),
+            "{found:?}"
+        );
     }
 }

@@ -5,15 +5,14 @@
 //! `register.ack`: the orchestrator treats any other early frame as fatal (§11.11), so the
 //! outbox is only drained by a registered session.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Secret;
@@ -23,6 +22,7 @@ use crate::protocol::{
     now_ms, parse_inbound, AgentRegister, AuthRequest, Heartbeat, Inbound, InboundError, JobCancel,
     JobDispatch, JobRef, Outbound, PROTOCOL_VERSION,
 };
+use crate::tls::Socket;
 
 /// How long a shutdown waits for the orchestrator to answer our close frame.
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
@@ -54,6 +54,8 @@ pub enum ConnectionState {
 pub(crate) trait SessionHandler: Send + Sync {
     /// The connection state changed.
     fn state_changed(&self, state: ConnectionState);
+    /// A socket was lost or could not be opened; the agent will retry.
+    fn connection_lost(&self, reason: &str);
     /// A fresh registration message (with the current `inFlightJobs`).
     fn registration(&self) -> AgentRegister;
     /// A job was dispatched to us.
@@ -76,6 +78,8 @@ pub(crate) struct ConnectionSettings {
     pub pacer: Pacer,
     pub connect_timeout: Duration,
     pub reconnect: ReconnectPolicy,
+    /// Extra CA certificates trusted for `wss://`.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// How reconnect attempts are spaced (spec protocol.md §6.1): attempt `n` (0-based) waits
@@ -133,8 +137,6 @@ enum SessionEnd {
     },
 }
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
 /// Runs the connection until `shutdown` fires or authentication fails for good.
 pub(crate) async fn run(
     settings: ConnectionSettings,
@@ -173,6 +175,7 @@ pub(crate) async fn run(
                 }
                 let delay = policy.delay(attempt, rand::random::<f64>());
                 tracing::warn!(%reason, attempt, delay_ms = delay.as_millis() as u64, "Scheduling reconnect");
+                handler.connection_lost(&reason);
                 handler.state_changed(ConnectionState::Disconnected);
                 handler.reconnect_scheduled(attempt, delay);
                 attempt = attempt.saturating_add(1);
@@ -204,13 +207,12 @@ async fn session(
     };
     let connect = tokio::time::timeout(
         settings.connect_timeout,
-        // Nagle off: a heartbeat or status should not wait behind a delayed ACK.
-        tokio_tungstenite::connect_async_with_config(settings.url.as_str(), None, true),
+        crate::tls::connect(&settings.url, settings.tls_ca_file.as_deref()),
     );
     let mut socket = tokio::select! {
         result = connect => match result {
-            Ok(Ok((socket, _response))) => socket,
-            Ok(Err(e)) => return lost(format!("connect failed: {e}")),
+            Ok(Ok(socket)) => socket,
+            Ok(Err(e)) => return lost(e.to_string()),
             Err(_) => return lost("connect timed out".into()),
         },
         _ = shutdown.cancelled() => return SessionEnd::Shutdown,

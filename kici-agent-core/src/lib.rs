@@ -36,6 +36,7 @@ pub mod outbox;
 pub mod process;
 pub mod protocol;
 mod sandbox;
+mod tls;
 pub mod workspace;
 
 pub use agent::{Agent, AgentError, AgentState, BUILD_COMMIT, VERSION};

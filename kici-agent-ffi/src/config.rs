@@ -823,6 +823,28 @@ pub unsafe extern "C" fn kici_config_set_step_map_file(
     }
 }
 
+/// Sets a PEM file of extra CA certificates trusted for `wss://` and git HTTPS clones, on top of
+/// the platform's roots (`KICI_TLS_CA_FILE`; `kici_config_from_env` falls back to a readable
+/// `NODE_EXTRA_CA_CERTS`); "" removes it. The file must hold a certificate when validated. git's
+/// trust is process-wide: once an agent started with it, every agent in the process trusts it
+/// for clones.
+///
+/// Ownership: `config` is borrowed; `path` is copied. Thread safety: see `kici_config`.
+#[no_mangle]
+pub unsafe extern "C" fn kici_config_set_tls_ca_file(
+    config: *mut kici_config,
+    path: *const c_char,
+    err: *mut *mut kici_error,
+) -> kici_result {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        update_text(config, path, "path", err, |config, path| {
+            config.tls_ca_file = optional_text(path).map(PathBuf::from);
+            Ok(())
+        })
+    }
+}
+
 /// Sets a program that runs every step not taken by a registered executor
 /// (`KICI_PROCESS_EXECUTOR`); "" removes it.
 ///

@@ -97,6 +97,8 @@ impl Agent {
     /// Creates an agent for the orchestrator at `url` (`ws://` or `wss://`). Every keyword
     /// argument is an agent setting; `None` keeps the default (the `KICI_*` variable of the same
     /// name documents it). Durations are seconds (`int`/`float`) or `datetime.timedelta`.
+    /// `tls_ca_file` (`KICI_TLS_CA_FILE`) adds a PEM file of CA certificates to the system's
+    /// roots for `wss://` and git HTTPS clones (git's trust is process-wide).
     /// Raises `ConfigError` listing every invalid setting.
     #[new]
     #[pyo3(signature = (
@@ -107,7 +109,8 @@ impl Agent {
         sandbox=false, sandbox_network=None, scaler_managed=false, scaler_idle_timeout=None,
         scaler_pending_dispatch_timeout=None, execution_mode=None, concurrency_wait_timeout=None,
         is_orchestrator_host=false, max_concurrency=None, cancel_grace=None, shutdown_grace=None,
-        step_map_file=None, process_executor=None, default_container_image=None, dev=false,
+        step_map_file=None, process_executor=None, default_container_image=None,
+        tls_ca_file=None, dev=false,
         rate_msgs_per_sec=None, rate_msg_burst=None, rate_bytes_per_sec=None,
         rate_byte_burst=None, hostname=None
     ))]
@@ -145,6 +148,7 @@ impl Agent {
         step_map_file: Option<std::path::PathBuf>,
         process_executor: Option<String>,
         default_container_image: Option<String>,
+        tls_ca_file: Option<std::path::PathBuf>,
         dev: bool,
         rate_msgs_per_sec: Option<f64>,
         rate_msg_burst: Option<f64>,
@@ -183,6 +187,7 @@ impl Agent {
             step_map_file,
             process_executor,
             default_container_image,
+            tls_ca_file,
             dev,
             rate_msgs_per_sec,
             rate_msg_burst,

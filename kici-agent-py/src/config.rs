@@ -47,6 +47,7 @@ pub struct Options {
     pub step_map_file: Option<PathBuf>,
     pub process_executor: Option<String>,
     pub default_container_image: Option<String>,
+    pub tls_ca_file: Option<PathBuf>,
     pub dev: bool,
     pub rate_msgs_per_sec: Option<f64>,
     pub rate_msg_burst: Option<f64>,
@@ -158,6 +159,9 @@ impl Options {
         }
         if let Some(image) = self.default_container_image {
             builder = builder.with_default_container_image(image);
+        }
+        if let Some(path) = self.tls_ca_file {
+            builder = builder.with_tls_ca_file(path);
         }
         let defaults = RateLimits::default();
         builder = builder.with_rate_limits(RateLimits {

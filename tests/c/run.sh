@@ -5,7 +5,8 @@
 #    valgrind (--leak-check=full --errors-for-leak-kinds=definite --error-exitcode=1);
 #  - the example (examples/c), built through the installed pkg-config file, runs a job and
 #    drains on SIGTERM; it also links statically.
-# Each test program gets a fresh mock, started here and stopped by its pid.
+# Each test program gets a fresh mock, started here and stopped by its pid; test_tls gets one
+# serving wss:// (`--tls`), its test CA named by KICI_E2E_TLS_CA_FILE.
 #
 # usage: tests/c/run.sh [--release] [--no-valgrind] [--no-sanitizers]
 # Needs: cargo, cc, c++, make, pkg-config, valgrind; curl or python3. Installs nothing.
@@ -70,10 +71,10 @@ PY
 }
 
 # ---- the mock ------------------------------------------------------------------------------
-start_mock() { # sets mock_pid, mock_ws, mock_control
+start_mock() { # start_mock [MOCK ARGS...]: sets mock_pid, mock_ws, mock_control
     local out=$work/mock.out
     : > "$out"
-    "$lib_dir/kici-mock-orchestrator" --token "$token" > "$out" 2> "$work/mock.err" &
+    "$lib_dir/kici-mock-orchestrator" --token "$token" "$@" > "$out" 2> "$work/mock.err" &
     mock_pid=$!
     for _ in $(seq 200); do
         if grep -q '"control"' "$out"; then
@@ -92,6 +93,16 @@ with_mock() { # with_mock COMMAND... : runs COMMAND with a fresh mock in its env
     start_mock || return 1
     KICI_E2E_WS_URL=$mock_ws KICI_E2E_CONTROL_URL=$mock_control KICI_E2E_TOKEN=$token \
         timeout "$run_limit" "$@"
+    local status=$?
+    stop_mock
+    return $status
+}
+
+with_tls_mock() { # with_tls_mock COMMAND...: with_mock, the mock serving wss:// with a test CA
+    local ca=$work/mock-ca.pem
+    start_mock --tls "$ca" || return 1
+    KICI_E2E_WS_URL=$mock_ws KICI_E2E_CONTROL_URL=$mock_control KICI_E2E_TOKEN=$token \
+        KICI_E2E_TLS_CA_FILE=$ca timeout "$run_limit" "$@"
     local status=$?
     stop_mock
     return $status
@@ -127,7 +138,7 @@ warnings=(-Wall -Wextra -Werror -pedantic)
 c_flags=(-std=c11 "${warnings[@]}" -g -O1 -pthread -I"$root/include")
 link_flags=(-L"$lib_dir" -lkici_agent -Wl,-rpath,"$lib_dir" -pthread)
 sanitize_flags=(-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
-programs=(test_api test_jobs test_two_agents)
+programs=(test_api test_jobs test_two_agents test_tls)
 
 compile() { # compile OUTPUT SOURCE [EXTRA FLAGS...]
     local output=$1 source=$2
@@ -148,19 +159,21 @@ check "header works from C++17" cxx_program
 
 # ---- the test programs ---------------------------------------------------------------------
 for program in "${programs[@]}"; do
+    runner=with_mock
+    [ "$program" = test_tls ] && runner=with_tls_mock
     compile "$work/$program" "$tests_dir/$program.c" \
         || { failed=$((failed + 1)); failed_names+=("$program (compile)"); continue; }
-    check "$program" with_mock "$work/$program"
+    check "$program" "$runner" "$work/$program"
     if [ "$use_sanitizers" = 1 ]; then
         if compile "$work/$program.san" "$tests_dir/$program.c" "${sanitize_flags[@]}"; then
-            check "$program [asan+ubsan]" with_mock "$work/$program.san"
+            check "$program [asan+ubsan]" "$runner" "$work/$program.san"
         else
             failed=$((failed + 1))
             failed_names+=("$program [asan+ubsan] (compile)")
         fi
     fi
     if [ "$use_valgrind" = 1 ]; then
-        check "$program [valgrind]" with_mock valgrind --leak-check=full \
+        check "$program [valgrind]" "$runner" valgrind --leak-check=full \
             --errors-for-leak-kinds=definite --show-leak-kinds=definite --error-exitcode=1 \
             --suppressions="$tests_dir/valgrind.supp" --num-callers=30 "$work/$program"
     fi

@@ -127,6 +127,12 @@ class MockOrchestrator:
         """Every log line the job sent, one per line."""
         return "\n".join(line for chunk in self.received("log.chunk", job_id) for line in chunk["lines"])
 
+    def wait_tls_failures(self, count: int) -> list[str]:
+        """The mock's failed TLS handshakes, once there are `count` of them."""
+        status, body = self.request("GET", "/wait_tls_failures", count=count, timeoutMs=int(TIMEOUT * 1000))
+        assert status == 200, body
+        return list(body["tlsFailures"])
+
     def violations(self) -> list[Any]:
         status, stats = self.request("GET", "/stats")
         assert status == 200, stats

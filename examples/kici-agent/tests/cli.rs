@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use kici_mock_orchestrator::{MockConfig, MockOrchestrator};
+use kici_mock_orchestrator::{MockConfig, MockOrchestrator, MockTls, TEST_TOKEN};
 
 #[test]
 fn an_unknown_kici_variable_refuses_start_with_a_hint() {
@@ -903,4 +903,79 @@ async fn ready_turns_503_while_draining_a_running_job_and_health_stays_200() {
     );
     drain.join().unwrap();
     assert!(mock.violations().is_empty(), "{:?}", mock.violations());
+}
+
+/// A private CA reaches the binary the ways operators set it: the OpenSSL convention
+/// (`SSL_CERT_FILE`, which replaces the system store), Node's `NODE_EXTRA_CA_CERTS` and the
+/// agent's own `KICI_TLS_CA_FILE` (both added to it). Each run has its own environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_trusts_a_private_ca_from_each_environment_variable() {
+    for variable in ["SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS", "KICI_TLS_CA_FILE"] {
+        let tls = MockTls::generate().unwrap();
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(ca.path(), tls.ca_pem()).unwrap();
+        let mock = MockOrchestrator::start(MockConfig {
+            tls: Some(tls),
+            ..MockConfig::default()
+        })
+        .await
+        .unwrap();
+        let ca_path = ca.path().to_str().unwrap();
+        let (child, _, drain) = spawn_agent_with(&mock, &[(variable, ca_path)]);
+        assert!(
+            mock.wait_for_agent(Duration::from_secs(20)).await.is_some(),
+            "{variable}: no registration over wss://; TLS failures: {:?}",
+            mock.tls_failures()
+        );
+        signal(&child, libc::SIGTERM);
+        let mut child = child;
+        assert_eq!(
+            tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+                .await
+                .unwrap()
+                .0,
+            Some(0)
+        );
+        drain.join().unwrap();
+        mock.shutdown().await;
+    }
+}
+
+/// Like Node, an unreadable `NODE_EXTRA_CA_CERTS` is a warning, not a reason to refuse starting;
+/// the orchestrator's certificate is then untrusted and the reconnect log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_node_extra_ca_certs_warns_and_the_handshake_failure_is_logged() {
+    let tls = MockTls::generate().unwrap();
+    let mock = MockOrchestrator::start(MockConfig {
+        tls: Some(tls),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let (child, _, drain) =
+        spawn_agent_with(&mock, &[("NODE_EXTRA_CA_CERTS", "/nonexistent/ca.pem")]);
+    assert!(
+        mock.wait_until(|m| !m.tls_failures().is_empty(), Duration::from_secs(20))
+            .await
+    );
+    signal(&child, libc::SIGTERM);
+    let mut child = child;
+    assert_eq!(
+        tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+            .await
+            .unwrap()
+            .0,
+        Some(0)
+    );
+    let log = drain.join().unwrap().join("\n");
+    assert!(
+        log.contains("NODE_EXTRA_CA_CERTS: ignoring the extra CA certificates: cannot read /nonexistent/ca.pem"),
+        "{log}"
+    );
+    assert!(
+        log.contains("failed: invalid peer certificate: UnknownIssuer"),
+        "{log}"
+    );
+    assert!(!log.contains(TEST_TOKEN), "token leaked into the log");
+    mock.shutdown().await;
 }

@@ -98,6 +98,7 @@ class Agent:
         step_map_file: str | os.PathLike[str] | None = None,
         process_executor: str | None = None,
         default_container_image: str | None = None,
+        tls_ca_file: str | os.PathLike[str] | None = None,
         dev: bool = False,
         rate_msgs_per_sec: float | None = None,
         rate_msg_burst: float | None = None,
@@ -110,6 +111,13 @@ class Agent:
         Every keyword argument is an agent setting; ``None`` keeps the default (documented on
         the ``KICI_*`` variable of the same name, e.g. ``port`` = ``KICI_PORT`` = 8080, ``0``
         picks a free port). Raises ``ConfigError`` listing every invalid setting.
+
+        ``tls_ca_file`` (``KICI_TLS_CA_FILE``): a PEM file of extra CA certificates trusted for
+        ``wss://`` and git HTTPS clones, on top of the system's roots (``SSL_CERT_FILE`` /
+        ``SSL_CERT_DIR`` replace those, as for OpenSSL); it must hold a certificate. git's trust
+        is process-wide: once an agent started with it, clones of every agent in the process
+        trust it. A TLS handshake failure shows in ``last_error`` and ``/health``; the agent
+        keeps retrying.
         """
 
     @classmethod
@@ -171,7 +179,9 @@ class Agent:
 
     @property
     def last_error(self) -> str | None:
-        """The last error worth showing (authentication failure, lost connection)."""
+        """The last error worth showing (authentication failure, lost connection, a failed TLS
+        handshake such as ``TLS handshake with host:443 failed: invalid peer certificate:
+        UnknownIssuer``); ``None`` once registered."""
 
     def metrics_text(self) -> str:
         """This agent's metrics in the Prometheus text format (what ``/metrics`` serves)."""

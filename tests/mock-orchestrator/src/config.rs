@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use crate::tls::MockTls;
+
 /// The pre-shared agent token the mock accepts by default (`kat_` + 64 hex characters, §2.3).
 /// Written in pieces so no token-shaped literal sits in the source (secret scanners flag them).
 pub const TEST_TOKEN: &str = concat!(
@@ -83,6 +85,8 @@ pub struct MockConfig {
     pub port: u16,
     /// Print every frame, close and violation to stderr (defaults to `KICI_MOCK_TRACE` being set).
     pub trace: bool,
+    /// Serve `wss://` with this CA's server certificate instead of plain `ws://`.
+    pub tls: Option<MockTls>,
 }
 
 impl Default for MockConfig {
@@ -99,6 +103,7 @@ impl Default for MockConfig {
             close_after_register_ack: None,
             port: 0,
             trace: std::env::var_os("KICI_MOCK_TRACE").is_some(),
+            tls: None,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{
     Callback, ErrorResponse, Request, Response,
@@ -39,8 +39,13 @@ const OWNERSHIP_WINDOW: Duration = Duration::from_secs(60);
 /// ...that get the connection closed with 1001 (§5.1).
 const OWNERSHIP_STRIKES: usize = 5;
 
+/// What a connection runs over: a TCP stream, or TLS over one.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Transport for T {}
+
 /// Accepts the WebSocket handshake on `stream` and runs the connection until it ends.
-pub(crate) async fn serve_connection(shared: Arc<Shared>, stream: TcpStream) {
+pub(crate) async fn serve_connection(shared: Arc<Shared>, stream: impl Transport) {
     let config = WebSocketConfig::default()
         .max_message_size(Some(WS_MAX_PAYLOAD_BYTES))
         .max_frame_size(Some(WS_MAX_PAYLOAD_BYTES));
@@ -92,7 +97,7 @@ enum Ending {
     Failed(Option<WsError>),
 }
 
-async fn run_socket(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
+async fn run_socket(shared: Arc<Shared>, mut ws: WebSocketStream<impl Transport>) {
     let (commands_tx, mut commands) = mpsc::unbounded_channel();
     let conn = shared.open_connection(commands_tx);
     let mut session = Session::new(Arc::clone(&shared), conn, Instant::now());
@@ -122,7 +127,7 @@ async fn run_socket(shared: Arc<Shared>, mut ws: WebSocketStream<TcpStream>) {
 }
 
 /// Sends the session's frames; stops at the first close or send failure.
-async fn perform(ws: &mut WebSocketStream<TcpStream>, actions: Vec<Action>) -> Option<Ending> {
+async fn perform(ws: &mut WebSocketStream<impl Transport>, actions: Vec<Action>) -> Option<Ending> {
     for action in actions {
         match action {
             Action::Send(text) => {
@@ -138,7 +143,12 @@ async fn perform(ws: &mut WebSocketStream<TcpStream>, actions: Vec<Action>) -> O
 
 /// Records the end of the connection *before* the close frame goes out, so a test that saw the
 /// close can read the record at once, then completes the close handshake.
-async fn finish(shared: &Shared, conn: u64, mut ws: WebSocketStream<TcpStream>, ending: Ending) {
+async fn finish(
+    shared: &Shared,
+    conn: u64,
+    mut ws: WebSocketStream<impl Transport>,
+    ending: Ending,
+) {
     let record = |by_server, code, reason: String| CloseRecord {
         conn,
         by_server,

@@ -7,10 +7,11 @@
 //! | `GET /closes` | `[{conn, byServer, code, reason}]` |
 //! | `GET /agents` | registered agent ids |
 //! | `GET /registrations` | every accepted `agent.register` |
-//! | `GET /stats` | `{rateLimitWarnings, droppedByRateLimit, violations}` |
+//! | `GET /stats` | `{rateLimitWarnings, droppedByRateLimit, violations, tlsFailures}` |
 //! | `GET /wait?type=T&state=S&jobId=J&timeoutMs=N` | the first matching *accepted* message, or 408 |
 //! | `GET /wait_agent?timeoutMs=N` | `{agentId}` of the first registered agent, or 408 |
 //! | `GET /wait_close?code=C&timeoutMs=N` | the first close record (with that code), or 408 |
+//! | `GET /wait_tls_failures?count=C&timeoutMs=N` | `{tlsFailures}` once there are C (default 1) failed TLS handshakes, or 408 |
 //! | `POST /dispatch {agentId, dispatch}` or `{agentId, sample:{runId, jobId, repoUrl, ref, sha, steps}}` | `{ok:true}` |
 //! | `POST /cancel {agentId, runId, jobId, force?}` | `{ok:true}` |
 //! | `POST /send_raw {agentId, text}` | `{ok:true}` |
@@ -154,6 +155,7 @@ async fn route(
             "rateLimitWarnings": mock.rate_limit_warnings_sent(),
             "droppedByRateLimit": mock.dropped_by_rate_limit(),
             "violations": mock.violations(),
+            "tlsFailures": mock.tls_failures(),
         })),
         (&Method::GET, "/wait") => wait_message(&mock, &query).await,
         (&Method::GET, "/wait_agent") => match wait_timeout(&query) {
@@ -164,6 +166,7 @@ async fn route(
             Err(problem) => error(StatusCode::BAD_REQUEST, problem),
         },
         (&Method::GET, "/wait_close") => wait_close(&mock, &query).await,
+        (&Method::GET, "/wait_tls_failures") => wait_tls_failures(&mock, &query).await,
         (&Method::POST, path) => {
             let body = match body.collect().await {
                 Ok(collected) => collected.to_bytes(),
@@ -241,6 +244,29 @@ async fn post(mock: &MockOrchestrator, path: &str, body: &Value) -> HttpResponse
             None => error(StatusCode::BAD_REQUEST, "missing close `code`"),
         },
         _ => error(StatusCode::NOT_FOUND, format!("no route POST {path}")),
+    }
+}
+
+async fn wait_tls_failures(mock: &MockOrchestrator, query: &[(String, String)]) -> HttpResponse {
+    let timeout = match wait_timeout(query) {
+        Ok(timeout) => timeout,
+        Err(problem) => return error(StatusCode::BAD_REQUEST, problem),
+    };
+    let count = match query_value(query, "count").map(str::parse::<usize>) {
+        None => 1,
+        Some(Ok(count)) => count,
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "`count` must be a number"),
+    };
+    if mock
+        .wait_until(|m| m.tls_failures().len() >= count, timeout)
+        .await
+    {
+        ok(&json!({"tlsFailures": mock.tls_failures()}))
+    } else {
+        error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("fewer than {count} failed TLS handshakes"),
+        )
     }
 }
 

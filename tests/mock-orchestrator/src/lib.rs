@@ -27,6 +27,7 @@ pub mod proxy;
 mod rate_limit;
 mod server;
 mod state;
+mod tls;
 mod validate;
 
 use std::io;
@@ -40,6 +41,7 @@ use tokio::sync::watch;
 pub use config::{AuthMode, MockConfig, RateLimits, TEST_TOKEN};
 pub use messages::sample_dispatch;
 pub use state::{CloseRecord, Received};
+pub use tls::{MockTls, TlsSetupError};
 
 use state::{Command, Shared};
 
@@ -106,9 +108,14 @@ impl MockOrchestrator {
         self.inner.ws_addr
     }
 
-    /// The agent endpoint, `ws://127.0.0.1:<port>/ws`.
+    /// The agent endpoint: `ws://127.0.0.1:<port>/ws`, or `wss://` when [`MockConfig::tls`] is set.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.inner.ws_addr)
+        let scheme = if self.config().tls.is_some() {
+            "wss"
+        } else {
+            "ws"
+        };
+        format!("{scheme}://{}/ws", self.inner.ws_addr)
     }
 
     /// The configuration the mock runs with.
@@ -231,6 +238,12 @@ impl MockOrchestrator {
     /// violations, quality findings (e.g. an object `data.error`). Empty for a correct agent.
     pub fn violations(&self) -> Vec<String> {
         self.shared().violations()
+    }
+
+    /// Every failed TLS handshake (TLS mode), as the server saw it: an agent that does not trust
+    /// the certificate shows up here, not in [`MockOrchestrator::violations`].
+    pub fn tls_failures(&self) -> Vec<String> {
+        self.shared().tls_failures()
     }
 
     /// How many `rate.limit.warning` frames were sent.

@@ -4,16 +4,20 @@
 //! It runs until `POST /shutdown`, SIGTERM or SIGINT, then exits with code 0.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use kici_mock_orchestrator::{control, AuthMode, MockConfig, MockOrchestrator, TEST_TOKEN};
+use kici_mock_orchestrator::{
+    control, AuthMode, MockConfig, MockOrchestrator, MockTls, TEST_TOKEN,
+};
 use tokio::signal::unix::{signal, SignalKind};
 
 const USAGE: &str = "usage: kici-mock-orchestrator [--token TOKEN | --no-auth] [--port P] \
 [--ack-timeout-ms N] [--auth-timeout-ms N] [--register-timeout-ms N] [--heartbeat-timeout-ms N] \
-[--ack-lookup-delay-ms N] [--close-after-register-ack CODE] [--trace]
-  default token: the library's TEST_TOKEN";
+[--ack-lookup-delay-ms N] [--close-after-register-ack CODE] [--trace] [--tls CA_FILE]
+  default token: the library's TEST_TOKEN
+  --tls: serve wss:// with a certificate from a fresh test CA, whose certificate (PEM) is written to CA_FILE";
 
 /// A command line the binary cannot run with.
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +30,15 @@ enum UsageError {
     Unknown(String),
 }
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<MockConfig, UsageError> {
+/// What the command line asks for.
+struct Options {
+    config: MockConfig,
+    /// Where to write the test CA's certificate (TLS mode).
+    tls_ca_file: Option<PathBuf>,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, UsageError> {
+    let mut tls_ca_file = None;
     let mut config = MockConfig {
         auth: AuthMode::Token(TEST_TOKEN.to_string()),
         ..MockConfig::default()
@@ -49,10 +61,14 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<MockConfig, Usag
             "--close-after-register-ack" => {
                 config.close_after_register_ack = Some(number(&flag, value()?)?);
             }
+            "--tls" => tls_ca_file = Some(PathBuf::from(value()?)),
             _ => return Err(UsageError::Unknown(flag)),
         }
     }
-    Ok(config)
+    Ok(Options {
+        config,
+        tls_ca_file,
+    })
 }
 
 fn number<T: std::str::FromStr>(flag: &str, value: String) -> Result<T, UsageError> {
@@ -66,8 +82,19 @@ fn millis(flag: &str, value: String) -> Result<Duration, UsageError> {
     number(flag, value).map(Duration::from_millis)
 }
 
-async fn run(config: MockConfig) -> std::io::Result<()> {
+async fn run(options: Options) -> std::io::Result<()> {
     let mut terminate = signal(SignalKind::terminate())?;
+    let mut config = options.config;
+    if let Some(ca_file) = &options.tls_ca_file {
+        let tls = MockTls::generate().map_err(std::io::Error::other)?;
+        std::fs::write(ca_file, tls.ca_pem()).map_err(|err| {
+            std::io::Error::new(
+                err.kind(),
+                format!("cannot write {}: {err}", ca_file.display()),
+            )
+        })?;
+        config.tls = Some(tls);
+    }
     let mock = MockOrchestrator::start(config).await?;
     let control = control::start(mock.clone()).await?;
     let endpoints = serde_json::json!({"ws": mock.ws_url(), "control": control.url()});
@@ -86,14 +113,14 @@ async fn run(config: MockConfig) -> std::io::Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match parse_args(std::env::args().skip(1)) {
-        Ok(config) => config,
+    let options = match parse_args(std::env::args().skip(1)) {
+        Ok(options) => options,
         Err(err) => {
             eprintln!("kici-mock-orchestrator: {err}\n{USAGE}");
             return ExitCode::from(2);
         }
     };
-    match run(config).await {
+    match run(options).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("kici-mock-orchestrator: {err}");
@@ -107,7 +134,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<MockConfig, UsageError> {
-        parse_args(args.iter().map(|arg| arg.to_string()))
+        parse_args(args.iter().map(|arg| arg.to_string())).map(|options| options.config)
     }
 
     #[test]

@@ -4,12 +4,15 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 use crate::connection::serve_connection;
 use crate::state::Shared;
+
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Listens on `addr` with SO_REUSEADDR, so the same port can be bound again after an outage.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -17,6 +20,18 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
+}
+
+/// Serves one accepted connection, first completing the TLS handshake in TLS mode.
+async fn serve(shared: Arc<Shared>, stream: TcpStream) {
+    let Some(tls) = shared.config.tls.clone() else {
+        return serve_connection(shared, stream).await;
+    };
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => serve_connection(shared, stream).await,
+        Ok(Err(err)) => shared.record_tls_failure(err.to_string()),
+        Err(_) => shared.record_tls_failure("TLS handshake timed out".to_string()),
+    }
 }
 
 /// Accepts connections until `stop` turns true. While `accepting` is false the listening socket is
@@ -68,7 +83,7 @@ pub(crate) async fn accept_loop(
                     if let Err(err) = stream.set_nodelay(true) {
                         shared.record_problem(format!("cannot set TCP_NODELAY: {err}"));
                     }
-                    tokio::spawn(serve_connection(Arc::clone(&shared), stream));
+                    tokio::spawn(serve(Arc::clone(&shared), stream));
                 }
                 Ok(_) => {}
                 Err(err) => shared.record_problem(format!("accept failed: {err}")),

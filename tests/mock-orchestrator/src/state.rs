@@ -74,6 +74,7 @@ struct State {
     /// `(jobId, reason)` of jobs the mock took back from an agent, in order.
     requeued: Vec<(String, String)>,
     violations: Vec<String>,
+    tls_failures: Vec<String>,
     rate_limit_warnings: usize,
     dropped_by_rate_limit: usize,
     listening: bool,
@@ -289,6 +290,17 @@ impl Shared {
 
     pub(crate) fn violations(&self) -> Vec<String> {
         self.lock().violations.clone()
+    }
+
+    /// A TLS handshake that failed: the client's choice (e.g. an untrusted CA), not a violation.
+    pub(crate) fn record_tls_failure(&self, what: String) {
+        self.trace(|| format!("TLS handshake failed: {what}"));
+        self.lock().tls_failures.push(what);
+        self.bump();
+    }
+
+    pub(crate) fn tls_failures(&self) -> Vec<String> {
+        self.lock().tls_failures.clone()
     }
 
     pub(crate) fn rate_limit_warnings(&self) -> usize {

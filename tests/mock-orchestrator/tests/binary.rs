@@ -106,7 +106,7 @@ async fn control_api_drives_the_mock_end_to_end() {
     let (_, stats) = http(control, "GET", "/stats", None).await;
     assert_eq!(
         stats,
-        json!({"rateLimitWarnings": 0, "droppedByRateLimit": 0, "violations": []})
+        json!({"rateLimitWarnings": 0, "droppedByRateLimit": 0, "violations": [], "tlsFailures": []})
     );
 
     let (status, _) = http(

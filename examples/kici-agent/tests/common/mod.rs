@@ -68,12 +68,14 @@ pub fn spawn_agent_at(
     vars.extend_from_slice(extra);
     let mut child = agent_command(&vars).stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut start_log = Vec::new();
     let port = loop {
         let line = lines
             .next()
             .expect("agent log ended before it started")
             .unwrap();
         let record: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+        start_log.push(line);
         if record["message"]
             .as_str()
             .is_some_and(|m| m.starts_with("Agent started on port"))
@@ -81,8 +83,11 @@ pub fn spawn_agent_at(
             break record["port"].as_u64().unwrap() as u16;
         }
     };
-    // Keep reading the log so the agent never blocks on a full pipe; keep it for asserts.
-    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<String>>());
+    // Keep reading the log so the agent never blocks on a full pipe; keep it all for asserts.
+    let drain = std::thread::spawn(move || {
+        start_log.extend(lines.map_while(Result::ok));
+        start_log
+    });
     (Spawned(child), port, drain)
 }
 
