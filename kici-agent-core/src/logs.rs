@@ -80,8 +80,8 @@ struct MaskerInner {
 
 /// The compiled form of a pattern set.
 struct Matcher {
-    /// Leftmost-longest search over all patterns, the fallback for text where the sampled
-    /// search would do too much work.
+    /// Search for every occurrence, overlapping ones included: the fallback for text where
+    /// the sampled search would do too much work.
     automaton: AhoCorasick,
     /// Fast search (the hot path).
     sampled: SampledSearch,
@@ -163,8 +163,8 @@ impl SecretMasker {
         self.inner.too_short
     }
 
-    /// Replaces every occurrence of a registered value with `***` (leftmost, longest first).
-    /// Returns the input borrowed when nothing matched.
+    /// Replaces every occurrence of a registered value with `***` (overlapping occurrences
+    /// together). Returns the input borrowed when nothing matched.
     pub fn mask<'a>(&self, text: &'a str) -> Cow<'a, str> {
         let Some(matcher) = &self.inner.matcher else {
             return Cow::Borrowed(text);
@@ -240,15 +240,21 @@ impl SecretMasker {
             matcher.held_tail_start(data)
         };
         let mut consumed = held_from;
-        // A match starting before the held tail is complete: every pattern that could start
-        // there is decided. Later ones are found again with the bytes that follow.
-        let spans: Vec<(usize, usize)> = matcher
-            .spans(data)
-            .into_iter()
-            .take_while(|&(start, _)| start < held_from)
-            .collect();
-        if let Some(&(_, end)) = spans.last() {
-            consumed = consumed.max(end);
+        let mut spans = matcher.spans(data);
+        // Spans starting in the held tail are found again with the bytes that follow.
+        spans.retain(|&(start, _)| start < held_from);
+        // A span reaching into the held tail may grow with the bytes that follow (overlapping
+        // occurrences are merged), so it is held whole; unless it is absurdly long (output
+        // that repeats a self-overlapping secret), which must not hold memory without bound.
+        if let Some(&(start, end)) = spans.last() {
+            if end > held_from {
+                if end - start <= MAX_LINE_BYTES {
+                    consumed = start;
+                    spans.pop();
+                } else {
+                    consumed = end;
+                }
+            }
         }
         match with_spans_masked(&data[..consumed], spans) {
             Some(masked) => (Cow::Owned(masked), consumed),
@@ -260,7 +266,7 @@ impl SecretMasker {
 impl Matcher {
     fn build(patterns: &BTreeSet<String>) -> Result<Self, MaskerError> {
         let automaton = AhoCorasick::builder()
-            .match_kind(MatchKind::LeftmostLongest)
+            .match_kind(MatchKind::Standard)
             .build(patterns)
             .map_err(|source| MaskerError {
                 patterns: patterns.len(),
@@ -285,13 +291,15 @@ impl Matcher {
         })
     }
 
-    /// Leftmost-longest non-overlapping occurrences in `text`, ascending.
+    /// The occurrences in `text`, merged into ascending disjoint spans.
     fn spans(&self, text: &[u8]) -> Vec<(usize, usize)> {
         self.sampled.find(text).unwrap_or_else(|| {
-            self.automaton
-                .find_iter(text)
-                .map(|found| (found.start(), found.end()))
-                .collect()
+            merged(
+                self.automaton
+                    .find_overlapping_iter(text)
+                    .map(|found| (found.start(), found.end()))
+                    .collect(),
+            )
         })
     }
 
@@ -340,7 +348,22 @@ fn with_spans_masked(
     Some(masked)
 }
 
-/// Leftmost-longest search for many literals that looks at a fraction of the text.
+/// The union of `occurrences` as ascending, disjoint spans: overlapping occurrences become one
+/// span, so that no part of any occurrence is left unmasked (a leftmost-longest choice would
+/// show the tail of a secret that overlaps an earlier one).
+fn merged(mut occurrences: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
+    occurrences.sort_unstable_by_key(|&(start, end)| (start, Reverse(end)));
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(occurrences.len());
+    for (start, end) in occurrences {
+        match spans.last_mut() {
+            Some(last) if start < last.1 => last.1 = last.1.max(end),
+            _ => spans.push((start, end)),
+        }
+    }
+    spans
+}
+
+/// Search for every occurrence of many literals that looks at a fraction of the text.
 ///
 /// With `m` the shortest pattern length and `q = min(m, 4)`, every occurrence of a pattern
 /// covers exactly one text position `p` that is a multiple of `stride = m - q + 1`, at an
@@ -435,8 +458,8 @@ impl SampledSearch {
         search
     }
 
-    /// The leftmost-longest non-overlapping occurrences in `line` as ascending `(start, end)`
-    /// spans, or `None` when the line needs more full comparisons than its budget.
+    /// The occurrences in `line`, merged into ascending disjoint `(start, end)` spans, or
+    /// `None` when the line needs more full comparisons than its budget.
     fn find(&self, line: &[u8]) -> Option<Vec<(usize, usize)>> {
         let mut found = Vec::new();
         if !self.may_match(line) {
@@ -462,17 +485,8 @@ impl SampledSearch {
                 }
             }
         }
-        // Every occurrence is now known; keep what a leftmost-longest scan would report.
-        found.sort_unstable_by_key(|&(start, end)| (start, Reverse(end)));
-        let mut covered_up_to = 0;
-        found.retain(|&(start, end)| {
-            let keep = start >= covered_up_to;
-            if keep {
-                covered_up_to = end;
-            }
-            keep
-        });
-        Some(found)
+        // Every occurrence is now known.
+        Some(merged(found))
     }
 
     /// Whether any sampled gram of `line` passes the bit set. Branch-free, so the table
@@ -992,11 +1006,13 @@ mod tests {
     /// The occurrences the plain leftmost-longest automaton finds.
     fn automaton_spans(masker: &SecretMasker, text: &str) -> Vec<(usize, usize)> {
         let matcher = masker.inner.matcher.as_ref().expect("built");
-        matcher
-            .automaton
-            .find_iter(text)
-            .map(|found| (found.start(), found.end()))
-            .collect()
+        merged(
+            matcher
+                .automaton
+                .find_overlapping_iter(text)
+                .map(|found| (found.start(), found.end()))
+                .collect(),
+        )
     }
 
     fn step_lines(log: &mut StepLog, writes: &[&[u8]]) -> Vec<String> {
@@ -1080,13 +1096,15 @@ mod tests {
     }
 
     #[test]
-    fn longest_overlapping_secret_wins() {
+    fn overlapping_secrets_are_masked_together() {
         let masker = masker(&["abcdef", "abcdefgh", "defghijk"]);
         assert_eq!(masker.mask("x abcdefgh y"), "x *** y");
-        // Leftmost first, then longest at that start.
-        assert_eq!(masker.mask("abcdefghijk"), "***ijk");
+        // A leftmost-longest choice would leave "ijk" of the second secret.
+        assert_eq!(masker.mask("abcdefghijk"), "***");
         let mut log = StepLog::new(masker, u64::MAX);
-        assert_eq!(step_lines(&mut log, &[b"abcdefghijk\n"]), ["***ijk"]);
+        assert_eq!(step_lines(&mut log, &[b"abcdefghijk\n"]), ["***"]);
+        let mut log = StepLog::new(self::masker(&["defghijk", "abcdef"]), u64::MAX);
+        assert_eq!(step_lines(&mut log, &[b"abcdefg", b"hijk\n"]), ["***"]);
     }
 
     #[test]
@@ -1173,7 +1191,7 @@ mod tests {
         let line = "a".repeat(1000);
         let search = &masker.inner.matcher.as_ref().expect("built").sampled;
         assert!(search.find(line.as_bytes()).is_none());
-        assert_eq!(masker.mask(&line), MASK.repeat(200));
+        assert_eq!(masker.mask(&line), MASK);
     }
 
     #[test]
