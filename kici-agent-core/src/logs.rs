@@ -110,7 +110,8 @@ impl SecretMasker {
     /// standard base64 of the value and of the value plus a newline (`echo "$S" | base64`),
     /// the base64 of the value inside a longer encoded string at each of the three byte
     /// alignments (what does not depend on the neighbouring bytes), URL encoding (`%20` or
-    /// `+` for a space, with and without JavaScript's unescaped `!'()*`), shell escaping
+    /// `+` for a space; the sets of characters left as they are by RFC 3986, Python, HTML
+    /// forms and JavaScript's `encodeURIComponent`), shell escaping
     /// (bash `printf %q` and inside double quotes) and JSON string escaping (as is, and with
     /// non-ASCII as `\uXXXX`). A multi-line value also registers each of its lines that has at
     /// least [`MIN_SECRET_LINE_CHARS`] characters (trimmed), with the same forms. On error the
@@ -551,13 +552,18 @@ fn register_with_encodings(patterns: &mut BTreeSet<String>, value: &str) {
             patterns.insert(base64.encode(&rest[..whole_groups]));
         }
     }
-    for (kept, space) in [
-        ("", "%20"),
-        ("", "+"),
-        // JavaScript's encodeURIComponent leaves these as they are.
-        ("!'()*", "%20"),
+    for (unescaped, space) in [
+        // RFC 3986 (curl, Python's `quote(safe="")` and `quote_plus`).
+        ("-_.~", "%20"),
+        ("-_.~", "+"),
+        // Python's `quote` keeps `/` by default.
+        ("-_.~/", "%20"),
+        // HTML forms and the WHATWG URL standard.
+        ("*-._", "+"),
+        // JavaScript's `encodeURIComponent`.
+        ("-_.!~*'()", "%20"),
     ] {
-        patterns.insert(percent_encoded(value, kept, space));
+        patterns.insert(percent_encoded(value, unescaped, space));
     }
     if let Some(escaped) = shell_escaped(value) {
         patterns.insert(escaped);
@@ -567,13 +573,12 @@ fn register_with_encodings(patterns: &mut BTreeSet<String>, value: &str) {
     patterns.insert(json_escaped(value, true));
 }
 
-/// URL (percent) encoding: unreserved characters and `kept` stay, a space becomes `space`,
-/// every other byte `%XX`.
-fn percent_encoded(value: &str, kept: &str, space: &str) -> String {
+/// URL (percent) encoding: ASCII letters, digits and `unescaped` stay, a space becomes
+/// `space`, every other byte `%XX`.
+fn percent_encoded(value: &str, unescaped: &str, space: &str) -> String {
     let mut encoded = String::with_capacity(value.len() * 3);
     for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) || kept.as_bytes().contains(&byte)
-        {
+        if byte.is_ascii_alphanumeric() || unescaped.as_bytes().contains(&byte) {
             encoded.push(char::from(byte));
         } else if byte == b' ' {
             encoded.push_str(space);
