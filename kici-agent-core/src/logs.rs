@@ -223,6 +223,29 @@ impl SecretMasker {
         }
     }
 
+    /// Masks step outputs in place, keys and values (strings anywhere in a JSON value); returns
+    /// the (masked) keys of the outputs that held a secret.
+    ///
+    /// Outputs are masked, not refused: the job goes on with `***` where the secret was, as its
+    /// logs do, and a step whose only fault is echoing a secret into an output does not fail
+    /// its job or lose its other outputs.
+    pub fn mask_outputs(&self, outputs: &mut [(String, serde_json::Value)]) -> Vec<String> {
+        let mut masked_keys = Vec::new();
+        for (key, value) in outputs {
+            let masked_key = self.mask(key);
+            let masked_value = self.mask_json(value);
+            if matches!(masked_key, Cow::Borrowed(_)) && masked_value.is_none() {
+                continue;
+            }
+            *key = masked_key.into_owned();
+            if let Some(masked_value) = masked_value {
+                *value = masked_value;
+            }
+            masked_keys.push(key.clone());
+        }
+        masked_keys
+    }
+
     /// True when no value is registered.
     pub fn is_empty(&self) -> bool {
         self.inner.patterns.is_empty()
@@ -1119,6 +1142,18 @@ mod tests {
         assert!(matches!(masker.mask("ab x ab"), Cow::Borrowed("ab x ab")));
         let masker = self::masker(&["abc"]);
         assert_eq!(masker.mask("abcd ab"), "***d ab");
+    }
+
+    #[test]
+    fn counts_values_too_short_to_mask() {
+        let masker = masker(&["ab", "", "   ", "x\n", "long-enough"]);
+        // The empty value is nothing to hide; the others are secrets left visible.
+        assert_eq!(masker.too_short(), 3);
+        let mut more = masker.clone();
+        more.add("z").expect("builds");
+        assert_eq!(more.too_short(), 4);
+        assert_eq!(more.mask("long-enough"), MASK);
+        assert_eq!(masker.too_short(), 3);
     }
 
     #[test]
