@@ -716,7 +716,10 @@ impl AgentConfig {
                 var::SCALER_PENDING_DISPATCH_TIMEOUT,
                 self.scaler_pending_dispatch_timeout,
             ),
-            (var::CONCURRENCY_WAIT_TIMEOUT_MS, self.concurrency_wait_timeout),
+            (
+                var::CONCURRENCY_WAIT_TIMEOUT_MS,
+                self.concurrency_wait_timeout,
+            ),
         ] {
             if value > MAX_GRACE {
                 issue(setting, "must be at most 7 days".into());
@@ -1201,7 +1204,11 @@ impl EnvReader<'_> {
 /// A log-file size: a number of bytes, optionally with a `k`, `m` or `g` suffix (either case,
 /// powers of 1024), greater than 0 and within 64 bits.
 fn parse_log_file_size(raw: &str) -> Result<u64, String> {
-    let invalid = || format!("expected a number of bytes, optionally with a k/m/g suffix (e.g. 500m), got {raw:?}");
+    let invalid = || {
+        format!(
+            "expected a number of bytes, optionally with a k/m/g suffix (e.g. 500m), got {raw:?}"
+        )
+    };
     let (digits, multiplier) = match raw.char_indices().last() {
         Some((at, 'k' | 'K')) => (&raw[..at], 1u64 << 10),
         Some((at, 'm' | 'M')) => (&raw[..at], 1 << 20),
@@ -1313,8 +1320,7 @@ fn load(
             env.report(var::LOG_MAX_SIZE, message);
         }
     }
-    if let Some(days) = env.parse_integer::<u32>(var::LOG_RETENTION_DAYS, "from 1 to 4294967295")
-    {
+    if let Some(days) = env.parse_integer::<u32>(var::LOG_RETENTION_DAYS, "from 1 to 4294967295") {
         if days == 0 {
             let message = "expected an integer from 1 to 4294967295, got \"0\"".to_owned();
             env.report(var::LOG_RETENTION_DAYS, message);
@@ -1683,7 +1689,10 @@ mod tests {
         for bad in ["m", "-5", "1.5g", "5 m", "5mb", "0x10", "+5"] {
             let found = issues(&[(var::LOG_MAX_SIZE, bad)]);
             assert_eq!(found.len(), 1, "{bad}: {found:?}");
-            assert!(found[0].message.starts_with("expected a number of bytes"), "{bad}: {found:?}");
+            assert!(
+                found[0].message.starts_with("expected a number of bytes"),
+                "{bad}: {found:?}"
+            );
         }
         for zero in ["0", "0k", "000G"] {
             let found = issues(&[(var::LOG_MAX_SIZE, zero)]);
@@ -1733,7 +1742,10 @@ mod tests {
             matches!(&built, Err(ConfigError::Invalid(found)) if *found == expected),
             "{built:?}"
         );
-        assert_eq!(config(&[(var::MAX_LOG_SIZE_BYTES, "1")]).max_log_size_bytes, 1);
+        assert_eq!(
+            config(&[(var::MAX_LOG_SIZE_BYTES, "1")]).max_log_size_bytes,
+            1
+        );
     }
 
     #[test]

@@ -174,9 +174,10 @@ impl SecretMasker {
         match with_spans_masked(text.as_bytes(), spans) {
             // Patterns are UTF-8 and so is the text: every span starts and ends on a
             // character boundary, and the result is UTF-8.
-            Some(masked) => Cow::Owned(String::from_utf8(masked).unwrap_or_else(|error| {
-                String::from_utf8_lossy(error.as_bytes()).into_owned()
-            })),
+            Some(masked) => Cow::Owned(
+                String::from_utf8(masked)
+                    .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned()),
+            ),
             None => Cow::Borrowed(text),
         }
     }
@@ -344,7 +345,8 @@ impl Matcher {
         // occurrence.
         for pattern in &self.multi_line {
             let first = end.saturating_sub(pattern.len() - 1);
-            if let Some(start) = (first..held_from).find(|&start| pattern.starts_with(&data[start..]))
+            if let Some(start) =
+                (first..held_from).find(|&start| pattern.starts_with(&data[start..]))
             {
                 held_from = start;
             }

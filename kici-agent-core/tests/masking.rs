@@ -100,7 +100,14 @@ fn json_body_ascii(value: &str) -> String {
 /// What bash's `printf %q` prints for `value`.
 fn bash_printf_q(value: &str) -> String {
     let output = std::process::Command::new("bash")
-        .args(["--noprofile", "--norc", "-c", "printf %q \"$1\"", "bash", value])
+        .args([
+            "--noprofile",
+            "--norc",
+            "-c",
+            "printf %q \"$1\"",
+            "bash",
+            value,
+        ])
         .output()
         .expect("bash runs");
     assert!(output.status.success());
@@ -165,11 +172,19 @@ fn masks_url_encoded_forms() {
 
 #[test]
 fn masks_shell_escaped_forms() {
-    for secret in [PASSWORD, "it's a $ecret", "#~semi;colon|pipe", "back\\slash\"quote`tick"] {
+    for secret in [
+        PASSWORD,
+        "it's a $ecret",
+        "#~semi;colon|pipe",
+        "back\\slash\"quote`tick",
+    ] {
         let masker = masker(&[secret]);
         let escaped = bash_printf_q(secret);
         assert_ne!(escaped, secret);
-        assert_eq!(masker.mask(&format!("+ curl -u {escaped} x")), "+ curl -u *** x");
+        assert_eq!(
+            masker.mask(&format!("+ curl -u {escaped} x")),
+            "+ curl -u *** x"
+        );
         // Inside double quotes only `"`, `\`, `$` and `` ` `` are escaped.
         let double_quoted: String = secret
             .chars()
@@ -214,7 +229,10 @@ fn a_value_straddling_the_line_cut_is_masked() {
             let pieces = log_lines(&masker, &writes);
             assert!(pieces.len() >= 2, "the line is cut");
             assert!(pieces.iter().all(|piece| piece.len() <= MAX_LINE_BYTES));
-            assert_eq!(pieces.concat(), format!("{padding}*** and a tail longer than it"));
+            assert_eq!(
+                pieces.concat(),
+                format!("{padding}*** and a tail longer than it")
+            );
         }
     }
 }
@@ -222,7 +240,10 @@ fn a_value_straddling_the_line_cut_is_masked() {
 #[test]
 fn a_value_written_byte_by_byte_is_masked() {
     let masker = masker(&[PASSWORD, "multi\nline\nsecret"]);
-    let output = format!("a {PASSWORD} b {} c multi\nline\nsecret\n", base64(PASSWORD));
+    let output = format!(
+        "a {PASSWORD} b {} c multi\nline\nsecret\n",
+        base64(PASSWORD)
+    );
     let writes: Vec<&[u8]> = output.as_bytes().chunks(1).collect();
     assert_eq!(log_lines(&masker, &writes), ["a *** b *** c ***"]);
 }
@@ -307,7 +328,9 @@ fn encoded(secret: &str, encoding: Encoding, around: &[u8]) -> (String, String) 
         Encoding::UrlPercent20 => whole(percent(secret, "-_.~", "%20")),
         Encoding::UrlPlus => whole(percent(secret, "-_.~", "+")),
         Encoding::UrlComponent => whole(percent(secret, "-_.!~*'()", "%20")),
-        Encoding::UrlForm => whole(url::form_urlencoded::byte_serialize(secret.as_bytes()).collect()),
+        Encoding::UrlForm => {
+            whole(url::form_urlencoded::byte_serialize(secret.as_bytes()).collect())
+        }
         Encoding::ShellDoubleQuoted => whole(
             secret
                 .chars()

@@ -26,8 +26,11 @@ impl Executor for Leaky {
     }
 
     async fn run_step(&self, _job: &JobContext, _step: &StepContext, io: StepIo) -> StepResult {
-        io.set_output("login", json!({ "user": "bot", "tried": [SECRET, "other"] }))
-            .await;
+        io.set_output(
+            "login",
+            json!({ "user": "bot", "tried": [SECRET, "other"] }),
+        )
+        .await;
         io.set_output("plain", json!("nothing to hide")).await;
         Err(StepFailure::new(format!("login with {SECRET} was refused")))
     }
@@ -55,7 +58,10 @@ async fn outputs_step_errors_and_events_are_masked() {
     .await;
     let status = h.terminal_status("outputs").await;
     let outputs = &status["data"]["outputs"];
-    assert_eq!(outputs["out"], json!({"pw": "***", "enc": "***", "ok": "yes"}));
+    assert_eq!(
+        outputs["out"],
+        json!({"pw": "***", "enc": "***", "ok": "yes"})
+    );
     assert_eq!(
         outputs["leak"],
         json!({"login": {"user": "bot", "tried": ["***", "other"]}, "plain": "nothing to hide"})
@@ -73,7 +79,8 @@ async fn outputs_step_errors_and_events_are_masked() {
 
     let job_log = h.lines("outputs", -1);
     for key in ["pw", "enc"] {
-        let notice = format!("[kici] Output '{key}' of step 'out' holds a secret; it is sent masked");
+        let notice =
+            format!("[kici] Output '{key}' of step 'out' holds a secret; it is sent masked");
         assert!(job_log.contains(&notice), "{job_log:?}");
     }
     let short_notices = job_log
