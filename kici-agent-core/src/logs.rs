@@ -85,6 +85,8 @@ struct Matcher {
     automaton: AhoCorasick,
     /// Fast search (the hot path).
     sampled: SampledSearch,
+    /// Longest pattern, in bytes.
+    longest: usize,
     /// Longest pattern without a line end, in bytes.
     longest_single_line: usize,
     /// Patterns holding a line end (raw multi-line secrets): few, checked one by one for a
@@ -252,12 +254,13 @@ impl SecretMasker {
         self.inner.patterns.is_empty()
     }
 
-    /// Masks the start of a stream buffer. Returns the masked bytes of `data[..consumed]` and
-    /// `consumed`; `data[consumed..]` may be the start of a secret and must be offered again
-    /// with the bytes that follow it (or with `at_end` once nothing follows).
-    fn mask_stream<'a>(&self, data: &'a [u8], at_end: bool) -> (Cow<'a, [u8]>, usize) {
+    /// Decides the start of a stream buffer: returns the spans to mask in `data[..consumed]`
+    /// and `consumed`. `data[consumed..]` may be the start of a secret and must be offered
+    /// again with the bytes that follow it (or with `at_end` once nothing follows). Deciding a
+    /// prefix of a buffer and then the rest gives the same spans as deciding it whole.
+    fn decide(&self, data: &[u8], at_end: bool) -> (Vec<(usize, usize)>, usize) {
         let Some(matcher) = &self.inner.matcher else {
-            return (Cow::Borrowed(data), data.len());
+            return (Vec::new(), data.len());
         };
         let held_from = if at_end {
             data.len()
@@ -281,10 +284,16 @@ impl SecretMasker {
                 }
             }
         }
-        match with_spans_masked(&data[..consumed], spans) {
-            Some(masked) => (Cow::Owned(masked), consumed),
-            None => (Cow::Borrowed(&data[..consumed]), consumed),
-        }
+        (spans, consumed)
+    }
+
+    /// How many bytes after a held tail are enough to decide it: twice the longest pattern.
+    fn seam_bytes(&self) -> usize {
+        self.inner
+            .matcher
+            .as_ref()
+            .map_or(0, |matcher| 2 * matcher.longest)
+            .max(256)
     }
 }
 
@@ -308,6 +317,7 @@ impl Matcher {
                     .map(|pattern| pattern.as_bytes().to_vec())
                     .collect(),
             ),
+            longest: patterns.iter().map(String::len).max().unwrap_or(0),
             longest_single_line: single_line.iter().map(|p| p.len()).max().unwrap_or(0),
             multi_line: multi_line
                 .into_iter()
@@ -431,6 +441,8 @@ impl SampledSearch {
     /// of line. Low-entropy secrets and text can need many more; those lines go to the
     /// automaton, whose cost is linear.
     const VERIFY_BASE: usize = 16;
+    /// Longest text the branch-free prefilter runs on.
+    const PREFILTER_MAX_BYTES: usize = 1024;
     const VERIFY_BYTES_PER_UNIT: usize = 8;
 
     fn build(patterns: Vec<Vec<u8>>) -> Self {
@@ -488,7 +500,9 @@ impl SampledSearch {
     /// `None` when the line needs more full comparisons than its budget.
     fn find(&self, line: &[u8]) -> Option<Vec<(usize, usize)>> {
         let mut found = Vec::new();
-        if !self.may_match(line) {
+        // The prefilter pays off on short lines, which seldom match; a long buffer nearly
+        // always has a candidate somewhere, and the loop below checks the same bits.
+        if line.len() <= Self::PREFILTER_MAX_BYTES && !self.may_match(line) {
             return Some(found);
         }
         let mut budget = Self::VERIFY_BASE + line.len() / Self::VERIFY_BYTES_PER_UNIT;
@@ -952,16 +966,35 @@ impl StepLog {
             gate,
         } = self;
         let mut accept = |line: &str| gate.accept(line, out);
-        if unmasked.is_empty() {
-            let (masked, consumed) = masker.mask_stream(bytes, at_end);
-            splitter.push_raw(&masked, &mut accept);
-            unmasked.extend_from_slice(&bytes[consumed..]);
-        } else {
-            unmasked.extend_from_slice(bytes);
-            let (masked, consumed) = masker.mask_stream(unmasked, at_end);
-            splitter.push_raw(&masked, &mut accept);
-            unmasked.drain(..consumed);
+        let mut rest = bytes;
+        if !unmasked.is_empty() {
+            // Decide the held tail with the start of `bytes` only, so that a large write is
+            // not copied behind it.
+            let tail_len = unmasked.len();
+            let seam_len = rest.len().min(masker.seam_bytes());
+            unmasked.extend_from_slice(&rest[..seam_len]);
+            let whole = seam_len == rest.len();
+            let (spans, consumed) = masker.decide(unmasked, at_end && whole);
+            if whole || consumed >= tail_len {
+                split_masked(splitter, &unmasked[..consumed], spans, &mut accept);
+                rest = &rest[(consumed.max(tail_len) - tail_len)..];
+                if whole {
+                    unmasked.drain(..consumed);
+                    return;
+                }
+                unmasked.clear();
+            } else {
+                // The tail needs more than the seam (a long multi-line secret): take it all.
+                unmasked.extend_from_slice(&rest[seam_len..]);
+                let (spans, consumed) = masker.decide(unmasked, at_end);
+                split_masked(splitter, &unmasked[..consumed], spans, &mut accept);
+                unmasked.drain(..consumed);
+                return;
+            }
         }
+        let (spans, consumed) = masker.decide(rest, at_end);
+        split_masked(splitter, &rest[..consumed], spans, &mut accept);
+        unmasked.extend_from_slice(&rest[consumed..]);
     }
 
     /// The spec's `logBytesStreamed`: UTF-8 bytes of the accepted (masked) lines, marker excluded.
@@ -979,6 +1012,22 @@ impl StepLog {
     pub fn dropped_lines(&self) -> u64 {
         self.gate.dropped_lines
     }
+}
+
+/// Feeds `data` to the splitter with each span replaced by `***`, piece by piece (no copy).
+fn split_masked(
+    splitter: &mut LineSplitter,
+    data: &[u8],
+    spans: Vec<(usize, usize)>,
+    on_line: &mut impl FnMut(&str),
+) {
+    let mut copied_up_to = 0;
+    for (start, end) in spans {
+        splitter.push_raw(&data[copied_up_to..start], on_line);
+        splitter.push_raw(MASK.as_bytes(), on_line);
+        copied_up_to = end;
+    }
+    splitter.push_raw(&data[copied_up_to..], on_line);
 }
 
 /// The cap half of a [`StepLog`], applied to each split (already masked) line.
@@ -1224,6 +1273,40 @@ mod tests {
                     automaton_spans(&masker, &line).len()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn any_split_of_the_writes_gives_the_same_lines() {
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        for round in 0..300 {
+            let secrets: Vec<String> = (0..1 + rng.below(4))
+                .map(|_| {
+                    let len = 3 + rng.below(12);
+                    let secret = rng.text(b"abc\n", len);
+                    if round % 3 == 0 {
+                        secret
+                    } else {
+                        secret.replace('\n', "")
+                    }
+                })
+                .collect();
+            let masker = masker(&secrets.iter().map(String::as_str).collect::<Vec<_>>());
+            let len = rng.below(400);
+            let text = rng.text(b"abcab\n-", len);
+            let whole = step_lines(
+                &mut StepLog::new(masker.clone(), u64::MAX),
+                &[text.as_bytes()],
+            );
+            let mut writes = Vec::new();
+            let mut start = 0;
+            while start < text.len() {
+                let end = (start + 1 + rng.below(40)).min(text.len());
+                writes.push(&text.as_bytes()[start..end]);
+                start = end;
+            }
+            let split = step_lines(&mut StepLog::new(masker, u64::MAX), &writes);
+            assert_eq!(split, whole, "secrets {secrets:?}, text {text:?}");
         }
     }
 
