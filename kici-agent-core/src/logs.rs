@@ -441,8 +441,8 @@ impl SampledSearch {
     /// of line. Low-entropy secrets and text can need many more; those lines go to the
     /// automaton, whose cost is linear.
     const VERIFY_BASE: usize = 16;
-    /// Longest text the branch-free prefilter runs on.
-    const PREFILTER_MAX_BYTES: usize = 1024;
+    /// Probes per prefilter block: about a line of text.
+    const PROBES_PER_BLOCK: usize = 8;
     const VERIFY_BYTES_PER_UNIT: usize = 8;
 
     fn build(patterns: Vec<Vec<u8>>) -> Self {
@@ -500,28 +500,35 @@ impl SampledSearch {
     /// `None` when the line needs more full comparisons than its budget.
     fn find(&self, line: &[u8]) -> Option<Vec<(usize, usize)>> {
         let mut found = Vec::new();
-        // The prefilter pays off on short lines, which seldom match; a long buffer nearly
-        // always has a candidate somewhere, and the loop below checks the same bits.
-        if line.len() <= Self::PREFILTER_MAX_BYTES && !self.may_match(line) {
-            return Some(found);
-        }
         let mut budget = Self::VERIFY_BASE + line.len() / Self::VERIFY_BYTES_PER_UNIT;
-        for probe in self.probes(line) {
-            let gram = gram_value(&line[probe..probe + self.gram_len]);
-            if self.gram_bit(gram) == 0 {
+        // Blocks of probes go through the branch-free prefilter first: most blocks of most
+        // text have no candidate at all.
+        let probes_end = self.probes_end(line);
+        let block_len = Self::PROBES_PER_BLOCK * self.stride;
+        let mut block_start = 0;
+        while block_start < probes_end {
+            let block = block_start..(block_start + block_len).min(probes_end);
+            block_start += block_len;
+            if !self.may_match_at(line, block.clone()) {
                 continue;
             }
-            let Ok(index) = self.grams.binary_search(&gram) else {
-                continue;
-            };
-            for entry in &self.entries[self.gram_entries[index].clone()] {
-                budget = budget.checked_sub(1)?;
-                let Some(start) = probe.checked_sub(entry.offset) else {
+            for probe in block.step_by(self.stride) {
+                let gram = gram_value(&line[probe..probe + self.gram_len]);
+                if self.gram_bit(gram) == 0 {
+                    continue;
+                }
+                let Ok(index) = self.grams.binary_search(&gram) else {
                     continue;
                 };
-                let pattern = &self.patterns[entry.pattern];
-                if line[start..].starts_with(pattern) {
-                    found.push((start, start + pattern.len()));
+                for entry in &self.entries[self.gram_entries[index].clone()] {
+                    budget = budget.checked_sub(1)?;
+                    let Some(start) = probe.checked_sub(entry.offset) else {
+                        continue;
+                    };
+                    let pattern = &self.patterns[entry.pattern];
+                    if line[start..].starts_with(pattern) {
+                        found.push((start, start + pattern.len()));
+                    }
                 }
             }
         }
@@ -529,27 +536,27 @@ impl SampledSearch {
         Some(merged(found))
     }
 
-    /// Whether any sampled gram of `line` passes the bit set. Branch-free, so the table
-    /// loads of one line overlap instead of stalling one after another.
-    fn may_match(&self, line: &[u8]) -> bool {
+    /// Whether any sampled gram of `line` at the probes in `block` (starting on a probe)
+    /// passes the bit set. Branch-free, so the table loads overlap instead of stalling one
+    /// after another.
+    fn may_match_at(&self, line: &[u8], block: Range<usize>) -> bool {
         let mut any = 0;
-        for probe in self.probes(line) {
+        let mut probe = block.start;
+        // Not `step_by`: its set-up divides, which costs as much as the probes of a block.
+        while probe < block.end {
             any |= self.gram_bit(gram_value(&line[probe..probe + self.gram_len]));
+            probe += self.stride;
         }
         any != 0
     }
 
-    /// The sampled positions of `line`: none when it is shorter than every pattern.
-    fn probes(&self, line: &[u8]) -> impl Iterator<Item = usize> {
-        let end = if line.len() < self.min_len {
+    /// End of the sampled positions of `line`: 0 when it is shorter than every pattern.
+    fn probes_end(&self, line: &[u8]) -> usize {
+        if line.len() < self.min_len {
             0
         } else {
             line.len() - self.gram_len + 1
-        };
-        // Not `step_by`: its set-up divides, which costs as much as the probes of a short line.
-        let stride = self.stride;
-        std::iter::successors(Some(0), move |probe| Some(probe + stride))
-            .take_while(move |&probe| probe < end)
+        }
     }
 
     /// 1 when `gram` may be indexed, 0 when it certainly is not.
@@ -1082,7 +1089,7 @@ mod tests {
         out
     }
 
-    /// The occurrences the plain leftmost-longest automaton finds.
+    /// The occurrences the automaton finds, merged.
     fn automaton_spans(masker: &SecretMasker, text: &str) -> Vec<(usize, usize)> {
         let matcher = masker.inner.matcher.as_ref().expect("built");
         merged(
