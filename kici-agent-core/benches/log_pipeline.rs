@@ -1,4 +1,4 @@
-//! Throughput of the step-log pipeline (split + mask + cap) against plain line splitting.
+//! Throughput of the step-log pipeline (mask + split + cap) against plain line splitting.
 //!
 //! Run with `cargo bench -p kici-agent-core --bench log_pipeline`. Prints figures; asserts
 //! nothing about speed. Without `--bench` (as under `cargo test --all-targets`) it runs on 1 MB

@@ -117,30 +117,30 @@ pub const VARIABLES: &[VariableDoc] = &[
     doc(var::LOG_LEVEL, Some("info"), "Agent log level: debug | info | warn | error."),
     doc(var::LOG_FORMAT, Some("auto"), "Agent log format: auto (JSON unless stdout is a TTY) | plain | json."),
     doc(var::LOG_DIR, None, "Node agent: directory for a rotated JSON log file. Accepted with a warning; this agent logs to stdout only."),
-    doc(var::LOG_MAX_SIZE, Some("500m"), "Size cap per log file: bytes or a k/m/g suffix."),
-    doc(var::LOG_RETENTION_DAYS, Some("7"), "Days of rotated log files kept."),
+    doc(var::LOG_MAX_SIZE, Some("500m"), "Size cap per log file: a number of bytes > 0, optionally with a k/m/g suffix (validated; file logs are not implemented)."),
+    doc(var::LOG_RETENTION_DAYS, Some("7"), "Days of rotated log files kept, an integer >= 1 (validated; file logs are not implemented)."),
     doc(var::CLUSTER_INSTANCE_ID, None, "Log-file suffix shared with other KiCI services; beats KICI_AGENT_ID as the suffix."),
     doc(var::PLATFORM_INSTANCE_ID, None, "Log-file suffix of other KiCI services; accepted."),
     doc(var::AGENT_TOKEN, None, "Pre-shared agent token (`kat_...`): authenticate before registering. Unset or empty: unauthenticated."),
     doc(var::GITHUB_TOKEN, None, "Lowest-priority HTTPS clone credential, used when a dispatch carries none."),
-    doc(var::MAX_LOG_SIZE_BYTES, Some("10485760"), "Per-step log cap in bytes; a dispatch's maxLogSizeBytes overrides it."),
+    doc(var::MAX_LOG_SIZE_BYTES, Some("10485760"), "Per-step log cap in bytes (> 0; a step log cannot be switched off); a dispatch's maxLogSizeBytes overrides it."),
     doc(var::DEFAULT_STEP_TIMEOUT_MS, Some("1800000"), "Per-step timeout in ms when the workflow sets none (> 0)."),
     doc(var::DOCKER_KEEP_FAILED, Some("false"), "Exactly `true`: keep the containers of jobs that did not succeed."),
     doc(var::JOB_HEARTBEAT_INTERVAL_MS, Some("60000"), "Period of job.heartbeat messages during a job, in ms (> 0)."),
-    doc(var::HEARTBEAT_INTERVAL_MS, Some("30000"), "Period of connection heartbeats after registration, in ms (> 0); the orchestrator drops an agent after 180 s."),
+    doc(var::HEARTBEAT_INTERVAL_MS, Some("30000"), "Period of connection heartbeats after registration, in ms (> 0 and < 180000: the orchestrator drops an agent after 180 s without one)."),
     doc(var::BACKPRESSURE_MODE, Some("pause"), "Log-streaming backpressure: pause (slow the step) | drop. This agent always pauses; `drop` is accepted with a warning."),
     doc(var::SANDBOX, Some("false"), "Exactly `true`: bare-metal steps run inside a bubblewrap sandbox (read-only system, private /tmp, the workspace at /workspace, own pid/ipc namespaces); start-up fails when `bwrap` is missing or cannot run."),
     doc(var::SANDBOX_NETWORK, Some("isolated"), "Network of the bubblewrap sandbox: isolated (loopback only) | host."),
     doc(var::SCALER_MANAGED, Some("0"), "Exactly `1`: ephemeral agent owned by the auto-scaler (`kici:*` labels allowed; idle self-shutdown is not implemented yet, a warning says so)."),
-    doc(var::SCALER_IDLE_TIMEOUT, Some("5000"), "Scaler-managed idle self-shutdown delay in ms (validated; self-shutdown is not implemented yet)."),
-    doc(var::SCALER_PENDING_DISPATCH_TIMEOUT, Some("60000"), "Scaler-managed: ms to wait for a pre-bound job announced at registration; <= 0 = no wait."),
+    doc(var::SCALER_IDLE_TIMEOUT, Some("5000"), "Scaler-managed idle self-shutdown delay in ms, at most 7 days (validated; self-shutdown is not implemented yet)."),
+    doc(var::SCALER_PENDING_DISPATCH_TIMEOUT, Some("60000"), "Scaler-managed: ms to wait for a pre-bound job announced at registration, at most 7 days; <= 0 = no wait."),
     doc(var::EXECUTION_MODE, None, "Force the execution backend: container | bare-metal | firecracker. Unset: automatic."),
-    doc(var::CONCURRENCY_WAIT_TIMEOUT_MS, Some("3600000"), "Max wait in ms for a concurrency-group `proceed` (>= 1000)."),
+    doc(var::CONCURRENCY_WAIT_TIMEOUT_MS, Some("3600000"), "Max wait in ms for a concurrency-group `proceed` (>= 1000, at most 7 days)."),
     doc(var::AGENT_IS_ORCHESTRATOR_HOST, Some("false"), "Exactly `true`: this host runs the orchestrator, so refuse workflow-requested reboots."),
     doc(var::MAX_CONCURRENCY, Some("1"), "Jobs run at the same time (>= 1), advertised at registration."),
     doc(var::MAX_CONCURRENT_JOBS, None, "Set by scalers; used as KICI_MAX_CONCURRENCY when that is unset and this is an integer >= 1, otherwise ignored with a warning."),
-    doc(var::CANCEL_GRACE_MS, Some("30000"), "Longest graceful cancel in ms before the job is force-killed."),
-    doc(var::SHUTDOWN_GRACE_MS, Some("10000"), "Graceful shutdown: ms to wait for the running job before exiting."),
+    doc(var::CANCEL_GRACE_MS, Some("30000"), "Longest graceful cancel in ms before the job is force-killed (at most 7 days)."),
+    doc(var::SHUTDOWN_GRACE_MS, Some("10000"), "Graceful shutdown: ms to wait for the running job before exiting (at most 7 days)."),
     doc(var::JOB_PIDS_MAX, Some("0"), "Most processes a job may have at once (a fork bomb stops there), applied through the job's pids cgroup where the agent can make one; 0 = no limit."),
     doc(var::STEP_MAP, None, "JSON file mapping step names to shell commands, read by the shell executor; must be readable."),
     doc(var::PROCESS_EXECUTOR, None, "Program that runs every step instead of the built-in executors."),
@@ -173,6 +173,8 @@ const DEFAULT_SCALER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_SCALER_PENDING_DISPATCH_TIMEOUT: Duration = Duration::from_secs(60);
 const DEFAULT_CONCURRENCY_WAIT_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 const MIN_CONCURRENCY_WAIT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// The orchestrator drops an agent that sent no heartbeat for this long.
+const ORCHESTRATOR_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(180);
 const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(30);
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const RESERVED_LABEL_PREFIX: &str = "kici:";
@@ -742,6 +744,15 @@ impl AgentConfig {
             (var::DEFAULT_STEP_TIMEOUT_MS, self.default_step_timeout),
             (var::JOB_HEARTBEAT_INTERVAL_MS, self.job_heartbeat_interval),
             (var::HEARTBEAT_INTERVAL_MS, self.heartbeat_interval),
+            (var::SCALER_IDLE_TIMEOUT, self.scaler_idle_timeout),
+            (
+                var::SCALER_PENDING_DISPATCH_TIMEOUT,
+                self.scaler_pending_dispatch_timeout,
+            ),
+            (
+                var::CONCURRENCY_WAIT_TIMEOUT_MS,
+                self.concurrency_wait_timeout,
+            ),
         ] {
             if value > MAX_GRACE {
                 issue(setting, "must be at most 7 days".into());
@@ -777,6 +788,23 @@ impl AgentConfig {
             if interval.is_zero() {
                 issue(name, "must be greater than 0".into());
             }
+        }
+        if self.heartbeat_interval >= ORCHESTRATOR_HEARTBEAT_TIMEOUT {
+            issue(
+                var::HEARTBEAT_INTERVAL_MS,
+                format!(
+                    "must be below 180000 ms: the orchestrator drops an agent that sends no heartbeat for 180 s, got {} ms",
+                    self.heartbeat_interval.as_millis()
+                ),
+            );
+        }
+        if self.max_log_size_bytes == 0 {
+            // Refused rather than read as "no log": a step whose output is all lost is more
+            // likely a mistake than a wish, and the orchestrator expects log lines.
+            issue(
+                var::MAX_LOG_SIZE_BYTES,
+                "must be greater than 0: 0 would cut every step's log at its first line (a step log cannot be switched off)".into(),
+            );
         }
         if self.concurrency_wait_timeout < MIN_CONCURRENCY_WAIT_TIMEOUT {
             issue(
@@ -1246,6 +1274,34 @@ impl EnvReader<'_> {
     }
 }
 
+/// A log-file size: a number of bytes, optionally with a `k`, `m` or `g` suffix (either case,
+/// powers of 1024), greater than 0 and within 64 bits.
+fn parse_log_file_size(raw: &str) -> Result<u64, String> {
+    let invalid = || {
+        format!(
+            "expected a number of bytes, optionally with a k/m/g suffix (e.g. 500m), got {raw:?}"
+        )
+    };
+    let (digits, multiplier) = match raw.char_indices().last() {
+        Some((at, 'k' | 'K')) => (&raw[..at], 1u64 << 10),
+        Some((at, 'm' | 'M')) => (&raw[..at], 1 << 20),
+        Some((at, 'g' | 'G')) => (&raw[..at], 1 << 30),
+        _ => (raw, 1),
+    };
+    if digits.is_empty() || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|number| number.checked_mul(multiplier))
+        .ok_or_else(|| format!("{raw:?} is more bytes than a 64-bit size can hold"))?;
+    if bytes == 0 {
+        return Err(format!("must be greater than 0, got {raw:?}"));
+    }
+    Ok(bytes)
+}
+
 /// Splits a comma list, dropping empty items and keeping everything else verbatim.
 fn comma_list(raw: &str) -> impl Iterator<Item = &str> {
     raw.split(',').filter(|item| !item.is_empty())
@@ -1330,7 +1386,20 @@ fn load(
     }
     c.token = env.text(var::AGENT_TOKEN).map(Secret::new);
     c.github_token = env.text(var::GITHUB_TOKEN).map(Secret::new);
-    env.integer(var::MAX_LOG_SIZE_BYTES, ">= 0", &mut c.max_log_size_bytes);
+    // File logs are not implemented, but their settings are still checked: a typo found now
+    // is not a surprise on the day they are.
+    if let Some(raw) = env.typed(var::LOG_MAX_SIZE) {
+        if let Err(message) = parse_log_file_size(raw) {
+            env.report(var::LOG_MAX_SIZE, message);
+        }
+    }
+    if let Some(days) = env.parse_integer::<u32>(var::LOG_RETENTION_DAYS, "from 1 to 4294967295") {
+        if days == 0 {
+            let message = "expected an integer from 1 to 4294967295, got \"0\"".to_owned();
+            env.report(var::LOG_RETENTION_DAYS, message);
+        }
+    }
+    env.integer(var::MAX_LOG_SIZE_BYTES, "> 0", &mut c.max_log_size_bytes);
     env.millis(var::DEFAULT_STEP_TIMEOUT_MS, &mut c.default_step_timeout);
     c.docker_keep_failed = env.flag(var::DOCKER_KEEP_FAILED, "true");
     env.millis(
@@ -1695,6 +1764,105 @@ mod tests {
             var::MAX_CONCURRENCY
         );
         assert_eq!(issues(&[(var::PORT, "80.5")])[0].setting, var::PORT);
+    }
+
+    #[test]
+    fn log_file_size_must_be_bytes_with_an_optional_suffix() {
+        assert_eq!(
+            issues(&[(var::LOG_MAX_SIZE, "12q")]),
+            vec![ConfigIssue::new(
+                var::LOG_MAX_SIZE,
+                "expected a number of bytes, optionally with a k/m/g suffix (e.g. 500m), got \"12q\""
+            )]
+        );
+        for bad in ["m", "-5", "1.5g", "5 m", "5mb", "0x10", "+5"] {
+            let found = issues(&[(var::LOG_MAX_SIZE, bad)]);
+            assert_eq!(found.len(), 1, "{bad}: {found:?}");
+            assert!(
+                found[0].message.starts_with("expected a number of bytes"),
+                "{bad}: {found:?}"
+            );
+        }
+        for zero in ["0", "0k", "000G"] {
+            let found = issues(&[(var::LOG_MAX_SIZE, zero)]);
+            assert_eq!(
+                found,
+                vec![ConfigIssue::new(
+                    var::LOG_MAX_SIZE,
+                    format!("must be greater than 0, got {zero:?}")
+                )]
+            );
+        }
+        let found = issues(&[(var::LOG_MAX_SIZE, "17179869184g")]);
+        assert_eq!(
+            found[0].message,
+            "\"17179869184g\" is more bytes than a 64-bit size can hold"
+        );
+        for good in ["1", "500m", "500M", "64k", "1G", "1048576", ""] {
+            config(&[(var::LOG_MAX_SIZE, good)]);
+        }
+        assert_eq!(parse_log_file_size("500m"), Ok(500 << 20));
+        assert_eq!(parse_log_file_size("2K"), Ok(2048));
+    }
+
+    #[test]
+    fn log_retention_must_keep_at_least_a_day() {
+        for bad in ["0", "-1", "seven", "1.5"] {
+            let found = issues(&[(var::LOG_RETENTION_DAYS, bad)]);
+            assert_eq!(found.len(), 1, "{bad}: {found:?}");
+            assert_eq!(found[0].setting, var::LOG_RETENTION_DAYS);
+        }
+        assert_eq!(
+            issues(&[(var::LOG_RETENTION_DAYS, "0")])[0].message,
+            "expected an integer from 1 to 4294967295, got \"0\""
+        );
+        config(&[(var::LOG_RETENTION_DAYS, "7")]);
+    }
+
+    #[test]
+    fn a_zero_step_log_cap_is_refused() {
+        let expected = vec![ConfigIssue::new(
+            var::MAX_LOG_SIZE_BYTES,
+            "must be greater than 0: 0 would cut every step's log at its first line (a step log cannot be switched off)",
+        )];
+        assert_eq!(issues(&[(var::MAX_LOG_SIZE_BYTES, "0")]), expected);
+        let built = AgentConfig::builder(URL).with_max_log_size_bytes(0).build();
+        assert!(
+            matches!(&built, Err(ConfigError::Invalid(found)) if *found == expected),
+            "{built:?}"
+        );
+        assert_eq!(
+            config(&[(var::MAX_LOG_SIZE_BYTES, "1")]).max_log_size_bytes,
+            1
+        );
+    }
+
+    #[test]
+    fn the_heartbeat_must_come_before_the_orchestrator_gives_up() {
+        assert_eq!(
+            issues(&[(var::HEARTBEAT_INTERVAL_MS, "180000")]),
+            vec![ConfigIssue::new(
+                var::HEARTBEAT_INTERVAL_MS,
+                "must be below 180000 ms: the orchestrator drops an agent that sends no heartbeat for 180 s, got 180000 ms"
+            )]
+        );
+        config(&[(var::HEARTBEAT_INTERVAL_MS, "179999")]);
+    }
+
+    #[test]
+    fn scaler_and_concurrency_waits_are_capped_at_seven_days() {
+        for name in [
+            var::SCALER_IDLE_TIMEOUT,
+            var::SCALER_PENDING_DISPATCH_TIMEOUT,
+            var::CONCURRENCY_WAIT_TIMEOUT_MS,
+        ] {
+            assert_eq!(
+                issues(&[(name, "9223372036854775807")]),
+                vec![ConfigIssue::new(name, "must be at most 7 days")],
+                "{name}"
+            );
+            config(&[(name, "604800000")]);
+        }
     }
 
     #[test]

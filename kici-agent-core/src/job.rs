@@ -15,7 +15,7 @@ use crate::checkout::{self, CheckoutRequest, GitCredentials, HostKeyPolicy};
 use crate::containment::JobContainment;
 use crate::events::{Event, EventQueue};
 use crate::executor::{Executor, ExecutorRegistry, JobContext, StepContext, StepEvent, StepIo};
-use crate::logs::{SecretMasker, StepLog};
+use crate::logs::{SecretMasker, StepLog, MIN_SECRET_CHARS};
 use crate::metrics::Metrics;
 use crate::outbox::{JobAttempt, Outbox};
 use crate::process::{HandoffFiles, StepEnv};
@@ -154,6 +154,15 @@ pub(crate) async fn run_job(
             (JobState::Failed, Some(error))
         }
     };
+    let too_short = run.masker.too_short();
+    if too_short > 0 {
+        // Once per job, never the value.
+        tracing::warn!(job_id = %job_ref.job_id, count = too_short, "secret values shorter than {MIN_SECRET_CHARS} characters are not masked");
+        run.job_log(format!(
+            "[kici] {too_short} secret value(s) shorter than {MIN_SECRET_CHARS} characters cannot be masked in this job's output"
+        ))
+        .await;
+    }
 
     // Stopped before the terminal status is queued, so no `running` can follow it.
     for task in [heartbeat, running_resends] {
@@ -162,6 +171,7 @@ pub(crate) async fn run_job(
     }
     let duration_ms = started.elapsed().as_millis() as u64;
     let (state, error) = outcome;
+    let error = error.map(|error| run.masker.mask(&error).into_owned());
     let (step_results, outputs) = {
         let mut run_state = run.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut results = std::mem::take(&mut run_state.results);
@@ -917,6 +927,12 @@ impl JobRunner {
         let log_bytes = log.bytes_streamed();
 
         self.apply_handoff(&handoff, name, &mut outputs).await;
+        for key in self.masker.mask_outputs(&mut outputs) {
+            self.job_log(format!(
+                "[kici] Output '{key}' of step '{name}' holds a secret; it is sent masked"
+            ))
+            .await;
+        }
         if !outputs.is_empty() {
             let mut run_state = self.lock();
             let entry = run_state.outputs.entry(name.clone()).or_default();

@@ -1,12 +1,16 @@
 //! Step-log pipeline before transport: raw bytes from a step's stdout/stderr become masked,
 //! size-capped lines (spec agent.md §10.3 and §14.1, protocol.md §5.6).
 //!
+//! Masking runs on the byte stream before it is split into lines, holding back only a tail
+//! that may be the start of a secret, so a value is masked whatever split the pipeline or the
+//! step makes: partial writes, the cut of an overlong line, a multi-line secret's line ends.
 //! Batching the lines into `log.chunk` frames happens elsewhere.
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
 use std::fmt;
+use std::fmt::Write as _;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -18,6 +22,13 @@ pub const MASK: &str = "***";
 
 /// Values shorter than this many characters are never registered (spec §10.3).
 pub const MIN_SECRET_CHARS: usize = 3;
+
+/// A line of a multi-line secret is masked on its own only when it has at least this many
+/// characters (after trimming). Shorter lines (`line`, `secret`, `}`, `-----`) are ordinary
+/// words or punctuation that would mask unrelated log text, and carry too little of the secret
+/// to be worth hiding; the lines of keys and certificates (64 characters of base64) are far
+/// longer. The whole value is masked wherever it appears, whatever its lines.
+pub const MIN_SECRET_LINE_CHARS: usize = 8;
 
 /// Longest line the splitter holds back; a longer line is cut into pieces of at most this many
 /// bytes so that a stream without newlines cannot grow memory without bound.
@@ -61,17 +72,26 @@ impl fmt::Debug for SecretMasker {
 struct MaskerInner {
     /// Every registered literal, deduplicated.
     patterns: BTreeSet<String>,
+    /// Non-empty values that were too short (or blank) to mask.
+    too_short: usize,
     /// `None` while nothing is registered.
-    matcher: Option<Matcher>,
+    matcher: Option<Arc<Matcher>>,
 }
 
 /// The compiled form of a pattern set.
 struct Matcher {
-    /// Leftmost-longest search over all patterns, for arbitrary text and as the fallback for
-    /// lines where the sampled search would do too much work.
+    /// Search for every occurrence, overlapping ones included: the fallback for text where
+    /// the sampled search would do too much work.
     automaton: AhoCorasick,
-    /// Fast search for single log lines (the hot path).
-    line_search: SampledSearch,
+    /// Fast search (the hot path).
+    sampled: SampledSearch,
+    /// Longest pattern, in bytes.
+    longest: usize,
+    /// Longest pattern without a line end, in bytes.
+    longest_single_line: usize,
+    /// Patterns holding a line end (raw multi-line secrets): few, checked one by one for a
+    /// partial occurrence at the end of a stream buffer.
+    multi_line: Vec<Vec<u8>>,
 }
 
 impl SecretMasker {
@@ -87,47 +107,146 @@ impl SecretMasker {
 
     /// Registers secret values and rebuilds the matcher once.
     ///
-    /// Values shorter than 3 characters, or only whitespace, are ignored. For each kept value its
-    /// standard padded base64 is registered too. A multi-line value (PEM keys and the like) also
-    /// registers each of its lines (trimmed, at least 3 characters) and their base64, because
-    /// log masking runs line by line. On error the masker keeps its previous secrets.
+    /// Values shorter than 3 characters, or only whitespace, are not masked (they are counted,
+    /// see [`SecretMasker::too_short`]). For each kept value these forms are registered too:
+    /// standard base64 of the value and of the value plus a newline (`echo "$S" | base64`),
+    /// the base64 of the value inside a longer encoded string at each of the three byte
+    /// alignments (what does not depend on the neighbouring bytes), URL encoding (`%20` or
+    /// `+` for a space; the sets of characters left as they are by RFC 3986, Python, HTML
+    /// forms and JavaScript's `encodeURIComponent`), shell escaping
+    /// (bash `printf %q` and inside double quotes) and JSON string escaping (as is, and with
+    /// non-ASCII as `\uXXXX`). A multi-line value also registers each of its lines that has at
+    /// least [`MIN_SECRET_LINE_CHARS`] characters (trimmed), with the same forms. On error the
+    /// masker keeps its previous secrets.
     pub fn add_all<'a>(
         &mut self,
         secrets: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), MaskerError> {
         let mut patterns = self.inner.patterns.clone();
+        let mut too_short = self.inner.too_short;
         let before = patterns.len();
-        for secret in secrets {
+        for given in secrets {
+            // Surrounding line ends are left in the log, so that the next line stays apart.
+            let secret = given.trim_matches(LINE_ENDS);
+            if secret.chars().count() < MIN_SECRET_CHARS || secret.trim().is_empty() {
+                too_short += usize::from(!given.is_empty());
+                continue;
+            }
             register_with_encodings(&mut patterns, secret);
             if secret.contains(LINE_ENDS) {
-                for line in secret.split(LINE_ENDS) {
-                    register_with_encodings(&mut patterns, line.trim());
+                for line in secret.split(LINE_ENDS).map(str::trim) {
+                    if line.chars().count() >= MIN_SECRET_LINE_CHARS {
+                        register_with_encodings(&mut patterns, line);
+                    }
                 }
             }
         }
         if patterns.len() == before {
+            if too_short != self.inner.too_short {
+                self.inner = Arc::new(MaskerInner {
+                    patterns,
+                    too_short,
+                    matcher: self.inner.matcher.clone(),
+                });
+            }
             return Ok(());
         }
         let matcher = Matcher::build(&patterns)?;
         self.inner = Arc::new(MaskerInner {
             patterns,
-            matcher: Some(matcher),
+            too_short,
+            matcher: Some(Arc::new(matcher)),
         });
         Ok(())
     }
 
-    /// Replaces every occurrence of a registered value with `***` (leftmost, longest first).
-    /// Returns the input borrowed when nothing matched.
+    /// How many non-empty values given to this masker were too short (under
+    /// [`MIN_SECRET_CHARS`] characters) or blank, and so are not masked.
+    pub fn too_short(&self) -> usize {
+        self.inner.too_short
+    }
+
+    /// Replaces every occurrence of a registered value with `***` (overlapping occurrences
+    /// together). Returns the input borrowed when nothing matched.
     pub fn mask<'a>(&self, text: &'a str) -> Cow<'a, str> {
-        let masked = self
-            .inner
-            .matcher
-            .as_ref()
-            .and_then(|matcher| matcher.masked_by_automaton(text));
-        match masked {
-            Some(masked) => Cow::Owned(masked),
+        let Some(matcher) = &self.inner.matcher else {
+            return Cow::Borrowed(text);
+        };
+        let spans = matcher.spans(text.as_bytes());
+        match with_spans_masked(text.as_bytes(), spans) {
+            // Patterns are UTF-8 and so is the text: every span starts and ends on a
+            // character boundary, and the result is UTF-8.
+            Some(masked) => Cow::Owned(
+                String::from_utf8(masked)
+                    .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned()),
+            ),
             None => Cow::Borrowed(text),
         }
+    }
+
+    /// `value` with every string in it (object keys included) masked, or `None` when nothing
+    /// in it holds a secret.
+    pub fn mask_json(&self, value: &serde_json::Value) -> Option<serde_json::Value> {
+        use serde_json::Value;
+        match value {
+            Value::String(text) => match self.mask(text) {
+                Cow::Owned(masked) => Some(Value::String(masked)),
+                Cow::Borrowed(_) => None,
+            },
+            Value::Array(items) => {
+                let masked: Vec<Option<Value>> =
+                    items.iter().map(|item| self.mask_json(item)).collect();
+                masked.iter().any(Option::is_some).then(|| {
+                    Value::Array(
+                        masked
+                            .into_iter()
+                            .zip(items)
+                            .map(|(masked, item)| masked.unwrap_or_else(|| item.clone()))
+                            .collect(),
+                    )
+                })
+            }
+            Value::Object(fields) => {
+                let mut changed = false;
+                let masked = fields
+                    .iter()
+                    .map(|(key, item)| {
+                        let masked_key = self.mask(key);
+                        let masked_item = self.mask_json(item);
+                        changed |= matches!(masked_key, Cow::Owned(_)) || masked_item.is_some();
+                        (
+                            masked_key.into_owned(),
+                            masked_item.unwrap_or_else(|| item.clone()),
+                        )
+                    })
+                    .collect();
+                changed.then_some(Value::Object(masked))
+            }
+            Value::Null | Value::Bool(_) | Value::Number(_) => None,
+        }
+    }
+
+    /// Masks step outputs in place, keys and values (strings anywhere in a JSON value); returns
+    /// the (masked) keys of the outputs that held a secret.
+    ///
+    /// Outputs are masked, not refused: the job goes on with `***` where the secret was, as its
+    /// logs do, and a step whose only fault is echoing a secret into an output does not fail
+    /// its job or lose its other outputs.
+    pub fn mask_outputs(&self, outputs: &mut [(String, serde_json::Value)]) -> Vec<String> {
+        let mut masked_keys = Vec::new();
+        for (key, value) in outputs {
+            let masked_key = self.mask(key);
+            let masked_value = self.mask_json(value);
+            if matches!(masked_key, Cow::Borrowed(_)) && masked_value.is_none() {
+                continue;
+            }
+            *key = masked_key.into_owned();
+            if let Some(masked_value) = masked_value {
+                *value = masked_value;
+            }
+            masked_keys.push(key.clone());
+        }
+        masked_keys
     }
 
     /// True when no value is registered.
@@ -135,70 +254,152 @@ impl SecretMasker {
         self.inner.patterns.is_empty()
     }
 
-    /// The masked copy of one log line, which holds no line end; same result as
-    /// [`SecretMasker::mask`].
-    fn mask_line(&self, line: &str) -> String {
+    /// Decides the start of a stream buffer: returns the spans to mask in `data[..consumed]`
+    /// and `consumed`. `data[consumed..]` may be the start of a secret and must be offered
+    /// again with the bytes that follow it (or with `at_end` once nothing follows). Deciding a
+    /// prefix of a buffer and then the rest gives the same spans as deciding it whole.
+    fn decide(&self, data: &[u8], at_end: bool) -> (Vec<(usize, usize)>, usize) {
         let Some(matcher) = &self.inner.matcher else {
-            return line.to_owned();
+            return (Vec::new(), data.len());
         };
-        let masked = match matcher.line_search.find(line.as_bytes()) {
-            Some(spans) => with_spans_masked(line, spans),
-            None => matcher.masked_by_automaton(line),
+        let held_from = if at_end {
+            data.len()
+        } else {
+            matcher.held_tail_start(data)
         };
-        masked.unwrap_or_else(|| line.to_owned())
+        let mut consumed = held_from;
+        let mut spans = matcher.spans(data);
+        // Spans starting in the held tail are found again with the bytes that follow.
+        spans.retain(|&(start, _)| start < held_from);
+        // A span reaching into the held tail may grow with the bytes that follow (overlapping
+        // occurrences are merged), so it is held whole; unless it is absurdly long (output
+        // that repeats a self-overlapping secret), which must not hold memory without bound.
+        if let Some(&(start, end)) = spans.last() {
+            if end > held_from {
+                if end - start <= MAX_LINE_BYTES {
+                    consumed = start;
+                    spans.pop();
+                } else {
+                    consumed = end;
+                }
+            }
+        }
+        (spans, consumed)
+    }
+
+    /// How many bytes after a held tail are enough to decide it: twice the longest pattern.
+    fn seam_bytes(&self) -> usize {
+        self.inner
+            .matcher
+            .as_ref()
+            .map_or(0, |matcher| 2 * matcher.longest)
+            .max(256)
     }
 }
 
 impl Matcher {
     fn build(patterns: &BTreeSet<String>) -> Result<Self, MaskerError> {
         let automaton = AhoCorasick::builder()
-            .match_kind(MatchKind::LeftmostLongest)
+            .match_kind(MatchKind::Standard)
             .build(patterns)
             .map_err(|source| MaskerError {
                 patterns: patterns.len(),
                 source,
             })?;
-        // A pattern holding a line end can never occur inside one split line.
-        let line_patterns = patterns
+        let (multi_line, single_line): (Vec<&String>, Vec<&String>) = patterns
             .iter()
-            .filter(|pattern| !pattern.contains(LINE_ENDS))
-            .map(|pattern| pattern.as_bytes().to_vec())
-            .collect();
+            .partition(|pattern| pattern.contains(LINE_ENDS));
         Ok(Self {
             automaton,
-            line_search: SampledSearch::build(line_patterns),
+            sampled: SampledSearch::build(
+                patterns
+                    .iter()
+                    .map(|pattern| pattern.as_bytes().to_vec())
+                    .collect(),
+            ),
+            longest: patterns.iter().map(String::len).max().unwrap_or(0),
+            longest_single_line: single_line.iter().map(|p| p.len()).max().unwrap_or(0),
+            multi_line: multi_line
+                .into_iter()
+                .map(|pattern| pattern.as_bytes().to_vec())
+                .collect(),
         })
     }
 
-    fn masked_by_automaton(&self, text: &str) -> Option<String> {
-        let spans = self
-            .automaton
-            .find_iter(text)
-            .map(|found| (found.start(), found.end()));
-        with_spans_masked(text, spans)
+    /// The occurrences in `text`, merged into ascending disjoint spans.
+    fn spans(&self, text: &[u8]) -> Vec<(usize, usize)> {
+        self.sampled.find(text).unwrap_or_else(|| {
+            merged(
+                self.automaton
+                    .find_overlapping_iter(text)
+                    .map(|found| (found.start(), found.end()))
+                    .collect(),
+            )
+        })
+    }
+
+    /// Where the tail of `data` that may be the start of an occurrence begins (`data.len()`
+    /// when there is none).
+    fn held_tail_start(&self, data: &[u8]) -> usize {
+        let end = data.len();
+        // A partial single-line occurrence is shorter than the longest such pattern and holds
+        // no line end, so it lies in the last line (which the splitter holds anyway).
+        let mut held_from = end.saturating_sub(self.longest_single_line.saturating_sub(1));
+        if let Some(line_end) = data[held_from..]
+            .iter()
+            .rposition(|&byte| byte == b'\n' || byte == b'\r')
+        {
+            held_from += line_end + 1;
+        }
+        // A multi-line pattern may span complete lines: hold from its earliest partial
+        // occurrence.
+        for pattern in &self.multi_line {
+            let first = end.saturating_sub(pattern.len() - 1);
+            if let Some(start) =
+                (first..held_from).find(|&start| pattern.starts_with(&data[start..]))
+            {
+                held_from = start;
+            }
+        }
+        held_from
     }
 }
 
-/// `text` with each `(start, end)` byte span (ascending, disjoint, on character boundaries)
-/// replaced by `***`, or `None` when there is no span (so the caller can keep its own copy).
+/// `text` with each `(start, end)` byte span (ascending, disjoint) replaced by `***`, or `None`
+/// when there is no span (so the caller can keep its own copy).
 fn with_spans_masked(
-    text: &str,
+    text: &[u8],
     spans: impl IntoIterator<Item = (usize, usize)>,
-) -> Option<String> {
+) -> Option<Vec<u8>> {
     let mut spans = spans.into_iter().peekable();
     spans.peek()?;
-    let mut masked = String::with_capacity(text.len());
+    let mut masked = Vec::with_capacity(text.len());
     let mut copied_up_to = 0;
     for (start, end) in spans {
-        masked.push_str(&text[copied_up_to..start]);
-        masked.push_str(MASK);
+        masked.extend_from_slice(&text[copied_up_to..start]);
+        masked.extend_from_slice(MASK.as_bytes());
         copied_up_to = end;
     }
-    masked.push_str(&text[copied_up_to..]);
+    masked.extend_from_slice(&text[copied_up_to..]);
     Some(masked)
 }
 
-/// Leftmost-longest search for many literals that looks at a fraction of the text.
+/// The union of `occurrences` as ascending, disjoint spans: overlapping occurrences become one
+/// span, so that no part of any occurrence is left unmasked (a leftmost-longest choice would
+/// show the tail of a secret that overlaps an earlier one).
+fn merged(mut occurrences: Vec<(usize, usize)>) -> Vec<(usize, usize)> {
+    occurrences.sort_unstable_by_key(|&(start, end)| (start, Reverse(end)));
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(occurrences.len());
+    for (start, end) in occurrences {
+        match spans.last_mut() {
+            Some(last) if start < last.1 => last.1 = last.1.max(end),
+            _ => spans.push((start, end)),
+        }
+    }
+    spans
+}
+
+/// Search for every occurrence of many literals that looks at a fraction of the text.
 ///
 /// With `m` the shortest pattern length and `q = min(m, 4)`, every occurrence of a pattern
 /// covers exactly one text position `p` that is a multiple of `stride = m - q + 1`, at an
@@ -240,6 +441,8 @@ impl SampledSearch {
     /// of line. Low-entropy secrets and text can need many more; those lines go to the
     /// automaton, whose cost is linear.
     const VERIFY_BASE: usize = 16;
+    /// Probes per prefilter block: about a line of text.
+    const PROBES_PER_BLOCK: usize = 8;
     const VERIFY_BYTES_PER_UNIT: usize = 8;
 
     fn build(patterns: Vec<Vec<u8>>) -> Self {
@@ -293,67 +496,67 @@ impl SampledSearch {
         search
     }
 
-    /// The leftmost-longest non-overlapping occurrences in `line` as ascending `(start, end)`
-    /// spans, or `None` when the line needs more full comparisons than its budget.
+    /// The occurrences in `line`, merged into ascending disjoint `(start, end)` spans, or
+    /// `None` when the line needs more full comparisons than its budget.
     fn find(&self, line: &[u8]) -> Option<Vec<(usize, usize)>> {
         let mut found = Vec::new();
-        if !self.may_match(line) {
-            return Some(found);
-        }
         let mut budget = Self::VERIFY_BASE + line.len() / Self::VERIFY_BYTES_PER_UNIT;
-        for probe in self.probes(line) {
-            let gram = gram_value(&line[probe..probe + self.gram_len]);
-            if self.gram_bit(gram) == 0 {
+        // Blocks of probes go through the branch-free prefilter first: most blocks of most
+        // text have no candidate at all.
+        let probes_end = self.probes_end(line);
+        let block_len = Self::PROBES_PER_BLOCK * self.stride;
+        let mut block_start = 0;
+        while block_start < probes_end {
+            let block = block_start..(block_start + block_len).min(probes_end);
+            block_start += block_len;
+            if !self.may_match_at(line, block.clone()) {
                 continue;
             }
-            let Ok(index) = self.grams.binary_search(&gram) else {
-                continue;
-            };
-            for entry in &self.entries[self.gram_entries[index].clone()] {
-                budget = budget.checked_sub(1)?;
-                let Some(start) = probe.checked_sub(entry.offset) else {
+            for probe in block.step_by(self.stride) {
+                let gram = gram_value(&line[probe..probe + self.gram_len]);
+                if self.gram_bit(gram) == 0 {
+                    continue;
+                }
+                let Ok(index) = self.grams.binary_search(&gram) else {
                     continue;
                 };
-                let pattern = &self.patterns[entry.pattern];
-                if line[start..].starts_with(pattern) {
-                    found.push((start, start + pattern.len()));
+                for entry in &self.entries[self.gram_entries[index].clone()] {
+                    budget = budget.checked_sub(1)?;
+                    let Some(start) = probe.checked_sub(entry.offset) else {
+                        continue;
+                    };
+                    let pattern = &self.patterns[entry.pattern];
+                    if line[start..].starts_with(pattern) {
+                        found.push((start, start + pattern.len()));
+                    }
                 }
             }
         }
-        // Every occurrence is now known; keep what a leftmost-longest scan would report.
-        found.sort_unstable_by_key(|&(start, end)| (start, Reverse(end)));
-        let mut covered_up_to = 0;
-        found.retain(|&(start, end)| {
-            let keep = start >= covered_up_to;
-            if keep {
-                covered_up_to = end;
-            }
-            keep
-        });
-        Some(found)
+        // Every occurrence is now known.
+        Some(merged(found))
     }
 
-    /// Whether any sampled gram of `line` passes the bit set. Branch-free, so the table
-    /// loads of one line overlap instead of stalling one after another.
-    fn may_match(&self, line: &[u8]) -> bool {
+    /// Whether any sampled gram of `line` at the probes in `block` (starting on a probe)
+    /// passes the bit set. Branch-free, so the table loads overlap instead of stalling one
+    /// after another.
+    fn may_match_at(&self, line: &[u8], block: Range<usize>) -> bool {
         let mut any = 0;
-        for probe in self.probes(line) {
+        let mut probe = block.start;
+        // Not `step_by`: its set-up divides, which costs as much as the probes of a block.
+        while probe < block.end {
             any |= self.gram_bit(gram_value(&line[probe..probe + self.gram_len]));
+            probe += self.stride;
         }
         any != 0
     }
 
-    /// The sampled positions of `line`: none when it is shorter than every pattern.
-    fn probes(&self, line: &[u8]) -> impl Iterator<Item = usize> {
-        let end = if line.len() < self.min_len {
+    /// End of the sampled positions of `line`: 0 when it is shorter than every pattern.
+    fn probes_end(&self, line: &[u8]) -> usize {
+        if line.len() < self.min_len {
             0
         } else {
             line.len() - self.gram_len + 1
-        };
-        // Not `step_by`: its set-up divides, which costs as much as the probes of a short line.
-        let stride = self.stride;
-        std::iter::successors(Some(0), move |probe| Some(probe + stride))
-            .take_while(move |&probe| probe < end)
+        }
     }
 
     /// 1 when `gram` may be indexed, 0 when it certainly is not.
@@ -377,13 +580,117 @@ fn gram_value(gram: &[u8]) -> u32 {
     }
 }
 
-/// Adds `value` and its base64 form when it is long enough to be worth masking.
+/// Adds `value` (long enough to be worth masking) and every encoded form of it a step may
+/// print; see [`SecretMasker::add_all`].
 fn register_with_encodings(patterns: &mut BTreeSet<String>, value: &str) {
-    if value.chars().count() < MIN_SECRET_CHARS || value.trim().is_empty() {
-        return;
-    }
-    patterns.insert(base64::engine::general_purpose::STANDARD.encode(value));
+    let base64 = base64::engine::general_purpose::STANDARD;
     patterns.insert(value.to_owned());
+    patterns.insert(base64.encode(value));
+    patterns.insert(base64.encode(format!("{value}\n")));
+    // Inside a longer encoded string (`user:$S`) the value starts at any of three byte
+    // alignments; the characters that encode whole groups of its own bytes are the same
+    // whatever surrounds it (as the GitHub Actions runner masks).
+    let bytes = value.as_bytes();
+    for skipped in 0..3.min(bytes.len()) {
+        let rest = &bytes[skipped..];
+        let whole_groups = rest.len() / 3 * 3;
+        if whole_groups > 0 {
+            patterns.insert(base64.encode(&rest[..whole_groups]));
+        }
+    }
+    for (unescaped, space) in [
+        // RFC 3986 (curl, Python's `quote(safe="")` and `quote_plus`).
+        ("-_.~", "%20"),
+        ("-_.~", "+"),
+        // Python's `quote` keeps `/` by default.
+        ("-_.~/", "%20"),
+        // HTML forms and the WHATWG URL standard.
+        ("*-._", "+"),
+        // JavaScript's `encodeURIComponent`.
+        ("-_.!~*'()", "%20"),
+    ] {
+        patterns.insert(percent_encoded(value, unescaped, space));
+    }
+    if let Some(escaped) = shell_escaped(value) {
+        patterns.insert(escaped);
+    }
+    patterns.insert(shell_double_quoted(value));
+    patterns.insert(json_escaped(value, false));
+    patterns.insert(json_escaped(value, true));
+}
+
+/// URL (percent) encoding: ASCII letters, digits and `unescaped` stay, a space becomes
+/// `space`, every other byte `%XX`.
+fn percent_encoded(value: &str, unescaped: &str, space: &str) -> String {
+    let mut encoded = String::with_capacity(value.len() * 3);
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || unescaped.as_bytes().contains(&byte) {
+            encoded.push(char::from(byte));
+        } else if byte == b' ' {
+            encoded.push_str(space);
+        } else {
+            let _ = write!(encoded, "%{byte:02X}");
+        }
+    }
+    encoded
+}
+
+/// The value as bash's `printf %q` writes it, or `None` for values with control characters
+/// (which it writes in `$'...'` form instead).
+fn shell_escaped(value: &str) -> Option<String> {
+    const SPECIAL: &str = " !\"$&'()*,;<>?[\\]^`{|}";
+    if value.chars().any(char::is_control) {
+        return None;
+    }
+    let mut escaped = String::with_capacity(value.len() * 2);
+    for (index, character) in value.chars().enumerate() {
+        let leading_only = index == 0 && matches!(character, '#' | '~');
+        if SPECIAL.contains(character) || leading_only {
+            escaped.push('\\');
+        }
+        escaped.push(character);
+    }
+    Some(escaped)
+}
+
+/// The value between double quotes in a shell script: `"`, `\`, `$` and `` ` `` escaped.
+fn shell_double_quoted(value: &str) -> String {
+    let mut escaped = String::with_capacity(value.len() * 2);
+    for character in value.chars() {
+        if matches!(character, '"' | '\\' | '$' | '`') {
+            escaped.push('\\');
+        }
+        escaped.push(character);
+    }
+    escaped
+}
+
+/// The value inside a JSON string (without the quotes); with `ascii_only`, every non-ASCII
+/// character as `\uXXXX` (UTF-16, as Python's `json.dumps` writes by default).
+fn json_escaped(value: &str, ascii_only: bool) -> String {
+    let mut escaped = String::with_capacity(value.len() + 8);
+    for character in value.chars() {
+        match character {
+            '"' => escaped.push_str("\\\""),
+            '\\' => escaped.push_str("\\\\"),
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push_str("\\t"),
+            '\u{8}' => escaped.push_str("\\b"),
+            '\u{c}' => escaped.push_str("\\f"),
+            control if u32::from(control) < 0x20 => {
+                let _ = write!(escaped, "\\u{:04x}", u32::from(control));
+            }
+            other if ascii_only && !other.is_ascii() => {
+                let mut units = [0u16; 2];
+                for unit in other.encode_utf16(&mut units) {
+                    let _ = write!(escaped, "\\u{unit:04x}");
+                }
+            }
+            other => escaped.push(other),
+        }
+    }
+    escaped
 }
 
 /// Splits a byte stream into lines.
@@ -470,6 +777,11 @@ impl LineSplitter {
                 self.partial.drain(..rest_start);
             }
         }
+    }
+
+    /// Takes the held partial line's bytes out, to be pushed again.
+    fn take_partial(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.partial)
     }
 
     /// Calls `on_line` with the held partial line, if any.
@@ -566,25 +878,46 @@ pub fn truncation_marker(cap_bytes: u64) -> String {
     format!("[TRUNCATED: log output exceeded {cap_bytes} bytes]")
 }
 
-/// One step's log (or the job-level log, step index -1): split, then mask, then cap.
+/// One step's log (or the job-level log, step index -1): mask, then split, then cap.
+///
+/// Masking runs on the byte stream ahead of the splitter, holding back only a tail that may be
+/// the start of a secret (see [`SecretMasker`]); a secret is masked whatever split the writes,
+/// a line end inside a multi-line secret or the cut of an overlong line make.
 ///
 /// Cap (spec §14.1): before a line is accepted, if the bytes accepted so far have reached the
 /// cap, that line is replaced by [`truncation_marker`] (once) and every later line is dropped;
 /// so the last accepted line may overshoot the cap. Bytes are counted as the UTF-8 length of the
 /// masked line that is sent, without its line end. Empty lines are kept.
-#[derive(Debug)]
 pub struct StepLog {
+    masker: SecretMasker,
+    /// Output bytes not masked yet: the tail that may be the start of a secret (never longer
+    /// than the longest registered form, plus the lines a multi-line secret may span).
+    unmasked: Vec<u8>,
     splitter: LineSplitter,
     gate: LineGate,
+}
+
+impl fmt::Debug for StepLog {
+    /// Shows how much is held, never the (unmasked) bytes.
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("StepLog")
+            .field("masker", &self.masker)
+            .field("unmasked_bytes", &self.unmasked.len())
+            .field("splitter", &self.splitter)
+            .field("gate", &self.gate)
+            .finish()
+    }
 }
 
 impl StepLog {
     /// A log that masks with `masker` and accepts about `cap_bytes` bytes.
     pub fn new(masker: SecretMasker, cap_bytes: u64) -> Self {
         Self {
+            masker,
+            unmasked: Vec::new(),
             splitter: LineSplitter::new(),
             gate: LineGate {
-                masker,
                 cap_bytes,
                 bytes_streamed: 0,
                 truncated: false,
@@ -593,17 +926,19 @@ impl StepLog {
         }
     }
 
-    /// Swaps in a masker with more secrets (e.g. an OIDC token relayed mid-step); lines not yet
-    /// completed are masked with it.
+    /// Swaps in a masker with more secrets (e.g. an OIDC token relayed mid-step); output not
+    /// yet masked (the held tail and everything after) is masked with it.
     pub fn set_masker(&mut self, masker: SecretMasker) {
-        self.gate.masker = masker;
+        self.masker = masker;
+        // The splitter's partial line was masked with the old secrets only: mask it again.
+        let mut unmasked = self.splitter.take_partial();
+        unmasked.append(&mut self.unmasked);
+        self.unmasked = unmasked;
     }
 
     /// Feeds raw output bytes; appends the lines ready to send to `out`.
     pub fn push_bytes(&mut self, bytes: &[u8], out: &mut Vec<String>) {
-        let gate = &mut self.gate;
-        self.splitter
-            .push_raw(bytes, &mut |line| gate.accept(line, out));
+        self.mask_and_split(bytes, false, out);
     }
 
     /// Feeds one whole line from an executor that emits lines; embedded line ends split it.
@@ -613,17 +948,60 @@ impl StepLog {
             self.gate.accept("", out);
             return;
         }
+        let masked = self.masker.mask(line);
         let gate = &mut self.gate;
         let mut accept = |piece: &str| gate.accept(piece, out);
         let mut splitter = LineSplitter::new();
-        splitter.push_raw(line.as_bytes(), &mut accept);
+        splitter.push_raw(masked.as_bytes(), &mut accept);
         splitter.finish_raw(&mut accept);
     }
 
     /// Flushes the held partial last line (end of the step's output).
     pub fn finish(&mut self, out: &mut Vec<String>) {
+        self.mask_and_split(&[], true, out);
         let gate = &mut self.gate;
         self.splitter.finish_raw(&mut |line| gate.accept(line, out));
+    }
+
+    /// Masks what can be decided of the held tail plus `bytes` (everything when `at_end`) and
+    /// splits it; keeps the undecided rest.
+    fn mask_and_split(&mut self, bytes: &[u8], at_end: bool, out: &mut Vec<String>) {
+        let Self {
+            masker,
+            unmasked,
+            splitter,
+            gate,
+        } = self;
+        let mut accept = |line: &str| gate.accept(line, out);
+        let mut rest = bytes;
+        if !unmasked.is_empty() {
+            // Decide the held tail with the start of `bytes` only, so that a large write is
+            // not copied behind it.
+            let tail_len = unmasked.len();
+            let seam_len = rest.len().min(masker.seam_bytes());
+            unmasked.extend_from_slice(&rest[..seam_len]);
+            let whole = seam_len == rest.len();
+            let (spans, consumed) = masker.decide(unmasked, at_end && whole);
+            if whole || consumed >= tail_len {
+                split_masked(splitter, &unmasked[..consumed], spans, &mut accept);
+                rest = &rest[(consumed.max(tail_len) - tail_len)..];
+                if whole {
+                    unmasked.drain(..consumed);
+                    return;
+                }
+                unmasked.clear();
+            } else {
+                // The tail needs more than the seam (a long multi-line secret): take it all.
+                unmasked.extend_from_slice(&rest[seam_len..]);
+                let (spans, consumed) = masker.decide(unmasked, at_end);
+                split_masked(splitter, &unmasked[..consumed], spans, &mut accept);
+                unmasked.drain(..consumed);
+                return;
+            }
+        }
+        let (spans, consumed) = masker.decide(rest, at_end);
+        split_masked(splitter, &rest[..consumed], spans, &mut accept);
+        unmasked.extend_from_slice(&rest[consumed..]);
     }
 
     /// The spec's `logBytesStreamed`: UTF-8 bytes of the accepted (masked) lines, marker excluded.
@@ -643,10 +1021,25 @@ impl StepLog {
     }
 }
 
-/// The mask-and-cap half of a [`StepLog`], applied to each split line.
+/// Feeds `data` to the splitter with each span replaced by `***`, piece by piece (no copy).
+fn split_masked(
+    splitter: &mut LineSplitter,
+    data: &[u8],
+    spans: Vec<(usize, usize)>,
+    on_line: &mut impl FnMut(&str),
+) {
+    let mut copied_up_to = 0;
+    for (start, end) in spans {
+        splitter.push_raw(&data[copied_up_to..start], on_line);
+        splitter.push_raw(MASK.as_bytes(), on_line);
+        copied_up_to = end;
+    }
+    splitter.push_raw(&data[copied_up_to..], on_line);
+}
+
+/// The cap half of a [`StepLog`], applied to each split (already masked) line.
 #[derive(Debug)]
 struct LineGate {
-    masker: SecretMasker,
     cap_bytes: u64,
     bytes_streamed: u64,
     truncated: bool,
@@ -654,7 +1047,7 @@ struct LineGate {
 }
 
 impl LineGate {
-    fn accept(&mut self, text: &str, out: &mut Vec<String>) {
+    fn accept(&mut self, line: &str, out: &mut Vec<String>) {
         if self.truncated {
             self.dropped_lines += 1;
             return;
@@ -665,9 +1058,8 @@ impl LineGate {
             out.push(truncation_marker(self.cap_bytes));
             return;
         }
-        let line = self.masker.mask_line(text);
         self.bytes_streamed += line.len() as u64;
-        out.push(line);
+        out.push(line.to_owned());
     }
 }
 
@@ -695,6 +1087,18 @@ mod tests {
         }
         splitter.finish(&mut out);
         out
+    }
+
+    /// The occurrences the automaton finds, merged.
+    fn automaton_spans(masker: &SecretMasker, text: &str) -> Vec<(usize, usize)> {
+        let matcher = masker.inner.matcher.as_ref().expect("built");
+        merged(
+            matcher
+                .automaton
+                .find_overlapping_iter(text)
+                .map(|found| (found.start(), found.end()))
+                .collect(),
+        )
     }
 
     fn step_lines(log: &mut StepLog, writes: &[&[u8]]) -> Vec<String> {
@@ -737,15 +1141,37 @@ mod tests {
     }
 
     #[test]
-    fn masks_each_line_of_a_multi_line_secret() {
+    fn masks_a_multi_line_secret_whole_and_its_long_lines() {
         let pem = "-----BEGIN KEY-----\nMIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX\n  6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu  \n-----END KEY-----\n";
         let masker = masker(&[pem]);
+        // Printed in one piece, the whole value is masked, across its line ends and any split
+        // of the writes; its trailing line end is kept.
         let mut log = StepLog::new(masker.clone(), u64::MAX);
-        let lines = step_lines(&mut log, &[pem.as_bytes()]);
-        assert_eq!(lines, ["***", "***", "  ***  ", "***"]);
-        assert_eq!(masker.mask(&format!("error: {pem}")), "error: ***");
+        let output = format!("key: {pem}after\n");
+        let (first, second) = output.as_bytes().split_at(40);
+        let lines = step_lines(&mut log, &[first, second]);
+        assert_eq!(lines, ["key: ***", "after"]);
+        assert_eq!(masker.mask(&format!("error: {pem}")), "error: ***\n");
+        // Printed line by line with other output in between, each long line is masked.
+        let mut log = StepLog::new(masker.clone(), u64::MAX);
+        let interleaved = "-----BEGIN KEY-----\nnoise\n  6Ppy1tPf9Cnzj4p4WGeKLs1Pt8Qu  \n";
+        let lines = step_lines(&mut log, &[interleaved.as_bytes()]);
+        assert_eq!(lines, ["***", "noise", "  ***  "]);
         let line_base64 = base64("MIIBOgIBAAJBAKj34GkxFhD90vcNLYLInFEX");
         assert_eq!(masker.mask(&line_base64), "***");
+    }
+
+    #[test]
+    fn short_lines_of_a_multi_line_secret_are_not_masked_alone() {
+        let masker = masker(&["multi\nline\nsecret"]);
+        assert_eq!(
+            masker.mask("one line of a secret, multi-line"),
+            "one line of a secret, multi-line"
+        );
+        assert_eq!(masker.mask("x multi\nline\nsecret y"), "x *** y");
+        let mut log = StepLog::new(masker, u64::MAX);
+        let lines = step_lines(&mut log, &[b"a line\nmulti\nline\nsecret\nend\n"]);
+        assert_eq!(lines, ["a line", "***", "end"]);
     }
 
     #[test]
@@ -756,13 +1182,15 @@ mod tests {
     }
 
     #[test]
-    fn longest_overlapping_secret_wins() {
+    fn overlapping_secrets_are_masked_together() {
         let masker = masker(&["abcdef", "abcdefgh", "defghijk"]);
         assert_eq!(masker.mask("x abcdefgh y"), "x *** y");
-        // Leftmost first, then longest at that start.
-        assert_eq!(masker.mask("abcdefghijk"), "***ijk");
+        // A leftmost-longest choice would leave "ijk" of the second secret.
+        assert_eq!(masker.mask("abcdefghijk"), "***");
         let mut log = StepLog::new(masker, u64::MAX);
-        assert_eq!(step_lines(&mut log, &[b"abcdefghijk\n"]), ["***ijk"]);
+        assert_eq!(step_lines(&mut log, &[b"abcdefghijk\n"]), ["***"]);
+        let mut log = StepLog::new(self::masker(&["defghijk", "abcdef"]), u64::MAX);
+        assert_eq!(step_lines(&mut log, &[b"abcdefg", b"hijk\n"]), ["***"]);
     }
 
     #[test]
@@ -775,6 +1203,18 @@ mod tests {
     }
 
     #[test]
+    fn counts_values_too_short_to_mask() {
+        let masker = masker(&["ab", "", "   ", "x\n", "long-enough"]);
+        // The empty value is nothing to hide; the others are secrets left visible.
+        assert_eq!(masker.too_short(), 3);
+        let mut more = masker.clone();
+        more.add("z").expect("builds");
+        assert_eq!(more.too_short(), 4);
+        assert_eq!(more.mask("long-enough"), MASK);
+        assert_eq!(masker.too_short(), 3);
+    }
+
+    #[test]
     fn registrations_accumulate_and_clones_are_snapshots() {
         let mut masker = masker(&["first-secret"]);
         assert_eq!(masker.mask("first-secret"), "***");
@@ -783,7 +1223,7 @@ mod tests {
         assert_eq!(masker.mask("first-secret second-secret"), "*** ***");
         assert_eq!(before.mask("second-secret"), "second-secret");
         masker.add("first-secret").expect("duplicate is accepted");
-        assert_eq!(format!("{masker:?}"), "SecretMasker { patterns: 4 }");
+        assert_eq!(format!("{masker:?}"), "SecretMasker { patterns: 11 }");
         let mut splitter = LineSplitter::new();
         splitter.push(b"first-secret", &mut Vec::new());
         assert!(!format!("{splitter:?}").contains("first"));
@@ -827,12 +1267,53 @@ mod tests {
             for _ in 0..20 {
                 let len = rng.below(120);
                 let line = rng.text(b"abcab -", len);
+                let matcher = masker.inner.matcher.as_ref().expect("built");
+                if let Some(sampled) = matcher.sampled.find(line.as_bytes()) {
+                    assert_eq!(
+                        sampled,
+                        automaton_spans(&masker, &line),
+                        "secrets {secrets:?}, line {line:?}"
+                    );
+                }
                 assert_eq!(
-                    masker.mask_line(&line),
-                    masker.mask(&line),
-                    "secrets {secrets:?}, line {line:?}"
+                    masker.mask(&line).matches(MASK).count(),
+                    automaton_spans(&masker, &line).len()
                 );
             }
+        }
+    }
+
+    #[test]
+    fn any_split_of_the_writes_gives_the_same_lines() {
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        for round in 0..300 {
+            let secrets: Vec<String> = (0..1 + rng.below(4))
+                .map(|_| {
+                    let len = 3 + rng.below(12);
+                    let secret = rng.text(b"abc\n", len);
+                    if round % 3 == 0 {
+                        secret
+                    } else {
+                        secret.replace('\n', "")
+                    }
+                })
+                .collect();
+            let masker = masker(&secrets.iter().map(String::as_str).collect::<Vec<_>>());
+            let len = rng.below(400);
+            let text = rng.text(b"abcab\n-", len);
+            let whole = step_lines(
+                &mut StepLog::new(masker.clone(), u64::MAX),
+                &[text.as_bytes()],
+            );
+            let mut writes = Vec::new();
+            let mut start = 0;
+            while start < text.len() {
+                let end = (start + 1 + rng.below(40)).min(text.len());
+                writes.push(&text.as_bytes()[start..end]);
+                start = end;
+            }
+            let split = step_lines(&mut StepLog::new(masker, u64::MAX), &writes);
+            assert_eq!(split, whole, "secrets {secrets:?}, text {text:?}");
         }
     }
 
@@ -840,9 +1321,9 @@ mod tests {
     fn dense_lines_fall_back_to_the_automaton() {
         let masker = masker(&["aaa", "aaaa", "aaaaa"]);
         let line = "a".repeat(1000);
-        let search = &masker.inner.matcher.as_ref().expect("built").line_search;
+        let search = &masker.inner.matcher.as_ref().expect("built").sampled;
         assert!(search.find(line.as_bytes()).is_none());
-        assert_eq!(masker.mask_line(&line), masker.mask(&line));
+        assert_eq!(masker.mask(&line), MASK);
     }
 
     #[test]

@@ -479,7 +479,7 @@ pub unsafe extern "C" fn kici_config_set_github_token(
     }
 }
 
-/// Sets the per-step log cap in bytes (`KICI_MAX_LOG_SIZE_BYTES`, 10485760).
+/// Sets the per-step log cap in bytes, > 0 (`KICI_MAX_LOG_SIZE_BYTES`, 10485760).
 ///
 /// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
 #[no_mangle]
@@ -553,7 +553,8 @@ pub unsafe extern "C" fn kici_config_set_job_heartbeat_interval_ms(
     }
 }
 
-/// Sets the period of connection heartbeats in ms, > 0 (`KICI_HEARTBEAT_INTERVAL_MS`, 30000).
+/// Sets the period of connection heartbeats in ms, > 0 and < 180000: the orchestrator drops
+/// an agent after 180 s without one (`KICI_HEARTBEAT_INTERVAL_MS`, 30000).
 ///
 /// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
 #[no_mangle]
@@ -649,7 +650,7 @@ pub unsafe extern "C" fn kici_config_set_scaler_managed(
     }
 }
 
-/// Sets the scaler-managed idle self-shutdown delay in ms, 0 = at once
+/// Sets the scaler-managed idle self-shutdown delay in ms, 0 = at once, at most 7 days
 /// (`KICI_SCALER_IDLE_TIMEOUT`, 5000).
 ///
 /// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
@@ -668,8 +669,8 @@ pub unsafe extern "C" fn kici_config_set_scaler_idle_timeout_ms(
     }
 }
 
-/// Sets how long a scaler-managed agent waits for a pre-bound job, in ms, 0 = no wait
-/// (`KICI_SCALER_PENDING_DISPATCH_TIMEOUT`, 60000).
+/// Sets how long a scaler-managed agent waits for a pre-bound job, in ms, 0 = no wait, at
+/// most 7 days (`KICI_SCALER_PENDING_DISPATCH_TIMEOUT`, 60000).
 ///
 /// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
 #[no_mangle]
@@ -709,7 +710,7 @@ pub unsafe extern "C" fn kici_config_set_execution_mode(
     }
 }
 
-/// Sets the longest wait for a concurrency-group `proceed` in ms, >= 1000
+/// Sets the longest wait for a concurrency-group `proceed` in ms, >= 1000 and at most 7 days
 /// (`KICI_CONCURRENCY_WAIT_TIMEOUT_MS`, 3600000).
 ///
 /// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
