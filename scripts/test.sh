@@ -18,6 +18,9 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v git >/dev/null || need_apt+=(git)
 command -v valgrind >/dev/null || need_apt+=(valgrind)
 command -v curl >/dev/null || need_apt+=(curl)
+# deploy/ checks: Compose's own validator and systemd-analyze verify.
+command -v docker-compose >/dev/null || need_apt+=(docker-compose)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -51,6 +54,32 @@ if [ -x scripts/container-engine.sh ] && [ -f kici-agent-core/tests/container.rs
   else
     echo "!!! the container engine could not start: container tests FAILED (see above)" >&2
     record containers "FAILED (no engine)"
+  fi
+fi
+
+# --- deploy files (Kubernetes schemas, Compose, systemd) ------------------------------------
+if [ -f tests/deploy/check_deploy.py ]; then
+  log "deploy files: Kubernetes manifests against the OpenAPI schemas, Compose, systemd unit"
+  deploy_started=$(date +%s)
+  deploy_venv=target/deploy-venv
+  if { [ -x "$deploy_venv/bin/kubernetes-validate" ] ||
+       { python3 -m venv "$deploy_venv" && "$deploy_venv/bin/pip" install -q kubernetes-validate==1.37.0; }; } &&
+     cargo build -q -p kici-agent-cli &&
+     "$deploy_venv/bin/python" tests/deploy/check_deploy.py target/debug/kici-agent; then
+    record deploy "ok ($(( $(date +%s) - deploy_started )) s)"
+  else
+    record deploy FAILED
+  fi
+fi
+
+# --- container image (the Dockerfile, built and run on a private engine) --------------------
+if [ -x scripts/image-test.sh ]; then
+  log "container image: build from the Dockerfile, run it against the mock orchestrator"
+  image_started=$(date +%s)
+  if scripts/image-test.sh; then
+    record image "ok ($(( $(date +%s) - image_started )) s)"
+  else
+    record image "FAILED ($(( $(date +%s) - image_started )) s)"
   fi
 fi
 
