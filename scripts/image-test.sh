@@ -33,14 +33,15 @@ scripts/image-base.sh "$DOCKER_HOST" "$BASE"
 phase "base image $BASE ready"
 
 cargo build --release --locked -p kici-agent-cli
-strip -o "$context/kici-agent" target/release/kici-agent
+release_bin=${CARGO_TARGET_DIR:-target}/release/kici-agent
+strip -o "$context/kici-agent" "$release_bin"
 phase "release binary built ($(stat -c %s "$context/kici-agent") bytes stripped)"
 
 # The legacy builder is what dockerd 20.10 with a CLI lacking buildx runs; it honours --target
 # by building only the stages up to it (runtime, prebuilt).
 DOCKER_BUILDKIT=0 docker build --quiet --network host --target prebuilt \
   --build-arg RUNTIME_IMAGE="$BASE" \
-  --build-arg VERSION="$(target/release/kici-agent --version | cut -d' ' -f2)" \
+  --build-arg VERSION="$("$release_bin" --version | cut -d' ' -f2)" \
   -f Dockerfile -t "$IMAGE" "$context" >/dev/null
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
 phase "image $IMAGE built: $((size / 1000000)) MB ($size bytes; base $(( $(docker image inspect -f '{{.Size}}' "$BASE") / 1000000 )) MB)"

@@ -61,11 +61,11 @@ fi
 if [ -f tests/deploy/check_deploy.py ]; then
   log "deploy files: Kubernetes manifests against the OpenAPI schemas, Compose, systemd unit"
   deploy_started=$(date +%s)
-  deploy_venv=target/deploy-venv
+  deploy_venv=${CARGO_TARGET_DIR:-target}/deploy-venv
   if { [ -x "$deploy_venv/bin/kubernetes-validate" ] ||
        { python3 -m venv "$deploy_venv" && "$deploy_venv/bin/pip" install -q kubernetes-validate==1.37.0; }; } &&
      cargo build -q -p kici-agent-cli &&
-     "$deploy_venv/bin/python" tests/deploy/check_deploy.py target/debug/kici-agent; then
+     "$deploy_venv/bin/python" tests/deploy/check_deploy.py "${CARGO_TARGET_DIR:-target}/debug/kici-agent"; then
     record deploy "ok ($(( $(date +%s) - deploy_started )) s)"
   else
     record deploy FAILED

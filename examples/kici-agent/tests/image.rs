@@ -73,6 +73,20 @@ async fn relay_to(mock: SocketAddr, listen_ip: &str) -> u16 {
     port
 }
 
+/// The host's address on the engine's default bridge: IPAM's gateway, or (dockerd 20.10 leaves
+/// it out) the subnet's first address, which dockerd gives the bridge.
+fn bridge_gateway() -> String {
+    let ipam = docker(&["network", "inspect", "bridge", "-f", "{{json .IPAM.Config}}"]);
+    let config: serde_json::Value = serde_json::from_str(&ipam).unwrap();
+    let first = &config[0];
+    if let Some(gateway) = first["Gateway"].as_str().filter(|g| !g.is_empty()) {
+        return gateway.to_owned();
+    }
+    let subnet = first["Subnet"].as_str().expect("the bridge has a subnet");
+    let network: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
+    std::net::Ipv4Addr::from(u32::from(network) + 1).to_string()
+}
+
 fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -124,13 +138,7 @@ async fn the_image_registers_serves_probes_runs_jobs_and_stops_gracefully() {
         .trim_end_matches("/ws")
         .parse()
         .unwrap();
-    let gateway = docker(&[
-        "network",
-        "inspect",
-        "bridge",
-        "-f",
-        "{{(index .IPAM.Config 0).Gateway}}",
-    ]);
+    let gateway = bridge_gateway();
     let relay_port = relay_to(mock_addr, &gateway).await;
 
     let name = format!("kici-image-test-{}", std::process::id());
