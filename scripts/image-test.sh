@@ -49,3 +49,23 @@ phase "image $IMAGE built: $((size / 1000000)) MB ($size bytes; base $(( $(docke
 KICI_TEST_DOCKER_HOST=$DOCKER_HOST KICI_TEST_AGENT_IMAGE=$IMAGE \
   cargo test -p kici-agent-cli --test image -- --ignored --nocapture
 phase "container checks passed"
+
+# The Compose stack with the mock orchestrator comes up: the agent registers (/ready 200 on the
+# published port), and `down` stops it.
+cargo build -q -p kici-mock-orchestrator --bin kici-mock-orchestrator
+http_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export KICI_AGENT_IMAGE=$IMAGE KICI_MOCK_HTTP_PORT=$http_port
+export KICI_MOCK_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/kici-mock-orchestrator
+KICI_AGENT_TOKEN="compose-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+export KICI_AGENT_TOKEN
+compose=(docker-compose -p kici-image-test -f deploy/compose/compose.mock.yaml)
+"${compose[@]}" up -d --no-build
+ready=
+for _ in $(seq 1 150); do
+  if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$http_port/ready")" = 200 ]; then ready=yes; break; fi
+  sleep 0.2
+done
+[ -n "$ready" ] || "${compose[@]}" logs --tail 30 >&2
+"${compose[@]}" down --timeout 20
+[ -n "$ready" ] || { echo "image-test: the Compose mock stack never became ready" >&2; exit 1; }
+phase "compose.mock.yaml: the agent registered with the mock (/ready 200), stack down"

@@ -76,7 +76,13 @@ async fn relay_to(mock: SocketAddr, listen_ip: &str) -> u16 {
 /// The host's address on the engine's default bridge: IPAM's gateway, or (dockerd 20.10 leaves
 /// it out) the subnet's first address, which dockerd gives the bridge.
 fn bridge_gateway() -> String {
-    let ipam = docker(&["network", "inspect", "bridge", "-f", "{{json .IPAM.Config}}"]);
+    let ipam = docker(&[
+        "network",
+        "inspect",
+        "bridge",
+        "-f",
+        "{{json .IPAM.Config}}",
+    ]);
     let config: serde_json::Value = serde_json::from_str(&ipam).unwrap();
     let first = &config[0];
     if let Some(gateway) = first["Gateway"].as_str().filter(|g| !g.is_empty()) {
@@ -105,7 +111,12 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
 }
 
 /// Polls `docker inspect` (the engine has no wait-for-health call) until `done` or `timeout`.
-fn inspect_until(name: &str, format: &str, done: impl Fn(&str) -> bool, timeout: Duration) -> String {
+fn inspect_until(
+    name: &str,
+    format: &str,
+    done: impl Fn(&str) -> bool,
+    timeout: Duration,
+) -> String {
     let deadline = Instant::now() + timeout;
     loop {
         let value = docker(&["inspect", "-f", format, name]);
@@ -209,7 +220,10 @@ async fn the_image_registers_serves_probes_runs_jobs_and_stops_gracefully() {
     let status = std::fs::read_to_string(format!("/proc/{init_pid}/status")).unwrap();
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
     assert!(
-        uid_line.split_whitespace().skip(1).all(|uid| uid == "10001"),
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|uid| uid == "10001"),
         "{uid_line}"
     );
 
@@ -232,11 +246,19 @@ async fn the_image_registers_serves_probes_runs_jobs_and_stops_gracefully() {
         .expect("the job ended");
     let lines = step_lines(&mock, "job-image");
     assert_eq!(done["state"], "success", "{done} {lines:?}");
-    assert!(lines.iter().any(|l| l == "uid=10001 gid=10001"), "{lines:?}");
-    assert!(lines.iter().any(|l| l.starts_with("git version")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l == "uid=10001 gid=10001"),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("git version")),
+        "{lines:?}"
+    );
     assert!(lines.iter().any(|l| l == "built"), "{lines:?}");
     assert!(
-        lines.iter().any(|l| l.starts_with("/var/lib/kici-agent/work/kici-")),
+        lines
+            .iter()
+            .any(|l| l.starts_with("/var/lib/kici-agent/work/kici-")),
         "the workspace is under the image's TMPDIR: {lines:?}"
     );
 
