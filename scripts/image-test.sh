@@ -20,7 +20,8 @@ phase() { echo "image-test: $* (+$(( $(date +%s) - t0 )) s)" >&2; }
 engine_dir=$(mktemp -d /tmp/kici-image.XXXXXX)
 context=$(mktemp -d)
 cleanup() {
-  scripts/container-engine.sh stop "$engine_dir" || true
+  # The engine's data (images, layers) goes too: only the base tarball is cached.
+  scripts/container-engine.sh stop "$engine_dir" && rm -rf "$engine_dir"
   rm -rf "$context"
 }
 trap cleanup EXIT
@@ -32,7 +33,8 @@ phase "engine ready"
 scripts/image-base.sh "$DOCKER_HOST" "$BASE"
 phase "base image $BASE ready"
 
-cargo build --release --locked -p kici-agent-cli
+# The same build command as scripts/release.sh, so the suite's release section reuses it.
+cargo build --release --locked -p kici-agent-cli -p kici-agent-ffi
 release_bin=${CARGO_TARGET_DIR:-target}/release/kici-agent
 strip -o "$context/kici-agent" "$release_bin"
 phase "release binary built ($(stat -c %s "$context/kici-agent") bytes stripped)"

@@ -83,6 +83,17 @@ if [ -x scripts/image-test.sh ]; then
   fi
 fi
 
+# --- release artefacts (dist/), the wheel installed from dist/ alone ------------------------
+if [ -x scripts/release.sh ] && [ -x tests/deploy/test_release.sh ]; then
+  log "release artefacts: scripts/release.sh into dist/, then install and run them"
+  release_started=$(date +%s)
+  if scripts/release.sh && tests/deploy/test_release.sh; then
+    record release "ok ($(( $(date +%s) - release_started )) s)"
+  else
+    record release "FAILED ($(( $(date +%s) - release_started )) s)"
+  fi
+fi
+
 # --- C -------------------------------------------------------------------------------------
 if [ -x tests/c/run.sh ]; then
   log "C ABI tests (plain, ASan+UBSan, valgrind)"
