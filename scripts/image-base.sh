@@ -42,7 +42,7 @@ TARBALL=$CACHE/debian-$SUITE-minbase-$KEY.tar
 
 make_tarball() {
   command -v debootstrap >/dev/null 2>&1 || {
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >/dev/null \
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap; } >/dev/null \
       || die "apt-get install debootstrap failed"
   }
   rootfs=$(mktemp -d "$CACHE/rootfs.XXXXXX")

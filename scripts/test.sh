@@ -21,6 +21,8 @@ command -v curl >/dev/null || need_apt+=(curl)
 # deploy/ checks: Compose's own validator and systemd-analyze verify.
 command -v docker-compose >/dev/null || need_apt+=(docker-compose)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+# The container image's test makes its Debian base image with debootstrap.
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
