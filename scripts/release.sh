@@ -36,11 +36,16 @@ cp README.md deploy/systemd/kici-agent.service deploy/systemd/kici-agent.env "$s
 tar -C "$stage" -czf "$dist/$name.tar.gz" "$name"
 phase "$name.tar.gz"
 
+# The layout kici-agent-ffi/install.sh makes, from the build above (install.sh would build the
+# library alone, with other dependency flags, so everything again).
 name=kici-agent-c-$version-$triple
-CARGO_TARGET_DIR=$target kici-agent-ffi/install.sh "$stage/$name" release >/dev/null
-strip --strip-unneeded "$stage/$name/lib/libkici_agent.so"
+mkdir -p "$stage/$name/lib/pkgconfig" "$stage/$name/include"
+strip --strip-unneeded -o "$stage/$name/lib/libkici_agent.so" "$target/release/libkici_agent.so"
+cp "$target/release/libkici_agent.a" "$stage/$name/lib/"
+cp include/kici_agent.h "$stage/$name/include/"
 # The bundle unpacks anywhere: the .pc finds its prefix from its own location.
-sed -i 's|^prefix=.*|prefix=${pcfiledir}/../..|' "$stage/$name/lib/pkgconfig/kici_agent.pc"
+sed -e 's|@PREFIX@|${pcfiledir}/../..|' -e "s|@VERSION@|$version|" kici-agent-ffi/kici_agent.pc.in \
+  >"$stage/$name/lib/pkgconfig/kici_agent.pc"
 tar -C "$stage" -czf "$dist/$name.tar.gz" "$name"
 phase "$name.tar.gz"
 
