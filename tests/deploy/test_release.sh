@@ -33,7 +33,7 @@ cc -o "$work/v" "$work/v.c" $cflags $libs -Wl,-rpath,"$libdir"
 echo "C bundle: pkg-config finds it, a program links against it: $("$work/v")"
 
 "$python" -m venv "$work/venv"
-"$work/venv/bin/pip" install -q --disable-pip-version-check --no-index --find-links "$dist" kici-agent
+"$work/venv/bin/pip" install -q --disable-pip-version-check --no-index --only-binary :all: --find-links "$dist" kici-agent
 cargo build -q -p kici-mock-orchestrator --bin kici-mock-orchestrator
 # A token that is only a test's: built here, never a committed literal.
 token="test-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
