@@ -29,6 +29,11 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 # The TLS tests expect a non-empty system root store (an untrusted test CA must fail as
 # UnknownIssuer, not as "no trusted CA certificate").
 [ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
+# deploy/ checks: Compose's own validator and systemd-analyze verify.
+command -v docker-compose >/dev/null || need_apt+=(docker-compose)
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
+# The container image's test makes its Debian base image with debootstrap.
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -71,6 +76,43 @@ if [ -x scripts/container-engine.sh ] && [ -f kici-agent-core/tests/container.rs
   else
     echo "!!! the container engine could not start: container tests FAILED (see above)" >&2
     record containers "FAILED (no engine)"
+  fi
+fi
+
+# --- deploy files (Kubernetes schemas, Compose, systemd) ------------------------------------
+if [ -f tests/deploy/check_deploy.py ]; then
+  log "deploy files: Kubernetes manifests against the OpenAPI schemas, Compose, systemd unit"
+  deploy_started=$(date +%s)
+  deploy_venv=${CARGO_TARGET_DIR:-target}/deploy-venv
+  if { [ -x "$deploy_venv/bin/kubernetes-validate" ] ||
+       { python3 -m venv "$deploy_venv" && "$deploy_venv/bin/pip" install -q kubernetes-validate==1.37.0; }; } &&
+     cargo build -q -p kici-agent-cli &&
+     "$deploy_venv/bin/python" tests/deploy/check_deploy.py "${CARGO_TARGET_DIR:-target}/debug/kici-agent"; then
+    record deploy "ok ($(( $(date +%s) - deploy_started )) s)"
+  else
+    record deploy FAILED
+  fi
+fi
+
+# --- container image (the Dockerfile, built and run on a private engine) --------------------
+if [ -x scripts/image-test.sh ]; then
+  log "container image: build from the Dockerfile, run it against the mock orchestrator"
+  image_started=$(date +%s)
+  if scripts/image-test.sh; then
+    record image "ok ($(( $(date +%s) - image_started )) s)"
+  else
+    record image "FAILED ($(( $(date +%s) - image_started )) s)"
+  fi
+fi
+
+# --- release artefacts (dist/), the wheel installed from dist/ alone ------------------------
+if [ -x scripts/release.sh ] && [ -x tests/deploy/test_release.sh ]; then
+  log "release artefacts: scripts/release.sh into dist/, then install and run them"
+  release_started=$(date +%s)
+  if scripts/release.sh && tests/deploy/test_release.sh; then
+    record release "ok ($(( $(date +%s) - release_started )) s)"
+  else
+    record release "FAILED ($(( $(date +%s) - release_started )) s)"
   fi
 fi
 

@@ -7,8 +7,12 @@
 //!   SIGUSR1 = drain (no new jobs, exit 0 when idle).
 //! - `kici-agent exec JOB_FILE` runs a job file locally through the same engine, with no
 //!   orchestrator, and exits 0 on success, 1 otherwise.
+//! - `kici-agent health` asks a running agent's `GET /health` on the configured `KICI_PORT`
+//!   (loopback unless `KICI_BIND_ADDRESS` names one address) and exits 0 on 200, 1 otherwise:
+//!   a container `HEALTHCHECK` with no curl in the image.
 
-use std::io::{IsTerminal, Write};
+use std::io::{IsTerminal, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -21,6 +25,7 @@ use kici_agent_core::{Agent, AgentConfig};
 
 const USAGE: &str = "usage: kici-agent            run the agent (configured by KICI_* variables)
        kici-agent exec FILE  run a job file locally, with no orchestrator
+       kici-agent health     exit 0 if the running agent's /health answers 200, else 1
        kici-agent --version";
 
 fn main() -> ExitCode {
@@ -33,6 +38,7 @@ fn main() -> ExitCode {
     {
         [] => run_agent(),
         ["exec", file] => exec(Path::new(file)),
+        ["health"] => health(),
         ["--version" | "-V"] => {
             println!("kici-agent {}", kici_agent_core::VERSION);
             ExitCode::SUCCESS
@@ -176,6 +182,66 @@ fn on_path(tool: &str) -> bool {
                 .unwrap_or(false)
         })
     })
+}
+
+/// How long `kici-agent health` waits to connect, and then for each read or write: well inside
+/// the usual probe timeouts (Docker's default is 30 s), long enough for a loaded host.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The biggest `/health` answer read; the real one is a few hundred bytes.
+const HEALTH_MAX_RESPONSE: u64 = 64 * 1024;
+
+fn health() -> ExitCode {
+    let config = match AgentConfig::from_env() {
+        Ok(loaded) => loaded.config,
+        Err(e) => return fatal(&e.to_string()),
+    };
+    if config.port == 0 {
+        return fatal("health: KICI_PORT is 0 (an ephemeral port), so there is no port to ask");
+    }
+    // An agent bound to all interfaces answers on loopback; one bound to a single address only
+    // there.
+    let ip = if config.bind_address.is_unspecified() {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        config.bind_address
+    };
+    let addr = SocketAddr::new(ip, config.port);
+    match get_health(addr) {
+        Ok((200, body)) => {
+            println!("{}", body.trim_end());
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => fatal(&format!(
+            "health: http://{addr}/health answered {status}: {}",
+            body.trim_end()
+        )),
+        Err(e) => fatal(&format!("health: http://{addr}/health: {e}")),
+    }
+}
+
+/// One `GET /health` over HTTP/1.1; returns the status code and the body.
+fn get_health(addr: SocketAddr) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, HEALTH_TIMEOUT)?;
+    stream.set_read_timeout(Some(HEALTH_TIMEOUT))?;
+    stream.set_write_timeout(Some(HEALTH_TIMEOUT))?;
+    write!(
+        stream,
+        "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream
+        .take(HEALTH_MAX_RESPONSE)
+        .read_to_end(&mut response)?;
+    let response = String::from_utf8_lossy(&response);
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response");
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head
+        .strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.get(2..5))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(bad)?;
+    Ok((status, body.to_owned()))
 }
 
 fn exec(file: &Path) -> ExitCode {

@@ -979,3 +979,99 @@ async fn an_unreadable_node_extra_ca_certs_warns_and_the_handshake_failure_is_lo
     assert!(!log.contains(TEST_TOKEN), "token leaked into the log");
     mock.shutdown().await;
 }
+
+/// `kici-agent health` with the agent's own variables plus `port`.
+fn health_check(port: u16, extra: &[(&str, &str)]) -> std::process::Output {
+    let port = port.to_string();
+    let mut vars = vec![
+        ("KICI_ORCHESTRATOR_URL", "ws://127.0.0.1:9/ws"),
+        ("KICI_PORT", port.as_str()),
+    ];
+    vars.extend_from_slice(extra);
+    agent_command(&vars).arg("health").output().unwrap()
+}
+
+/// A one-shot HTTP server answering every request with `status_line`; returns its port.
+fn serve_status_once(status_line: &'static str) -> (u16, std::thread::JoinHandle<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap() == 1 {
+            request.push(byte[0]);
+        }
+        let body = r#"{"status":"degraded"}"#;
+        write!(
+            stream,
+            "{status_line}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        String::from_utf8(request).unwrap()
+    });
+    (port, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_exits_0_when_the_agent_answers_200_and_1_otherwise() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (child, port, drain) = spawn_agent(&mock);
+    let out = tokio::task::spawn_blocking(move || {
+        health_check(port, &[("KICI_BIND_ADDRESS", "127.0.0.1")])
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let health: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(health["status"], "ok");
+    drop(child);
+    drain.join().unwrap();
+
+    // Bound to all interfaces (the default): asked on loopback.
+    let (port, server) = serve_status_once("HTTP/1.1 200 OK");
+    let out = health_check(port, &[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(server
+        .join()
+        .unwrap()
+        .starts_with("GET /health HTTP/1.1\r\n"));
+
+    // Anything but 200 is unhealthy, and the answer is shown.
+    let (port, server) = serve_status_once("HTTP/1.1 503 Service Unavailable");
+    let out = health_check(port, &[]);
+    server.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("answered 503") && stderr.contains("degraded"),
+        "{stderr}"
+    );
+
+    // Nothing listening: exit 1 naming the address asked.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let out = health_check(port, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{port}/health")),
+        "{stderr}"
+    );
+
+    // An ephemeral port cannot be asked.
+    let out = health_check(0, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KICI_PORT is 0"));
+}
