@@ -24,6 +24,7 @@ use crate::protocol::{
     new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, JobAck, JobCancel, JobDispatch,
     JobRef, JobReject, JobState, JobStatusData, Outbound, RejectReason,
 };
+use crate::typescript::TypeScriptExecutor;
 
 /// The agent version (`agent.register.version`, `/health`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -154,7 +155,14 @@ impl Agent {
     ) -> Result<Agent, AgentError> {
         config.validate()?;
         if !executors.has_default() {
-            executors.set_default(builtin_executor(&config)?);
+            let builtin = builtin_executor(&config)?;
+            // An operator's step map or process executor is chosen for every step; the bare
+            // shell executor only runs `run` commands and leaves TypeScript jobs to the runner.
+            if config.step_map_file.is_some() || config.process_executor.is_some() {
+                executors.set_default(builtin);
+            } else {
+                executors.set_fallback(builtin);
+            }
         }
         let default_container_image = (config.execution_mode == Some(ExecutionMode::Container))
             .then(|| config.default_container_image.clone())
@@ -184,6 +192,11 @@ impl Agent {
                 default_container_image: default_container_image.clone(),
             },
             container,
+            typescript: Arc::new(TypeScriptExecutor::new(
+                config.node.clone(),
+                config.cancel_grace,
+                config.default_step_timeout,
+            )),
         });
         let shared = Arc::new(Shared {
             config,

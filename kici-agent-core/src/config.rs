@@ -61,6 +61,7 @@ mod var {
     pub const SHUTDOWN_GRACE_MS: &str = "KICI_SHUTDOWN_GRACE_MS";
     pub const STEP_MAP: &str = "KICI_STEP_MAP";
     pub const PROCESS_EXECUTOR: &str = "KICI_PROCESS_EXECUTOR";
+    pub const NODE: &str = "KICI_NODE";
     pub const CONTAINER_IMAGE: &str = "KICI_CONTAINER_IMAGE";
     pub const DEV: &str = "KICI_DEV";
     pub const CACHE: &str = "KICI_CACHE";
@@ -134,6 +135,7 @@ pub const VARIABLES: &[VariableDoc] = &[
     doc(var::SHUTDOWN_GRACE_MS, Some("10000"), "Graceful shutdown: ms to wait for the running job before exiting."),
     doc(var::STEP_MAP, None, "JSON file mapping step names to shell commands, read by the shell executor; must be readable."),
     doc(var::PROCESS_EXECUTOR, None, "Program that runs every step instead of the built-in executors."),
+    doc(var::NODE, None, "Node.js (>= 20.6) that runs TypeScript jobs; unset: `node` on PATH."),
     doc(var::CONTAINER_IMAGE, None, "Container image for jobs that name none."),
     doc(var::DEV, Some("false"), "Exactly `true`: development mode; unknown KICI_* variables only warn."),
     doc(var::CACHE, None, "Used by KiCI's cache tooling; accepted and ignored."),
@@ -480,6 +482,8 @@ pub struct AgentConfig {
     pub step_map_file: Option<PathBuf>,
     /// Program that runs every step (`KICI_PROCESS_EXECUTOR`).
     pub process_executor: Option<String>,
+    /// Node.js for TypeScript jobs (`KICI_NODE`); `None`: `node` on PATH.
+    pub node: Option<PathBuf>,
     /// Image for jobs that name none (`KICI_CONTAINER_IMAGE`).
     pub default_container_image: Option<String>,
     /// Development mode (`KICI_DEV=true`).
@@ -620,6 +624,7 @@ impl AgentConfig {
                 shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
                 step_map_file: None,
                 process_executor: None,
+                node: None,
                 default_container_image: None,
                 dev: false,
                 rate_limits: RateLimits::default(),
@@ -971,6 +976,12 @@ impl AgentConfigBuilder {
         self
     }
 
+    /// Sets the Node.js (>= 20.6) that runs TypeScript jobs (default: `node` on PATH).
+    pub fn with_node(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.node = Some(path.into());
+        self
+    }
+
     /// Sets the image for jobs that name none.
     pub fn with_default_container_image(mut self, image: impl Into<String>) -> Self {
         self.config.default_container_image = Some(image.into());
@@ -1305,6 +1316,7 @@ fn load(
     env.millis(var::SHUTDOWN_GRACE_MS, &mut c.shutdown_grace);
     c.step_map_file = env.text(var::STEP_MAP).map(PathBuf::from);
     c.process_executor = env.text(var::PROCESS_EXECUTOR).map(str::to_owned);
+    c.node = env.text(var::NODE).map(PathBuf::from);
     c.default_container_image = env.text(var::CONTAINER_IMAGE).map(str::to_owned);
     c.dev = env.flag(var::DEV, "true");
     env.number(var::RATE_MSGS_PER_SEC, &mut c.rate_limits.msgs_per_sec);

@@ -27,12 +27,14 @@ pub mod executor;
 pub mod host;
 pub mod http;
 pub mod job;
+pub mod job_executor;
 pub mod local;
 pub mod logs;
 pub mod metrics;
 pub mod outbox;
 pub mod process;
 pub mod protocol;
+pub mod typescript;
 pub mod workspace;
 
 pub use agent::{Agent, AgentError, AgentState, VERSION};

@@ -214,6 +214,11 @@ pub async fn run(
                 .map(Arc::new)
                 .ok()
         }),
+        typescript: Arc::new(crate::typescript::TypeScriptExecutor::new(
+            None,
+            settings.cancel_grace,
+            settings.default_step_timeout,
+        )),
     });
     let dispatch = Box::new(job.to_dispatch());
     let job_run = tokio::spawn(job::run_job(services, dispatch, cancel.0.clone(), || {}));
