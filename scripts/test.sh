@@ -18,6 +18,8 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v git >/dev/null || need_apt+=(git)
 command -v valgrind >/dev/null || need_apt+=(valgrind)
 command -v curl >/dev/null || need_apt+=(curl)
+# The TypeScript runner tests need Node >= 20.6 and npm (for zx in the fixture repository).
+command -v npm >/dev/null || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -31,6 +33,9 @@ log "cargo clippy"
 if cargo clippy --workspace --exclude kici-agent-py --all-targets -- -D warnings; then record clippy ok; else record clippy FAILED; fi
 
 # --- Rust ----------------------------------------------------------------------------------
+log "npm ci (zx for the TypeScript runner fixtures)"
+npm ci --prefix tests/fixtures/typescript --no-audit --no-fund --silent ||
+  echo "!!! npm ci failed: the TypeScript runner tests will fail (see above)" >&2
 log "cargo test (Rust: core, binary, mock orchestrator, C ABI)"
 if cargo test --workspace --exclude kici-agent-py; then record rust ok; else record rust FAILED; fi
 

@@ -252,7 +252,7 @@ impl JobRunner {
         }
         if step.kind == StepType::Step {
             let expected = lock_names.get(step.index as usize);
-            if expected.is_none_or(|name| *name != step.name) {
+            if expected != Some(&step.name) {
                 self.job_log(format!(
                     "[kici] step {} '{}' of the runner does not match jobConfig.steps ({})",
                     step.index,
