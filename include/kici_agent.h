@@ -736,6 +736,16 @@ kici_result kici_config_set_process_executor(struct kici_config *config,
                                              struct kici_error **err);
 
 /**
+ * Sets the Node.js (>= 20.6) that runs TypeScript jobs (`KICI_NODE`); "" removes it (then
+ * `node` on PATH is used).
+ *
+ * Ownership: `config` is borrowed; `path` is copied. Thread safety: see `kici_config`.
+ */
+kici_result kici_config_set_node(struct kici_config *config,
+                                 const char *path,
+                                 struct kici_error **err);
+
+/**
  * Sets the container image for jobs that name none (`KICI_CONTAINER_IMAGE`); "" removes it.
  *
  * Ownership: `config` is borrowed; `image` is copied. Thread safety: see `kici_config`.

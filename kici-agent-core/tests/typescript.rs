@@ -550,3 +550,75 @@ async fn a_host_executor_wins_over_the_runner() {
     assert_eq!(h.lines("outputs", 0), ["from the step map"]);
     h.assert_no_violations();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_timeout_kills_the_runner_and_skips_the_hooks() {
+    let repo = repo();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let mut d = dispatch(
+        &repo,
+        "deadline",
+        "features.ts",
+        "features",
+        "cancel",
+        lock_steps(&["long", "never"]),
+    );
+    d["jobConfig"]["timeout"] = json!(3000);
+    h.mock.dispatch(&h.agent_id(), d).await.unwrap();
+    let line = h
+        .mock
+        .wait_for_message(
+            "log.chunk",
+            |m| m["jobId"] == "deadline" && m["stepIndex"] == 0,
+            WAIT,
+        )
+        .await
+        .expect("the step printed its pid");
+    let pid: i32 = line["lines"][0].as_str().unwrap()[5..].parse().unwrap();
+    let done = h.terminal_status("deadline").await;
+    assert_eq!(done["state"], "failed");
+    assert_eq!(
+        done["data"]["error"],
+        "job_timeout: job exceeded its timeout of 3000ms"
+    );
+    assert!(!alive(pid), "the step's command survived the job timeout");
+    let statuses = step_statuses(&h, "deadline");
+    assert!(
+        !statuses.iter().any(|s| s.1.starts_with("hook:")),
+        "{statuses:?}"
+    );
+    h.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200000_line_step_arrives_whole_and_in_order_at_the_rate_limit() {
+    let repo = repo();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let d = dispatch(
+        &repo,
+        "volume",
+        "features.ts",
+        "features",
+        "volume",
+        lock_steps(&["many-lines"]),
+    );
+    h.mock.dispatch(&h.agent_id(), d).await.unwrap();
+    let done = h
+        .mock
+        .wait_for_message(
+            "job.status",
+            |m| m["jobId"] == "volume" && m["state"] == "success",
+            Duration::from_secs(120),
+        )
+        .await;
+    assert!(done.is_some(), "the job did not succeed");
+    let lines = h.lines("volume", 0);
+    assert_eq!(lines.len(), 200_000);
+    assert!(lines
+        .iter()
+        .enumerate()
+        .all(|(i, l)| l.parse::<usize>() == Ok(i + 1)));
+    h.assert_no_violations();
+}

@@ -840,6 +840,25 @@ pub unsafe extern "C" fn kici_config_set_process_executor(
     }
 }
 
+/// Sets the Node.js (>= 20.6) that runs TypeScript jobs (`KICI_NODE`); "" removes it (then
+/// `node` on PATH is used).
+///
+/// Ownership: `config` is borrowed; `path` is copied. Thread safety: see `kici_config`.
+#[no_mangle]
+pub unsafe extern "C" fn kici_config_set_node(
+    config: *mut kici_config,
+    path: *const c_char,
+    err: *mut *mut kici_error,
+) -> kici_result {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        update_text(config, path, "path", err, |config, path| {
+            config.node = optional_text(path).map(PathBuf::from);
+            Ok(())
+        })
+    }
+}
+
 /// Sets the container image for jobs that name none (`KICI_CONTAINER_IMAGE`); "" removes it.
 ///
 /// Ownership: `config` is borrowed; `image` is copied. Thread safety: see `kici_config`.
