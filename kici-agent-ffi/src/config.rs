@@ -998,6 +998,11 @@ mod tests {
                 250,
                 ptr::null_mut(),
             ));
+            set(kici_config_set_node(
+                config,
+                c"/opt/node/bin/node".as_ptr(),
+                ptr::null_mut(),
+            ));
             assert_eq!(
                 kici_config_validate(config, ptr::null_mut()),
                 kici_result::Ok
@@ -1013,14 +1018,19 @@ mod tests {
             assert_eq!(core.log_level, LogLevel::Debug);
             assert_eq!(core.execution_mode, Some(ExecutionMode::BareMetal));
             assert_eq!(core.cancel_grace, Duration::from_millis(250));
+            assert_eq!(
+                core.node.as_deref(),
+                Some(std::path::Path::new("/opt/node/bin/node"))
+            );
             set(kici_config_set_token(config, c"".as_ptr(), ptr::null_mut()));
+            set(kici_config_set_node(config, c"".as_ptr(), ptr::null_mut()));
             set(kici_config_set_execution_mode(
                 config,
                 c"".as_ptr(),
                 ptr::null_mut(),
             ));
             let core = (*config).agent_config();
-            assert!(core.token.is_none() && core.execution_mode.is_none());
+            assert!(core.token.is_none() && core.execution_mode.is_none() && core.node.is_none());
             kici_config_free(config);
         }
     }
