@@ -4,6 +4,7 @@
 // environment and the job workspace as its working directory. It talks to the agent in JSON
 // lines over fd 3 (never stdout, which belongs to user code):
 //   agent -> runner  {type:'job', ...}            the job request (first message)
+//                    {type:'list', workspace, runnerDir, sourceFile}   list the jobs instead
 //                    {type:'abort', force}        cancel (graceful: cancel hooks run)
 //   runner -> agent  {type:'step.start', index, name, kind, group?}
 //                    {type:'step.pending', index, name, group}
@@ -11,6 +12,7 @@
 //                    {type:'step.complete', index, name, kind, group?, status, durationMs,
 //                     error?: {message, exitCode?}, outputs?}
 //                    {type:'job.complete', status, error?, outputs}
+//                    {type:'jobs', workflows: [{name, jobs: [name]}]}   (reply to list)
 // The agent masks secrets, caps and paces the logs, and owns statuses, timeouts of the whole
 // job and killing the process group; this program does only what needs JavaScript.
 
@@ -161,17 +163,33 @@ function registerTypeScript(kiciDir, runnerDir) {
   return oxcTransform ? 'oxc-transform' : 'sucrase';
 }
 
-function findWorkflow(module, name) {
-  const candidates = [];
+/** The module's workflows: its default export (one or an array) and tagged named exports. */
+function workflowsOf(module) {
+  const found = [];
   const add = (value) => {
     if (Array.isArray(value)) value.forEach(add);
-    else if (value && value._tag === 'Workflow') candidates.push(value);
+    else if (value && value._tag === 'Workflow') found.push(value);
   };
   add(module.default);
   for (const [key, value] of Object.entries(module)) {
-    if (key !== 'default' && value && value._tag === 'Workflow') candidates.push(value);
+    if (key !== 'default' && value && value._tag === 'Workflow') found.push(value);
   }
-  return candidates.find((w) => w.name === name);
+  return found;
+}
+
+function findWorkflow(module, name) {
+  return workflowsOf(module).find((w) => w.name === name);
+}
+
+function jobsOf(workflow) {
+  return (workflow.jobs || []).filter((j) => typeof j !== 'function' && j);
+}
+
+async function listJobs(request) {
+  registerTypeScript(path.join(request.workspace, '.kici'), request.runnerDir);
+  const module = await import(pathToFileURL(path.join(request.workspace, request.sourceFile)).href);
+  const workflows = workflowsOf(module).map((w) => ({ name: w.name, jobs: jobsOf(w).map((j) => j.name) }));
+  send({ type: 'jobs', workflows });
 }
 
 // --- the job's steps --------------------------------------------------------------------------
@@ -674,6 +692,10 @@ function unsupportedJobFeature(workflow, job) {
 
 async function main() {
   const request = await nextMessage();
+  if (request && request.type === 'list') {
+    await listJobs(request);
+    return { status: 'success', listed: true };
+  }
   if (!request || request.type !== 'job') throw new Error('the agent sent no job request');
   const jobConfig = request.jobConfig || {};
   const sourceFile = (jobConfig.source && jobConfig.source.file) || '';
@@ -697,7 +719,7 @@ async function main() {
   const workflow = findWorkflow(module, workflowName);
   if (!workflow) throw new Error(`${sourceFile} exports no workflow named '${workflowName}'`);
   const jobName = jobConfig.baseJobName || jobConfig.name;
-  const job = (workflow.jobs || []).find((j) => typeof j !== 'function' && j && j.name === jobName);
+  const job = jobsOf(workflow).find((j) => j.name === jobName);
   if (!job) throw new Error(`workflow '${workflowName}' has no job named '${jobName}'`);
   const unsupported = unsupportedJobFeature(workflow, job);
   if (unsupported) throw new Unsupported(unsupported);
@@ -727,7 +749,9 @@ process.on('SIGTERM', () => abortHandler(false));
 
 main().then(
   (result) => {
-    send({ type: 'job.complete', status: result.status, error: result.error, outputs: result.outputs || {} });
+    if (!result.listed) {
+      send({ type: 'job.complete', status: result.status, error: result.error, outputs: result.outputs || {} });
+    }
     finish(result.status === 'success' ? 0 : 1);
   },
   (error) => {

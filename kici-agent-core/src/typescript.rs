@@ -28,6 +28,9 @@ pub const MIN_NODE_VERSION: (u32, u32) = (20, 6);
 /// Lines of the runner's own output kept to explain a crash.
 const CRASH_TAIL_LINES: usize = 20;
 
+/// Longest a runner may take to load a module and list its jobs.
+const LIST_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// After the runner exited, how long to wait for the rest of its channel.
 const CHANNEL_DRAIN_LIMIT: Duration = Duration::from_secs(2);
 
@@ -64,6 +67,15 @@ pub struct TypeScriptExecutor {
     default_step_timeout: Duration,
     /// Found once per agent, on the first TypeScript job.
     found: OnceCell<Result<(Node, PathBuf), RunnerUnavailable>>,
+    /// Local runs: the repository to run in, in place of the job workspace.
+    in_place: Option<PathBuf>,
+}
+
+/// The jobs of one workflow of a module.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct WorkflowJobs {
+    pub name: String,
+    pub jobs: Vec<String>,
 }
 
 impl TypeScriptExecutor {
@@ -79,7 +91,82 @@ impl TypeScriptExecutor {
             kill_grace,
             default_step_timeout,
             found: OnceCell::new(),
+            in_place: None,
         }
+    }
+
+    /// Runs jobs in the repository at `root` itself instead of the job workspace (local runs
+    /// of a working copy: `kici-agent exec workflow.ts`).
+    pub fn in_place(mut self, root: PathBuf) -> Self {
+        self.in_place = Some(root);
+        self
+    }
+
+    /// The workflows and jobs of `source_file` (relative to the repository at `root`), as the
+    /// runner loads them.
+    pub async fn list_jobs(
+        &self,
+        root: &Path,
+        source_file: &str,
+    ) -> Result<Vec<WorkflowJobs>, String> {
+        let (node, dir) = self.ready().await.map_err(|e| e.to_string())?;
+        let (ours, theirs) = channel_pair()
+            .map_err(|e| format!("could not create the TypeScript runner's channel: {e}"))?;
+        let spec = CommandSpec {
+            program: node.path.display().to_string(),
+            args: vec![dir.join("runner.mjs").display().to_string()],
+            cwd: root.to_path_buf(),
+            env: StepEnv::from_host(std::env::vars()),
+            stdin: None,
+        };
+        let limits = RunLimits {
+            timeout: Some(LIST_TIMEOUT),
+            cancel: tokio_util::sync::CancellationToken::new(),
+            force: tokio_util::sync::CancellationToken::new(),
+            kill: KillPolicy {
+                grace: self.kill_grace,
+            },
+        };
+        let (output_tx, mut output_rx) = mpsc::channel::<Vec<u8>>(16);
+        let runner = process::run_with_channel(spec, limits, output_tx, theirs.into());
+        let output = async {
+            let mut tail = Tail::default();
+            while let Some(bytes) = output_rx.recv().await {
+                tail.push(&bytes);
+            }
+            tail
+        };
+        let request = ListRequest {
+            kind: "list",
+            workspace: root,
+            runner_dir: dir,
+            source_file,
+        };
+        let talk = async {
+            let (read_half, mut write_half) = ours.into_split();
+            let mut line = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
+            line.push(b'\n');
+            write_half
+                .write_all(&line)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut lines = BufReader::new(read_half).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match serde_json::from_str::<RunnerMessage>(&line) {
+                    Ok(RunnerMessage::Jobs { workflows }) => return Ok(workflows),
+                    Ok(RunnerMessage::JobComplete {
+                        error: Some(error), ..
+                    }) => return Err(error),
+                    _ => {}
+                }
+            }
+            Err(String::new())
+        };
+        let ((_, tail), reply) = tokio::join!(async { tokio::join!(runner, output) }, talk);
+        reply.map_err(|error| {
+            let detail = if error.is_empty() { tail.text() } else { error };
+            format!("could not list the jobs of {source_file}: {detail}")
+        })
     }
 
     /// Checks (once) that Node >= 20.6 is there and the runner is written out.
@@ -212,6 +299,24 @@ struct JobRequest<'a> {
     job_config: &'a JobConfig,
 }
 
+/// Agent -> runner: list the jobs of a module.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ListRequest<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    workspace: &'a Path,
+    runner_dir: &'a Path,
+    source_file: &'a str,
+}
+
+/// Our end (async) and the runner's end (its fd 3) of a fresh channel.
+fn channel_pair() -> io::Result<(tokio::net::UnixStream, std::os::unix::net::UnixStream)> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+    ours.set_nonblocking(true)?;
+    Ok((tokio::net::UnixStream::from_std(ours)?, theirs))
+}
+
 /// Agent -> runner: stop.
 #[derive(Serialize)]
 struct Abort {
@@ -263,6 +368,8 @@ enum RunnerMessage {
         #[serde(default)]
         error: Option<String>,
     },
+    #[serde(rename = "jobs")]
+    Jobs { workflows: Vec<WorkflowJobs> },
 }
 
 #[derive(Debug, Deserialize)]
@@ -333,6 +440,8 @@ impl RunnerMessage {
                     error,
                 })
             }
+            // Only the reply to a list request; a job never gets one.
+            RunnerMessage::Jobs { .. } => {}
         }
         None
     }
@@ -372,15 +481,16 @@ impl JobExecutor for TypeScriptExecutor {
         "typescript"
     }
 
-    async fn run_job(&self, job: &JobContext, env: StepEnv, io: JobIo) -> JobOutcome {
+    async fn run_job(&self, job: &JobContext, mut env: StepEnv, io: JobIo) -> JobOutcome {
+        let root = self.in_place.as_deref().unwrap_or(&job.workspace);
+        if self.in_place.is_some() {
+            env.set("KICI_WORKSPACE", root.display().to_string());
+        }
         let (node, dir) = match self.ready().await {
             Ok(found) => found,
             Err(e) => return JobOutcome::failed(e.to_string()),
         };
-        let (ours, theirs) = match std::os::unix::net::UnixStream::pair().and_then(|(a, b)| {
-            a.set_nonblocking(true)?;
-            Ok((tokio::net::UnixStream::from_std(a)?, b))
-        }) {
+        let (ours, theirs) = match channel_pair() {
             Ok(pair) => pair,
             Err(e) => {
                 return JobOutcome::failed(format!(
@@ -391,7 +501,7 @@ impl JobExecutor for TypeScriptExecutor {
         let spec = CommandSpec {
             program: node.path.display().to_string(),
             args: vec![dir.join("runner.mjs").display().to_string()],
-            cwd: job.workspace.clone(),
+            cwd: root.to_path_buf(),
             env,
             stdin: None,
         };
@@ -405,7 +515,7 @@ impl JobExecutor for TypeScriptExecutor {
         };
         let request = JobRequest {
             kind: "job",
-            workspace: &job.workspace,
+            workspace: root,
             runner_dir: dir,
             default_step_timeout_ms: self.default_step_timeout.as_millis() as u64,
             secrets: &job.secrets,
