@@ -653,10 +653,9 @@ fn node24() -> Option<PathBuf> {
     if node.exists() {
         return Some(node);
     }
-    assert!(
-        !(cfg!(target_os = "linux") && cfg!(target_arch = "x86_64")),
-        "Node 24 is not installed for the TypeScript fixtures: run `npm ci --prefix tests/fixtures/typescript`"
-    );
+    if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        panic!("Node 24 is not installed for the TypeScript fixtures: run `npm ci --prefix tests/fixtures/typescript`");
+    }
     None
 }
 
