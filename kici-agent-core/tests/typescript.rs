@@ -693,3 +693,29 @@ async fn the_runner_works_on_node_24_too() {
     );
     h.assert_no_violations();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continue_on_error_runs_on_but_fails_the_job_and_on_failure_runs() {
+    let repo = repo();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let done = run_feature(
+        &h,
+        &repo,
+        "continues",
+        lock_steps(&["soft-fail", "still-runs"]),
+    )
+    .await;
+    assert_eq!(done["state"], "failed", "{done}");
+    assert_eq!(done["data"]["error"], "Step \"soft-fail\" failed");
+    assert_eq!(done["data"]["stepResults"][0]["error"], "tolerated");
+    assert_eq!(done["data"]["stepResults"][1]["status"], "success");
+    assert_eq!(h.lines("continues", 1), ["still ran"]);
+    let hooks: Vec<(i64, String, String)> = step_statuses(&h, "continues")
+        .into_iter()
+        .filter(|s| s.1.starts_with("hook:") && s.2 != "running")
+        .collect();
+    assert_eq!(hooks, statuses(&[(2, "hook:onFailure", "success")]));
+    assert_eq!(h.lines("continues", 2), ["failure hook sees failed"]);
+    h.assert_no_violations();
+}
