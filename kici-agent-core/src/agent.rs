@@ -142,13 +142,15 @@ pub struct Agent {
 
 impl Agent {
     /// An agent with the built-in executors the configuration asks for: the process executor
-    /// (`process_executor`) or else the shell executor with the step map (`step_map_file`).
+    /// (`process_executor`) or else the shell executor with the step map (`step_map_file`);
+    /// TypeScript jobs without either run through the TypeScript runner (`node`).
     pub fn new(config: AgentConfig) -> Result<Agent, AgentError> {
         Self::with_executors(config, ExecutorRegistry::new())
     }
 
     /// An agent with the host's executors. When `executors` has no default, the built-in one
-    /// of [`Agent::new`] becomes the default.
+    /// of [`Agent::new`] becomes the default if the configuration names a step map or a process
+    /// executor, else the fallback (which leaves TypeScript jobs to the TypeScript runner).
     pub fn with_executors(
         config: AgentConfig,
         mut executors: ExecutorRegistry,
