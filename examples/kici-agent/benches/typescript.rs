@@ -93,13 +93,19 @@ async fn first_step(
     let sent = now();
     mock.dispatch("ts-bench", dispatch).await.unwrap();
     let job_id = job.to_owned();
-    mock.wait_for_message(
-        "job.status",
-        move |m| m["jobId"] == job_id.as_str() && m["state"] == "success",
-        WAIT,
-    )
-    .await
-    .expect("job succeeded");
+    let done = mock
+        .wait_for_message(
+            "job.status",
+            move |m| {
+                m["jobId"] == job_id.as_str()
+                    && ["success", "failed", "cancelled"]
+                        .contains(&m["state"].as_str().unwrap_or(""))
+            },
+            WAIT,
+        )
+        .await
+        .expect("the job ended");
+    assert_eq!(done["state"], "success", "{done}");
     let lines: Vec<String> = mock
         .received()
         .into_iter()
@@ -162,6 +168,7 @@ async fn main() {
         d["jobConfig"]["source"]["file"] = json!(".kici/workflows/bench.ts");
         d["jobConfig"]["workflowName"] = json!("bench");
         d["jobConfig"]["name"] = json!("first-step");
+        d["jobConfig"]["baseJobName"] = json!("first-step");
         let (elapsed, lines) = first_step(&mock, &ts_job, d).await;
         typescript.push(elapsed);
         rss_kib.push(
