@@ -737,13 +737,13 @@ async function main() {
     if (force) finish(1);
     run.abort.abort('cancel');
   };
-  process.on('SIGTERM', () => abortHandler(false));
   const result = await run.run(plan, flat);
   fs.rmSync(run.tmp, { recursive: true, force: true });
   return { ...result, outputs: run.outputs };
 }
 
-// Until the job request arrives an abort ends the runner at once.
+// Until the job runs, an abort ends the runner at once; SIGTERM (the agent's graceful stop of
+// the process group) is a graceful abort.
 abortHandler = () => finish(1);
 process.on('SIGTERM', () => abortHandler(false));
 

@@ -719,3 +719,47 @@ async fn continue_on_error_runs_on_but_fails_the_job_and_on_failure_runs() {
     assert_eq!(h.lines("continues", 2), ["failure hook sees failed"]);
     h.assert_no_violations();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_cancel_kills_at_once_and_skips_the_hooks() {
+    let repo = repo();
+    // A grace far longer than the test: only the force path can end it in time.
+    let h = start(|c| c.with_cancel_grace(Duration::from_secs(120))).await;
+    h.registered().await;
+    let d = dispatch(
+        &repo,
+        "forced",
+        "features.ts",
+        "features",
+        "cancel",
+        lock_steps(&["long", "never"]),
+    );
+    h.mock.dispatch(&h.agent_id(), d).await.unwrap();
+    let line = h
+        .mock
+        .wait_for_message(
+            "log.chunk",
+            |m| m["jobId"] == "forced" && m["stepIndex"] == 0,
+            WAIT,
+        )
+        .await
+        .expect("the step printed its pid");
+    let pid: i32 = line["lines"][0].as_str().unwrap()[5..].parse().unwrap();
+    h.mock
+        .cancel(&h.agent_id(), "run-forced", "forced", true)
+        .await
+        .unwrap();
+    let done = h.terminal_status("forced").await;
+    assert_eq!(done["state"], "cancelled", "{done}");
+    assert!(!alive(pid), "the step's command survived the forced cancel");
+    let statuses = step_statuses(&h, "forced");
+    assert!(
+        !statuses.iter().any(|s| s.1.starts_with("hook:")),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.last().unwrap(),
+        &(0, "step".into(), "cancelled".into())
+    );
+    h.assert_no_violations();
+}
