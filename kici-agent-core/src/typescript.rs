@@ -196,6 +196,99 @@ impl TypeScriptExecutor {
     }
 }
 
+impl TypeScriptExecutor {
+    /// A fresh clone has no `.kici/node_modules`: installs the workflow dependencies from
+    /// `.kici/package.json` with the package manager its lock file names (`pnpm-lock.yaml`:
+    /// `pnpm install --frozen-lockfile`; `package-lock.json`: `npm ci`; none: `npm install`),
+    /// in the job's environment and process-group rules, its output as job-level lines.
+    async fn install_dependencies(
+        &self,
+        root: &Path,
+        node: &Node,
+        env: &StepEnv,
+        io: &JobIo,
+    ) -> Result<(), String> {
+        let kici = root.join(".kici");
+        if kici.join("node_modules").exists() || !kici.join("package.json").exists() {
+            return Ok(());
+        }
+        let (manager, args): (&str, &[&str]) = if kici.join("pnpm-lock.yaml").exists() {
+            ("pnpm", &["install", "--frozen-lockfile"])
+        } else if kici.join("package-lock.json").exists() {
+            ("npm", &["ci", "--no-audit", "--no-fund"])
+        } else {
+            ("npm", &["install", "--no-audit", "--no-fund"])
+        };
+        // npm ships beside node; pnpm is wherever the host installed it.
+        let program = node
+            .path
+            .parent()
+            .map(|dir| dir.join(manager))
+            .filter(|beside| beside.is_file())
+            .or_else(|| find_on_path(manager))
+            .ok_or_else(|| {
+                format!(
+                    "installing the workflow dependencies needs {manager}: none next to {} or on PATH",
+                    node.path.display()
+                )
+            })?;
+        let command = format!("{manager} {}", args.join(" "));
+        io.output(
+            crate::job::JOB_LOG_INDEX,
+            format!("[kici] Installing workflow dependencies: {command} (in .kici)\n"),
+        )
+        .await;
+        // npm and pnpm run scripts with `node` from PATH: make it the one that runs the job.
+        let mut env = env.clone();
+        if let Some(dir) = node.path.parent() {
+            env.prepend_path(&dir.display().to_string());
+        }
+        let spec = CommandSpec {
+            program: program.display().to_string(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            cwd: kici,
+            env,
+            stdin: None,
+        };
+        let limits = RunLimits {
+            timeout: None,
+            cancel: io.cancellation().clone(),
+            force: io.force().clone(),
+            kill: KillPolicy {
+                grace: self.kill_grace,
+            },
+        };
+        let (output_tx, mut output_rx) = mpsc::channel::<Vec<u8>>(64);
+        let install = process::run(spec, limits, output_tx);
+        let forward = async {
+            while let Some(bytes) = output_rx.recv().await {
+                io.output(crate::job::JOB_LOG_INDEX, bytes).await;
+            }
+        };
+        let (report, ()) = tokio::join!(install, forward);
+        let report = report.map_err(|e| format!("installing the workflow dependencies: {e}"))?;
+        match report.outcome {
+            Outcome::Exited(process::ExitStatus::Code(0)) => Ok(()),
+            other => Err(format!(
+                "installing the workflow dependencies failed: {command} ended with {}",
+                describe(&other)
+            )),
+        }
+    }
+}
+
+/// How a process ended, for error messages.
+fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Exited(process::ExitStatus::Code(code)) => format!("exit code {code}"),
+        Outcome::Exited(process::ExitStatus::Signal(signal)) => {
+            format!("killed by signal {signal}")
+        }
+        Outcome::TimedOut { after, .. } => format!("a timeout after {}ms", after.as_millis()),
+        Outcome::Cancelled { .. } => "a cancel".into(),
+    }
+}
+
 /// Finds Node (`explicit`, else `node` on PATH) and checks its version.
 async fn find_node(explicit: Option<&Path>) -> Result<Node, RunnerUnavailable> {
     let path = match explicit {
@@ -490,6 +583,9 @@ impl JobExecutor for TypeScriptExecutor {
             Ok(found) => found,
             Err(e) => return JobOutcome::failed(e.to_string()),
         };
+        if let Err(error) = self.install_dependencies(root, node, &env, &io).await {
+            return JobOutcome::failed(error);
+        }
         let (ours, theirs) = match channel_pair() {
             Ok(pair) => pair,
             Err(e) => {
@@ -590,15 +686,7 @@ impl JobExecutor for TypeScriptExecutor {
             };
         }
         let how = match report {
-            Ok(report) => match report.outcome {
-                Outcome::Exited(process::ExitStatus::Code(code)) => {
-                    format!("with exit code {code}")
-                }
-                Outcome::Exited(process::ExitStatus::Signal(signal)) => {
-                    format!("killed by signal {signal}")
-                }
-                other => format!("({other:?})"),
-            },
+            Ok(report) => format!("with {}", describe(&report.outcome)),
             Err(e) => {
                 return JobOutcome::failed(format!("the TypeScript runner could not start: {e}"))
             }

@@ -81,6 +81,45 @@ fn repo() -> Repo {
     }
 }
 
+/// A fresh clone: the workflows and `.kici/package.json` (the stand-in SDK as a `file:`
+/// dependency, zx at `zx_version` from the registry or npm's cache) but no `.kici/node_modules`.
+fn repo_without_node_modules(zx_version: &str) -> Repo {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy_tree(&fixtures().join("typescript/repo"), root);
+    copy_tree(
+        &fixtures().join("typescript/sdk"),
+        &root.join(".kici/sdk-stand-in"),
+    );
+    std::fs::write(
+        root.join(".kici/package.json"),
+        json!({
+            "private": true,
+            "dependencies": {"@kici-dev/sdk": "file:./sdk-stand-in", "zx": zx_version}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let repo = git2::Repository::init(root).unwrap();
+    let mut index = repo.index().unwrap();
+    index
+        .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+        .unwrap();
+    index.write().unwrap();
+    let tree = repo.find_tree(index.write_tree().unwrap()).unwrap();
+    let sig = git2::Signature::now("test", "test@example.invalid").unwrap();
+    let sha = repo
+        .commit(Some("HEAD"), &sig, &sig, "workflows", &tree, &[])
+        .unwrap();
+    let branch = repo.head().unwrap().shorthand().unwrap().to_owned();
+    Repo {
+        url: format!("file://{}", root.display()),
+        branch,
+        sha: sha.to_string(),
+        _dir: dir,
+    }
+}
+
 /// A dispatch of job `job` of workflow `workflow` in `file`, with these lock steps.
 fn dispatch(
     repo: &Repo,
@@ -761,5 +800,45 @@ async fn a_forced_cancel_kills_at_once_and_skips_the_hooks() {
         statuses.last().unwrap(),
         &(0, "step".into(), "cancelled".into())
     );
+    h.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_without_node_modules_gets_its_dependencies_installed() {
+    let h = start(|c| c).await;
+    h.registered().await;
+    let repo = repo_without_node_modules("8.8.5");
+    let done = run_feature(
+        &h,
+        &repo,
+        "outputs",
+        lock_steps(&["produce", "step-1", "options-step"]),
+    )
+    .await;
+    assert_eq!(done["state"], "success", "{done}");
+    assert!(h.lines("outputs", -1).contains(
+        &"[kici] Installing workflow dependencies: npm install --no-audit --no-fund (in .kici)"
+            .to_owned()
+    ));
+    assert_eq!(h.lines("outputs", 1)[0], "version 1.2.3");
+
+    let broken = repo_without_node_modules("0.0.0-no-such-version");
+    let d = dispatch(
+        &broken,
+        "broken",
+        "features.ts",
+        "features",
+        "outputs",
+        lock_steps(&["produce"]),
+    );
+    h.mock.dispatch(&h.agent_id(), d).await.unwrap();
+    let done = h.terminal_status("broken").await;
+    assert_eq!(done["state"], "failed");
+    let error = done["data"]["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("installing the workflow dependencies failed: npm install --no-audit --no-fund ended with exit code"),
+        "{error}"
+    );
+    assert!(step_statuses(&h, "broken").is_empty());
     h.assert_no_violations();
 }
