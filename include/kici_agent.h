@@ -104,7 +104,8 @@ typedef uint32_t kici_result;
  * Life: `kici_agent_new` -> `kici_agent_register_*_executor` -> `kici_agent_start` (returns at
  * once) -> `kici_agent_drain` or `kici_agent_shutdown` -> `kici_agent_wait` ->
  * `kici_agent_free`. Steps without a registered executor go to the built-in one the
- * configuration selects (`process_executor`, else the shell executor with the step map).
+ * configuration selects (`process_executor`, else the shell executor with the step map);
+ * TypeScript jobs with neither and no registered executor run through the TypeScript runner.
  *
  * Thread safety: every function except `kici_agent_free` may be called from any host thread,
  * also at the same time. `kici_agent_free` must be the last call, made when no other call on
@@ -751,6 +752,16 @@ kici_result kici_config_set_tls_ca_file(struct kici_config *config,
 kici_result kici_config_set_process_executor(struct kici_config *config,
                                              const char *program,
                                              struct kici_error **err);
+
+/**
+ * Sets the Node.js (>= 20.6) that runs TypeScript jobs (`KICI_NODE`); "" removes it (then
+ * `node` on PATH is used).
+ *
+ * Ownership: `config` is borrowed; `path` is copied. Thread safety: see `kici_config`.
+ */
+kici_result kici_config_set_node(struct kici_config *config,
+                                 const char *path,
+                                 struct kici_error **err);
 
 /**
  * Sets the container image for jobs that name none (`KICI_CONTAINER_IMAGE`); "" removes it.

@@ -34,6 +34,8 @@ command -v docker-compose >/dev/null || need_apt+=(docker-compose)
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 # The container image's test makes its Debian base image with debootstrap.
 command -v debootstrap >/dev/null || need_apt+=(debootstrap)
+# The TypeScript runner tests need Node >= 20.6 and npm (for zx in the fixture repository).
+command -v npm >/dev/null || need_apt+=(nodejs npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -47,6 +49,9 @@ log "cargo clippy"
 if cargo clippy --workspace --all-targets -- -D warnings; then record clippy ok; else record clippy FAILED; fi
 
 # --- Rust ----------------------------------------------------------------------------------
+log "npm ci (zx for the TypeScript runner fixtures)"
+npm ci --prefix tests/fixtures/typescript --no-audit --no-fund --silent ||
+  echo "!!! npm ci failed: the TypeScript runner tests will fail (see above)" >&2
 log "cargo test (Rust: core, binary, mock orchestrator, C ABI, Python bindings)"
 if cargo test --workspace; then record rust ok; else record rust FAILED; fi
 

@@ -24,6 +24,7 @@ use crate::protocol::{
     new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, JobAck, JobCancel, JobDispatch,
     JobRef, JobReject, JobState, JobStatusData, Outbound, RejectReason,
 };
+use crate::typescript::TypeScriptExecutor;
 
 /// The agent version (`agent.register.version`, `/health`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -157,20 +158,29 @@ pub struct Agent {
 
 impl Agent {
     /// An agent with the built-in executors the configuration asks for: the process executor
-    /// (`process_executor`) or else the shell executor with the step map (`step_map_file`).
+    /// (`process_executor`) or else the shell executor with the step map (`step_map_file`);
+    /// TypeScript jobs without either run through the TypeScript runner (`node`).
     pub fn new(config: AgentConfig) -> Result<Agent, AgentError> {
         Self::with_executors(config, ExecutorRegistry::new())
     }
 
     /// An agent with the host's executors. When `executors` has no default, the built-in one
-    /// of [`Agent::new`] becomes the default.
+    /// of [`Agent::new`] becomes the default if the configuration names a step map or a process
+    /// executor, else the fallback (which leaves TypeScript jobs to the TypeScript runner).
     pub fn with_executors(
         config: AgentConfig,
         mut executors: ExecutorRegistry,
     ) -> Result<Agent, AgentError> {
         config.validate()?;
         if !executors.has_default() {
-            executors.set_default(builtin_executor(&config)?);
+            let builtin = builtin_executor(&config)?;
+            // An operator's step map or process executor is chosen for every step; the bare
+            // shell executor only runs `run` commands and leaves TypeScript jobs to the runner.
+            if config.step_map_file.is_some() || config.process_executor.is_some() {
+                executors.set_default(builtin);
+            } else {
+                executors.set_fallback(builtin);
+            }
         }
         let default_container_image = (config.execution_mode == Some(ExecutionMode::Container))
             .then(|| config.default_container_image.clone())
@@ -203,6 +213,11 @@ impl Agent {
                 running_resends: config.running_resends.clone(),
             },
             container,
+            typescript: Arc::new(TypeScriptExecutor::new(
+                config.node.clone(),
+                config.cancel_grace,
+                config.default_step_timeout,
+            )),
         });
         let shared = Arc::new(Shared {
             config,

@@ -67,6 +67,7 @@ mod var {
     pub const JOB_PIDS_MAX: &str = "KICI_JOB_PIDS_MAX";
     pub const STEP_MAP: &str = "KICI_STEP_MAP";
     pub const PROCESS_EXECUTOR: &str = "KICI_PROCESS_EXECUTOR";
+    pub const NODE: &str = "KICI_NODE";
     pub const CONTAINER_IMAGE: &str = "KICI_CONTAINER_IMAGE";
     pub const DEV: &str = "KICI_DEV";
     pub const CACHE: &str = "KICI_CACHE";
@@ -144,6 +145,7 @@ pub const VARIABLES: &[VariableDoc] = &[
     doc(var::JOB_PIDS_MAX, Some("0"), "Most processes a job may have at once (a fork bomb stops there), applied through the job's pids cgroup where the agent can make one; 0 = no limit."),
     doc(var::STEP_MAP, None, "JSON file mapping step names to shell commands, read by the shell executor; must be readable."),
     doc(var::PROCESS_EXECUTOR, None, "Program that runs every step instead of the built-in executors."),
+    doc(var::NODE, None, "Node.js (>= 20.6) that runs TypeScript jobs; unset: `node` on PATH."),
     doc(var::CONTAINER_IMAGE, None, "Container image for jobs that name none."),
     doc(var::DEV, Some("false"), "Exactly `true`: development mode; unknown KICI_* variables only warn."),
     doc(var::CACHE, None, "Used by KiCI's cache tooling; accepted and ignored."),
@@ -504,6 +506,8 @@ pub struct AgentConfig {
     pub step_map_file: Option<PathBuf>,
     /// Program that runs every step (`KICI_PROCESS_EXECUTOR`).
     pub process_executor: Option<String>,
+    /// Node.js for TypeScript jobs (`KICI_NODE`); `None`: `node` on PATH.
+    pub node: Option<PathBuf>,
     /// Image for jobs that name none (`KICI_CONTAINER_IMAGE`).
     pub default_container_image: Option<String>,
     /// Development mode (`KICI_DEV=true`).
@@ -655,6 +659,7 @@ impl AgentConfig {
                 job_pids_max: 0,
                 step_map_file: None,
                 process_executor: None,
+                node: None,
                 default_container_image: None,
                 dev: false,
                 rate_limits: RateLimits::default(),
@@ -1066,6 +1071,12 @@ impl AgentConfigBuilder {
         self
     }
 
+    /// Sets the Node.js (>= 20.6) that runs TypeScript jobs (default: `node` on PATH).
+    pub fn with_node(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.node = Some(path.into());
+        self
+    }
+
     /// Sets the image for jobs that name none.
     pub fn with_default_container_image(mut self, image: impl Into<String>) -> Self {
         self.config.default_container_image = Some(image.into());
@@ -1448,6 +1459,7 @@ fn load(
     env.integer(var::JOB_PIDS_MAX, ">= 0", &mut c.job_pids_max);
     c.step_map_file = env.text(var::STEP_MAP).map(PathBuf::from);
     c.process_executor = env.text(var::PROCESS_EXECUTOR).map(str::to_owned);
+    c.node = env.text(var::NODE).map(PathBuf::from);
     c.default_container_image = env.text(var::CONTAINER_IMAGE).map(str::to_owned);
     c.dev = env.flag(var::DEV, "true");
     env.number(var::RATE_MSGS_PER_SEC, &mut c.rate_limits.msgs_per_sec);

@@ -192,12 +192,16 @@ pub trait Executor: Send + Sync {
     async fn cleanup(&self, _job: &JobContext) {}
 }
 
-/// Resolves the executor of each step: by step name, then job name, then the default.
+/// Resolves the executor of each step: by step name, then job name, then the default, then the
+/// built-in fallback.
 #[derive(Clone, Default)]
 pub struct ExecutorRegistry {
     by_step: HashMap<String, Arc<dyn Executor>>,
     by_job: HashMap<String, Arc<dyn Executor>>,
     default: Option<Arc<dyn Executor>>,
+    /// The agent's own shell executor, used when nothing else matches. Unlike the others it does
+    /// not claim TypeScript jobs: those go to the TypeScript runner (see `job` module).
+    fallback: Option<Arc<dyn Executor>>,
 }
 
 impl ExecutorRegistry {
@@ -229,12 +233,31 @@ impl ExecutorRegistry {
         self.default.is_some()
     }
 
+    /// Runs the steps nothing else matches with `executor`, without claiming TypeScript jobs.
+    pub fn set_fallback(&mut self, executor: Arc<dyn Executor>) -> &mut Self {
+        self.fallback = Some(executor);
+        self
+    }
+
+    /// Whether the host registered an executor for job `job_name` or any of `step_names`
+    /// (the fallback does not count).
+    pub fn has_host_executor<'a>(
+        &self,
+        job_name: &str,
+        mut step_names: impl Iterator<Item = &'a str>,
+    ) -> bool {
+        self.default.is_some()
+            || self.by_job.contains_key(job_name)
+            || step_names.any(|step| self.by_step.contains_key(step))
+    }
+
     /// The executor for a step of a job, if any.
     pub fn resolve(&self, job_name: &str, step_name: &str) -> Option<Arc<dyn Executor>> {
         self.by_step
             .get(step_name)
             .or_else(|| self.by_job.get(job_name))
             .or(self.default.as_ref())
+            .or(self.fallback.as_ref())
             .cloned()
     }
 }
@@ -430,6 +453,22 @@ mod tests {
         assert_eq!(name("build", "flash"), "step");
         assert_eq!(name("build", "other"), "job");
         assert_eq!(name("test", "other"), "default");
+    }
+
+    #[test]
+    fn the_fallback_runs_what_nothing_else_claims_but_is_no_host_executor() {
+        let mut registry = ExecutorRegistry::new();
+        registry.set_fallback(Arc::new(Named("fallback")));
+        assert_eq!(registry.resolve("job", "step").unwrap().name(), "fallback");
+        assert!(!registry.has_host_executor("job", ["step"].into_iter()));
+        registry.for_step("flash", Arc::new(Named("step")));
+        assert!(registry.has_host_executor("job", ["build", "flash"].into_iter()));
+        assert!(!registry.has_host_executor("job", ["build"].into_iter()));
+        registry.for_job("job", Arc::new(Named("job")));
+        assert!(registry.has_host_executor("job", [].into_iter()));
+        let mut with_default = ExecutorRegistry::new();
+        with_default.set_default(Arc::new(Named("default")));
+        assert!(with_default.has_host_executor("other", [].into_iter()));
     }
 
     #[test]

@@ -25,6 +25,8 @@ use crate::protocol::{
     StepStatusData, StepType,
 };
 
+mod whole;
+
 /// Index of job-level log lines (`log.chunk.stepIndex`).
 pub const JOB_LOG_INDEX: i64 = -1;
 
@@ -37,6 +39,8 @@ pub(crate) struct JobServices {
     pub settings: JobSettings,
     /// Runs every step of container jobs (spec §12.3); `None`: no container engine configured.
     pub container: Option<Arc<crate::container::ContainerExecutor>>,
+    /// Runs TypeScript jobs that no host executor claims (see `whole`).
+    pub typescript: Arc<crate::typescript::TypeScriptExecutor>,
 }
 
 /// Job-related settings from the agent configuration.
@@ -508,6 +512,14 @@ impl JobRunner {
             workspace,
             secrets: dispatch.secrets.clone().unwrap_or_default(),
         };
+        match self.whole_job_executor(&context).await {
+            Ok(Some(executor)) => return self.run_whole_job(&context, executor).await,
+            Ok(None) => {}
+            Err(error) => {
+                self.job_log(format!("[kici] {error}")).await;
+                return (JobState::Failed, Some(error));
+            }
+        }
 
         let mut failed_step: Option<String> = None;
         let mut stopped = false;
@@ -1158,10 +1170,10 @@ fn clone_credentials(dispatch: &JobDispatch, github_token: Option<&str>) -> Opti
 
 /// Waits for an executor whose output channel closed; gives up [`ABANDON_AFTER_FORCE`] after a
 /// forced stop.
-async fn await_execution(
-    execution: &mut tokio::task::JoinHandle<crate::executor::StepResult>,
+async fn await_execution<T>(
+    execution: &mut tokio::task::JoinHandle<T>,
     force: &CancellationToken,
-) -> Option<Result<crate::executor::StepResult, tokio::task::JoinError>> {
+) -> Option<Result<T, tokio::task::JoinError>> {
     tokio::select! {
         result = &mut *execution => Some(result),
         _ = async {
@@ -1210,6 +1222,11 @@ mod tests {
                 running_resends: Vec::new(),
             },
             container: None,
+            typescript: Arc::new(crate::typescript::TypeScriptExecutor::new(
+                None,
+                Duration::from_secs(1),
+                Duration::from_secs(60),
+            )),
         })
     }
 

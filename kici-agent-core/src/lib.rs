@@ -29,6 +29,7 @@ pub mod host;
 pub mod http;
 mod instance;
 pub mod job;
+pub mod job_executor;
 pub mod local;
 pub mod logs;
 pub mod metrics;
@@ -37,6 +38,7 @@ pub mod process;
 pub mod protocol;
 mod sandbox;
 mod tls;
+pub mod typescript;
 pub mod workspace;
 
 pub use agent::{Agent, AgentError, AgentState, BUILD_COMMIT, VERSION};

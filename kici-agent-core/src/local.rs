@@ -1,5 +1,5 @@
-//! Local execution of a job file through the same engine, with no orchestrator
-//! (`kici-agent exec JOB_FILE`).
+//! Local execution of a job file, or of a job of a TypeScript workflow, through the same engine,
+//! with no orchestrator (`kici-agent exec JOB_FILE`, `kici-agent exec WORKFLOW.ts --job NAME`).
 //!
 //! The job runs exactly as a dispatched one does; the messages it would send to the
 //! orchestrator are handed to the caller instead, in order, so they can be shown live.
@@ -24,6 +24,9 @@
 //! Step fields are those of a dispatch's steps (`timeout` in ms, `retry`, `continueOnError`,
 //! `env`) plus `run`, the shell command. An optional `repo` `{url, ref, sha}` is checked out
 //! into the workspace first.
+//!
+//! A TypeScript workflow (`.kici/workflows/*.ts`) runs through the TypeScript runner in the
+//! working copy itself (the directory holding `.kici`), with its `.kici/node_modules`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +41,7 @@ use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxLimits, Pacer};
 use crate::protocol::{ContainerSpec, JobConfig, JobDispatch, JobState, Outbound, StepEntry};
+use crate::typescript::{TypeScriptExecutor, WorkflowJobs};
 
 /// A job file.
 #[derive(Debug, Clone, Deserialize)]
@@ -181,7 +185,7 @@ pub async fn run(
     executors: Option<ExecutorRegistry>,
     settings: LocalSettings,
     cancel: LocalCancel,
-    mut on_message: impl FnMut(&Outbound),
+    on_message: impl FnMut(&Outbound),
 ) -> JobState {
     let executors = executors.unwrap_or_else(|| {
         let mut registry = ExecutorRegistry::new();
@@ -191,6 +195,130 @@ pub async fn run(
         )));
         registry
     });
+    // A job file with `container` runs in it, on the engine of DOCKER_HOST.
+    let container = job.container.as_ref().and_then(|_| {
+        crate::container::ContainerExecutor::new(crate::container::ContainerSettings::default())
+            .map(Arc::new)
+            .ok()
+    });
+    let typescript =
+        TypeScriptExecutor::new(None, settings.cancel_grace, settings.default_step_timeout);
+    run_dispatch(
+        job.to_dispatch(),
+        executors,
+        container,
+        typescript,
+        settings,
+        cancel,
+        on_message,
+    )
+    .await
+}
+
+/// A TypeScript workflow file inside a working copy: the directory holding `.kici` and the
+/// file's path relative to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkflowFile {
+    pub root: PathBuf,
+    pub source_file: String,
+}
+
+impl WorkflowFile {
+    /// Finds the working copy of `file` (`<root>/.kici/.../*.ts`).
+    pub fn locate(file: &Path) -> Result<WorkflowFile, String> {
+        let absolute =
+            std::fs::canonicalize(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let kici = absolute
+            .ancestors()
+            .find(|dir| dir.file_name().is_some_and(|name| name == ".kici"))
+            .ok_or_else(|| format!("{}: not inside a .kici directory", file.display()))?;
+        let root = kici.parent().unwrap_or(kici).to_path_buf();
+        let source_file = absolute
+            .strip_prefix(&root)
+            .map_err(|_| format!("{}: not inside {}", file.display(), root.display()))?
+            .display()
+            .to_string();
+        Ok(WorkflowFile { root, source_file })
+    }
+}
+
+/// The workflows and jobs of a TypeScript workflow file, as the runner loads them with Node
+/// at `node` (else `node` on PATH).
+pub async fn list_typescript_jobs(
+    file: &WorkflowFile,
+    node: Option<PathBuf>,
+) -> Result<Vec<WorkflowJobs>, String> {
+    let settings = LocalSettings::default();
+    TypeScriptExecutor::new(node, settings.cancel_grace, settings.default_step_timeout)
+        .list_jobs(&file.root, &file.source_file)
+        .await
+}
+
+/// Runs job `job` of a TypeScript workflow file in its working copy, like [`run`] does a job
+/// file. `Err` when the file has no such job (or several workflows have one by that name).
+pub async fn run_typescript(
+    file: &WorkflowFile,
+    job: &str,
+    node: Option<PathBuf>,
+    settings: LocalSettings,
+    cancel: LocalCancel,
+    on_message: impl FnMut(&Outbound),
+) -> Result<JobState, String> {
+    let typescript =
+        TypeScriptExecutor::new(node, settings.cancel_grace, settings.default_step_timeout)
+            .in_place(file.root.clone());
+    let workflows = typescript.list_jobs(&file.root, &file.source_file).await?;
+    let owners: Vec<&WorkflowJobs> = workflows
+        .iter()
+        .filter(|w| w.jobs.iter().any(|j| j == job))
+        .collect();
+    let workflow = match owners.as_slice() {
+        [one] => one.name.clone(),
+        [] => return Err(format!("{}: no job named '{job}'", file.source_file)),
+        _ => {
+            return Err(format!(
+                "{}: several workflows have a job named '{job}'",
+                file.source_file
+            ))
+        }
+    };
+    let local = LocalJob {
+        name: job.to_owned(),
+        env: BTreeMap::new(),
+        secrets: BTreeMap::new(),
+        timeout: None,
+        steps: Vec::new(),
+        container: None,
+        repo: None,
+    };
+    let mut dispatch = local.to_dispatch();
+    dispatch.job_config.workflow_name = Some(workflow);
+    dispatch.job_config.base_job_name = Some(job.to_owned());
+    dispatch.job_config.extra.insert(
+        "source".into(),
+        serde_json::json!({ "file": file.source_file }),
+    );
+    Ok(run_dispatch(
+        dispatch,
+        ExecutorRegistry::new(),
+        None,
+        typescript,
+        settings,
+        cancel,
+        on_message,
+    )
+    .await)
+}
+
+async fn run_dispatch(
+    dispatch: JobDispatch,
+    executors: ExecutorRegistry,
+    container: Option<Arc<crate::container::ContainerExecutor>>,
+    typescript: TypeScriptExecutor,
+    settings: LocalSettings,
+    cancel: LocalCancel,
+    mut on_message: impl FnMut(&Outbound),
+) -> JobState {
     let metrics = Metrics::new();
     let outbox = Arc::new(Outbox::new(OutboxLimits::default(), metrics.clone()));
     outbox.set_connected(true);
@@ -212,14 +340,10 @@ pub async fn run(
             // Nobody arms an ack deadline for a local run.
             running_resends: Vec::new(),
         },
-        // A job file with `container` runs in it, on the engine of DOCKER_HOST.
-        container: job.container.as_ref().and_then(|_| {
-            crate::container::ContainerExecutor::new(crate::container::ContainerSettings::default())
-                .map(Arc::new)
-                .ok()
-        }),
+        container,
+        typescript: Arc::new(typescript),
     });
-    let dispatch = Box::new(job.to_dispatch());
+    let dispatch = Box::new(dispatch);
     let attempt = outbox.begin_attempt(&dispatch.job_ref());
     let job_run = tokio::spawn(job::run_job(
         services,

@@ -49,6 +49,9 @@ const HOST_ALLOWLIST: [&str; 10] = [
     "TZ",
 ];
 
+/// The child's descriptor of the channel given to [`run_with_channel`].
+pub const CHANNEL_FD: i32 = 3;
+
 /// Size of one read from a step's output pipe, hence the largest chunk sent to the consumer.
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 
@@ -433,17 +436,58 @@ pub async fn run(
     limits: RunLimits,
     output: mpsc::Sender<Vec<u8>>,
 ) -> Result<RunReport, ProcessError> {
+    run_inner(spec, limits, output, None).await
+}
+
+/// [`run`], with `channel` as the child's fd 3: a private channel between the agent and a
+/// program it runs (the TypeScript runner), apart from the output pipes.
+pub async fn run_with_channel(
+    spec: CommandSpec,
+    limits: RunLimits,
+    output: mpsc::Sender<Vec<u8>>,
+    channel: std::os::fd::OwnedFd,
+) -> Result<RunReport, ProcessError> {
+    run_inner(spec, limits, output, Some(channel)).await
+}
+
+async fn run_inner(
+    spec: CommandSpec,
+    limits: RunLimits,
+    output: mpsc::Sender<Vec<u8>>,
+    channel: Option<std::os::fd::OwnedFd>,
+) -> Result<RunReport, ProcessError> {
     let started = Instant::now();
     let spawn_error = |source| ProcessError::Spawn {
         program: spec.program.clone(),
         source,
     };
     let policy = crate::containment::current();
+    let mut command = build_command(&spec, policy.as_ref());
+    if let Some(channel) = &channel {
+        use std::os::fd::AsRawFd;
+        let fd = channel.as_raw_fd();
+        // SAFETY: the closure runs between fork and exec and only calls dup2(2) and fcntl(2),
+        // which are async-signal-safe and allocate nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if fd == CHANNEL_FD {
+                    // dup2 onto itself keeps close-on-exec: clear it instead.
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(fd, CHANNEL_FD) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let (mut child, pid) = {
         let mut spawning = crate::containment::spawning();
-        let child = build_command(&spec, policy.as_ref())
-            .spawn()
-            .map_err(spawn_error)?;
+        let spawned = command.spawn();
+        // The child has its copy; the agent keeps only its own end.
+        drop(channel);
+        let child = spawned.map_err(spawn_error)?;
         // A pid is only missing once the child has been reaped, which cannot have happened yet.
         let pid = child
             .id()

@@ -498,8 +498,15 @@ async fn the_process_executor_gets_the_step_on_stdin() {
 async fn a_step_with_nothing_to_run_fails_naming_the_step() {
     let h = start_with(MockConfig::default(), |c| c, ExecutorRegistry::new()).await;
     h.registered().await;
-    h.dispatch("none", json!([{"name": "mystery", "hasOutputs": false}]))
-        .await;
+    // Not a TypeScript job (those go to the TypeScript runner, see tests/typescript.rs).
+    h.dispatch_with(
+        "none",
+        json!([{"name": "mystery", "hasOutputs": false}]),
+        |d| {
+            d["jobConfig"].as_object_mut().unwrap().remove("source");
+        },
+    )
+    .await;
     let status = h.terminal_status("none").await;
     assert_eq!(status["state"], "failed");
     let error = status["data"]["stepResults"][0]["error"].as_str().unwrap();

@@ -21,7 +21,8 @@ use crate::KICI_WAIT_FOREVER;
 /// Life: `kici_agent_new` -> `kici_agent_register_*_executor` -> `kici_agent_start` (returns at
 /// once) -> `kici_agent_drain` or `kici_agent_shutdown` -> `kici_agent_wait` ->
 /// `kici_agent_free`. Steps without a registered executor go to the built-in one the
-/// configuration selects (`process_executor`, else the shell executor with the step map).
+/// configuration selects (`process_executor`, else the shell executor with the step map);
+/// TypeScript jobs with neither and no registered executor run through the TypeScript runner.
 ///
 /// Thread safety: every function except `kici_agent_free` may be called from any host thread,
 /// also at the same time. `kici_agent_free` must be the last call, made when no other call on

@@ -865,6 +865,25 @@ pub unsafe extern "C" fn kici_config_set_process_executor(
     }
 }
 
+/// Sets the Node.js (>= 20.6) that runs TypeScript jobs (`KICI_NODE`); "" removes it (then
+/// `node` on PATH is used).
+///
+/// Ownership: `config` is borrowed; `path` is copied. Thread safety: see `kici_config`.
+#[no_mangle]
+pub unsafe extern "C" fn kici_config_set_node(
+    config: *mut kici_config,
+    path: *const c_char,
+    err: *mut *mut kici_error,
+) -> kici_result {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        update_text(config, path, "path", err, |config, path| {
+            config.node = optional_text(path).map(PathBuf::from);
+            Ok(())
+        })
+    }
+}
+
 /// Sets the container image for jobs that name none (`KICI_CONTAINER_IMAGE`); "" removes it.
 ///
 /// Ownership: `config` is borrowed; `image` is copied. Thread safety: see `kici_config`.
@@ -1004,6 +1023,11 @@ mod tests {
                 250,
                 ptr::null_mut(),
             ));
+            set(kici_config_set_node(
+                config,
+                c"/opt/node/bin/node".as_ptr(),
+                ptr::null_mut(),
+            ));
             assert_eq!(
                 kici_config_validate(config, ptr::null_mut()),
                 kici_result::Ok
@@ -1019,14 +1043,19 @@ mod tests {
             assert_eq!(core.log_level, LogLevel::Debug);
             assert_eq!(core.execution_mode, Some(ExecutionMode::BareMetal));
             assert_eq!(core.cancel_grace, Duration::from_millis(250));
+            assert_eq!(
+                core.node.as_deref(),
+                Some(std::path::Path::new("/opt/node/bin/node"))
+            );
             set(kici_config_set_token(config, c"".as_ptr(), ptr::null_mut()));
+            set(kici_config_set_node(config, c"".as_ptr(), ptr::null_mut()));
             set(kici_config_set_execution_mode(
                 config,
                 c"".as_ptr(),
                 ptr::null_mut(),
             ));
             let core = (*config).agent_config();
-            assert!(core.token.is_none() && core.execution_mode.is_none());
+            assert!(core.token.is_none() && core.execution_mode.is_none() && core.node.is_none());
             kici_config_free(config);
         }
     }

@@ -10,6 +10,8 @@
 //! - `kici-agent health` asks a running agent's `GET /health` on the configured `KICI_PORT`
 //!   (loopback unless `KICI_BIND_ADDRESS` names one address) and exits 0 on 200, 1 otherwise:
 //!   a container `HEALTHCHECK` with no curl in the image.
+//! - `kici-agent exec WORKFLOW.ts --job NAME` runs a job of a TypeScript workflow the same way,
+//!   in the working copy (Node from `KICI_NODE` or PATH); without `--job` it lists the jobs.
 
 use std::io::{IsTerminal, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -25,6 +27,9 @@ use kici_agent_core::{Agent, AgentConfig};
 
 const USAGE: &str = "usage: kici-agent            run the agent (configured by KICI_* variables)
        kici-agent exec FILE  run a job file locally, with no orchestrator
+       kici-agent exec WORKFLOW.ts [--job NAME]
+                             run a job of a TypeScript workflow locally (lists the jobs
+                             when none is named)
        kici-agent health     exit 0 if the running agent's /health answers 200, else 1
        kici-agent --version";
 
@@ -37,6 +42,8 @@ fn main() -> ExitCode {
         .as_slice()
     {
         [] => run_agent(),
+        ["exec", file] if file.ends_with(".ts") => exec_typescript(Path::new(file), None),
+        ["exec", file, "--job", job] => exec_typescript(Path::new(file), Some(job)),
         ["exec", file] => exec(Path::new(file)),
         ["health"] => health(),
         ["--version" | "-V"] => {
@@ -280,6 +287,69 @@ fn exec(file: &Path) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+fn exec_typescript(file: &Path, job: Option<&str>) -> ExitCode {
+    let workflow_file = match local::WorkflowFile::locate(file) {
+        Ok(found) => found,
+        Err(e) => return fatal(&e),
+    };
+    let node = std::env::var_os("KICI_NODE").map(std::path::PathBuf::from);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fatal(&format!("could not start the runtime: {e}")),
+    };
+    let Some(job) = job else {
+        return match runtime.block_on(local::list_typescript_jobs(&workflow_file, node)) {
+            Ok(workflows) => {
+                for workflow in workflows {
+                    println!("workflow {}", workflow.name);
+                    for job in workflow.jobs {
+                        println!("  {job}");
+                    }
+                }
+                println!(
+                    "run one with: kici-agent exec {} --job NAME",
+                    file.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fatal(&e),
+        };
+    };
+    let cancel = LocalCancel::default();
+    let outcome = runtime.block_on(async {
+        let on_ctrl_c = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                while tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("\n[kici] interrupted: stopping the job (again to kill it)");
+                    cancel.cancel();
+                }
+            })
+        };
+        let mut printer = Printer::new(job);
+        let outcome = local::run_typescript(
+            &workflow_file,
+            job,
+            node,
+            LocalSettings::default(),
+            cancel,
+            |message| printer.show(message),
+        )
+        .await;
+        on_ctrl_c.abort();
+        outcome
+    });
+    match outcome {
+        Ok(JobState::Success) => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => fatal(&e),
     }
 }
 

@@ -99,6 +99,101 @@ fn exec_runs_the_sample_job_files() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/job.json"));
 }
 
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn exec_lists_and_runs_jobs_of_a_typescript_workflow_in_the_working_copy() {
+    // A working copy like a user's: workflows, the stand-in SDK and zx under .kici.
+    let fixtures = examples_dir().join("../tests/fixtures");
+    let zx = fixtures.join("typescript/node_modules/zx");
+    assert!(
+        zx.exists(),
+        "run `npm ci --prefix tests/fixtures/typescript` (scripts/test.sh does)"
+    );
+    let copy = tempfile::tempdir().unwrap();
+    let root = copy.path();
+    copy_tree(&fixtures.join("typescript/repo"), root);
+    std::fs::copy(
+        fixtures.join("real-orchestrator/fails.ts"),
+        root.join(".kici/workflows/fails.ts"),
+    )
+    .unwrap();
+    copy_tree(
+        &fixtures.join("typescript/sdk"),
+        &root.join(".kici/node_modules/@kici-dev/sdk"),
+    );
+    copy_tree(&zx, &root.join(".kici/node_modules/zx"));
+    let workflow = root.join(".kici/workflows/features.ts");
+
+    let out = agent_command(&[])
+        .arg("exec")
+        .arg(&workflow)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("workflow features\n  outputs\n  fails\n"),
+        "{stdout}"
+    );
+
+    let out = agent_command(&[])
+        .arg("exec")
+        .arg(&workflow)
+        .args(["--job", "outputs"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("   | version 1.2.3\n   | env hello from KICI_ENV\n   | tool ran\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("== job success: 3/3 steps succeeded"),
+        "{stdout}"
+    );
+    // In place: the step's files are in the working copy.
+    assert!(root.join("tools/mytool").exists());
+    assert!(!stdout.contains("does not match"), "{stdout}");
+
+    let out = agent_command(&[])
+        .current_dir(root)
+        .args(["exec", ".kici/workflows/fails.ts", "--job", "fails"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("step boom failed") && stdout.contains("exit code 3"),
+        "{stdout}"
+    );
+
+    let out = agent_command(&[])
+        .arg("exec")
+        .arg(&workflow)
+        .args(["--job", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no job named 'nope'"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_registers_serves_endpoints_drains_on_usr1_and_stops_on_term() {
     let mock = MockOrchestrator::start(MockConfig::default())
