@@ -27,6 +27,82 @@ use crate::tls::Socket;
 /// How long a shutdown waits for the orchestrator to answer our close frame.
 const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(2);
 
+/// Paced frames (and their bytes) the orchestrator may be handed before it is seen to have read
+/// them: half its burst allowance (200 messages, 2 MiB), see [`ReadWindow`].
+const READ_WINDOW_FRAMES: u64 = 100;
+const READ_WINDOW_BYTES: u64 = 1024 * 1024;
+/// A peer that does not answer a ping within this long is taken to have read what it covers,
+/// so that an intermediary swallowing pings slows delivery down instead of stopping it.
+const PONG_WAIT: Duration = Duration::from_secs(15);
+
+/// What the orchestrator has been handed but not yet been seen to read.
+///
+/// The agent paces its frames to the orchestrator's token buckets, but the buckets count frames
+/// when the orchestrator *reads* them. If it stops reading for a while (a pause, a stalled
+/// network), everything sent meanwhile waits in socket buffers and arrives at once when it
+/// resumes; past its burst it drops the excess (the chaos suite's "reader stops 10 s" lost 15 %
+/// of a 200,000-line log that way). A WebSocket pong is sent by the peer when it reads our ping,
+/// which is after it has read every frame before it; so the agent pings after sending, counts a
+/// frame as read once a later pong is back, and sends nothing more while the unread part is at
+/// [`READ_WINDOW_FRAMES`] or [`READ_WINDOW_BYTES`]. The backlog then waits in the outbox, where
+/// producers are held back, instead of in the kernel. Pings and pongs are control frames the
+/// orchestrator's limits do not count.
+#[derive(Default)]
+struct ReadWindow {
+    sent_frames: u64,
+    sent_bytes: u64,
+    read_frames: u64,
+    read_bytes: u64,
+    next_ping: u64,
+    /// The ping in flight: its id, what was sent when it went out, when it went out.
+    ping: Option<(u64, u64, u64, tokio::time::Instant)>,
+}
+
+impl ReadWindow {
+    fn has_room(&self) -> bool {
+        self.sent_frames - self.read_frames < READ_WINDOW_FRAMES
+            && self.sent_bytes - self.read_bytes < READ_WINDOW_BYTES
+    }
+
+    fn sent(&mut self, bytes: usize) {
+        self.sent_frames += 1;
+        self.sent_bytes += bytes as u64;
+    }
+
+    /// The payload of a ping to send now: none is in flight and something is unread.
+    fn ping_due(&mut self) -> Option<Vec<u8>> {
+        if self.ping.is_some() || self.sent_frames == self.read_frames {
+            return None;
+        }
+        let id = self.next_ping;
+        self.next_ping += 1;
+        let now = tokio::time::Instant::now();
+        self.ping = Some((id, self.sent_frames, self.sent_bytes, now));
+        Some(id.to_be_bytes().to_vec())
+    }
+
+    fn pong(&mut self, payload: &[u8]) {
+        if let Some((id, frames, bytes, _)) = self.ping {
+            if payload == id.to_be_bytes() {
+                (self.read_frames, self.read_bytes) = (frames, bytes);
+                self.ping = None;
+            }
+        }
+    }
+
+    /// When to stop waiting for the pong in flight.
+    fn pong_deadline(&self) -> Option<tokio::time::Instant> {
+        self.ping.map(|(.., sent_at)| sent_at + PONG_WAIT)
+    }
+
+    fn pong_overdue(&mut self) {
+        if let Some((_, frames, bytes, _)) = self.ping.take() {
+            tracing::warn!("the orchestrator did not answer a ping in time; sending on");
+            (self.read_frames, self.read_bytes) = (frames, bytes);
+        }
+    }
+}
+
 /// Close code: agent authentication failed (permanent).
 pub const CLOSE_AUTH_FAILED: u16 = 4010;
 
@@ -295,7 +371,9 @@ async fn registered_loop(
         reason,
         registered_at,
     };
+    let mut window = ReadWindow::default();
     loop {
+        let pong_deadline = window.pong_deadline();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
@@ -317,6 +395,15 @@ async fn registered_loop(
                     Some(Ok(Message::Close(frame))) => {
                         let (code, reason) = close_parts(frame);
                         return closed_end(code, reason, registered_at);
+                    }
+                    Some(Ok(Message::Pong(payload))) => {
+                        window.pong(&payload);
+                        if let Some(ping) = window.ping_due() {
+                            if let Err(e) = sink.send(Message::Ping(ping.into())).await {
+                                return lost(format!("send failed: {e}"));
+                            }
+                        }
+                        continue;
                     }
                     // Pings are answered by tungstenite; binary frames are not part of the protocol.
                     Some(Ok(_)) => continue,
@@ -354,10 +441,19 @@ async fn registered_loop(
                     return lost(format!("send failed: {e}"));
                 }
             }
-            frame = outbox.next_frame(pacer) => {
+            () = async { tokio::time::sleep_until(pong_deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if pong_deadline.is_some() => {
+                window.pong_overdue();
+            }
+            frame = outbox.next_frame(pacer), if window.has_room() => {
                 tracing::trace!(message_type = frame.message_type, bytes = frame.text.len(), "send");
+                window.sent(frame.text.len());
                 if let Err(e) = sink.send(Message::text(frame.text)).await {
                     return lost(format!("send failed: {e}"));
+                }
+                if let Some(ping) = window.ping_due() {
+                    if let Err(e) = sink.send(Message::Ping(ping.into())).await {
+                        return lost(format!("send failed: {e}"));
+                    }
                 }
             }
         }
@@ -432,6 +528,40 @@ async fn close(socket: &mut Socket, reason: &str) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_read_window_closes_at_its_bounds_and_opens_with_the_pong() {
+        let mut window = super::ReadWindow::default();
+        assert!(
+            window.ping_due().is_none(),
+            "nothing sent, nothing to confirm"
+        );
+        window.sent(600 * 1024);
+        let ping = window.ping_due().expect("a ping after the first frame");
+        assert!(window.ping_due().is_none(), "one ping in flight at a time");
+        window.sent(600 * 1024);
+        assert!(!window.has_room(), "1.2 MiB unread is over the byte bound");
+        window.pong(b"not ours");
+        assert!(!window.has_room());
+        window.pong(&ping);
+        // The pong covers the first frame only: 600 KiB unread remain, and a new ping covers them.
+        assert!(window.has_room());
+        let second = window
+            .ping_due()
+            .expect("the second frame is still unconfirmed");
+        window.pong(&second);
+        assert!(window.ping_due().is_none());
+        for _ in 0..super::READ_WINDOW_FRAMES {
+            window.sent(10);
+        }
+        assert!(!window.has_room(), "the frame bound holds too");
+        window.ping_due();
+        window.pong_overdue();
+        assert!(
+            window.has_room(),
+            "an unanswered ping does not stop delivery for good"
+        );
+    }
+
     use super::*;
 
     #[test]
