@@ -24,6 +24,7 @@ pub mod connection;
 pub mod container;
 pub mod events;
 pub mod executor;
+pub mod file_log;
 pub mod host;
 pub mod http;
 pub mod job;
