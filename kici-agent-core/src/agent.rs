@@ -182,6 +182,7 @@ impl Agent {
                 github_token: config.github_token.as_ref().map(|t| t.expose().to_owned()),
                 host_env: std::env::vars().collect(),
                 default_container_image: default_container_image.clone(),
+                labels: config.wire_labels(),
             },
             container,
         });

@@ -17,10 +17,11 @@ use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::process::{HandoffFiles, StepEnv};
 use crate::protocol::{
-    new_message_id, now_ms, ConcurrencyKind, GitAuthKind, JobDispatch, JobRef, JobState, JobStatus,
-    JobStatusData, Outbound, SshHostKeyPolicy, StepEntry, StepSpec, StepState, StepStatus,
-    StepStatusData, StepType,
+    new_message_id, now_ms, ConcurrencyKind, GitAuthKind, JobContextDetails, JobDispatch, JobRef,
+    JobState, JobStatus, JobStatusData, Outbound, SshHostKeyPolicy, StepEntry, StepSpec, StepState,
+    StepStatus, StepStatusData, StepType,
 };
+use crate::timeline::{ContextFacts, Timeline};
 
 /// Index of job-level log lines (`log.chunk.stepIndex`).
 pub const JOB_LOG_INDEX: i64 = -1;
@@ -50,6 +51,8 @@ pub(crate) struct JobSettings {
     pub host_env: Vec<(String, String)>,
     /// Image of jobs that name none; set only in container execution mode (spec §12).
     pub default_container_image: Option<String>,
+    /// The agent's labels as registered, for `job.context`.
+    pub labels: Vec<String>,
 }
 
 /// How the agent tells a running job to stop.
@@ -109,8 +112,10 @@ pub(crate) async fn run_job(
         control,
         state: Arc::new(Mutex::new(RunState::default())),
         job_timed_out: CancellationToken::new(),
+        timeline: Timeline::new(outbox.clone(), job_ref.clone()),
     };
     let outcome = run.execute(&dispatch).await;
+    run.timeline.execution_end(outcome.0);
 
     heartbeat.abort();
     let _ = heartbeat.await;
@@ -141,6 +146,7 @@ pub(crate) async fn run_job(
     // job the moment the terminal status arrives.
     release();
     outbox.push_status(&job_ref, job_status(&job_ref, state, Some(data)), true);
+    run.timeline.teardown();
     services.metrics.job_finished(state);
     services.events.push(Event::JobFinished {
         run_id: job_ref.run_id.clone(),
@@ -229,6 +235,7 @@ struct JobRunner {
     control: JobControl,
     state: Arc<Mutex<RunState>>,
     job_timed_out: CancellationToken,
+    timeline: Timeline,
 }
 
 /// How a step ended, for the loop.
@@ -275,6 +282,8 @@ impl JobRunner {
                 return (JobState::Failed, Some(error));
             }
         };
+        self.timeline
+            .execution_start(self.job_context(dispatch, workspace.path()));
         let deadline = config.timeout.filter(|ms| *ms > 0).map(|ms| {
             let token = self.job_timed_out.clone();
             let control = self.control.clone();
@@ -318,7 +327,10 @@ impl JobRunner {
         let config = &dispatch.job_config;
         let wants_checkout = config.checkout != Some(false) && !dispatch.repo_url.is_empty();
         if wants_checkout {
-            if let Err(error) = self.checkout(dispatch, &workspace).await {
+            let clone_started = self.timeline.clone_start();
+            let cloned = self.checkout(dispatch, &workspace).await;
+            self.timeline.clone_end(clone_started, cloned.is_ok());
+            if let Err(error) = cloned {
                 let error = self.masker.mask(&error).into_owned();
                 self.job_log(format!("[kici] {error}")).await;
                 return if self.control.cancel.is_cancelled() {
@@ -877,6 +889,38 @@ impl JobRunner {
             ))
             .await;
         }
+    }
+
+    /// The `context` of the job's `job.context`.
+    fn job_context(
+        &self,
+        dispatch: &JobDispatch,
+        workspace: &std::path::Path,
+    ) -> JobContextDetails {
+        let env = self.base_env(dispatch, workspace);
+        let default_image = self.services.settings.default_container_image.as_deref();
+        let in_container =
+            crate::container::image_for(&dispatch.job_config, default_image).is_some();
+        ContextFacts {
+            env: &env,
+            config: &dispatch.job_config,
+            secret_names: dispatch
+                .secrets
+                .iter()
+                .flat_map(|s| s.keys().cloned())
+                .collect(),
+            host_env: &self.services.settings.host_env,
+            masker: &self.masker,
+            sandbox_type: if in_container {
+                "container"
+            } else {
+                "bare-metal"
+            },
+            labels: &self.services.settings.labels,
+            working_directory: workspace.display().to_string(),
+            git_ref: &dispatch.git_ref,
+        }
+        .details()
     }
 
     fn base_env(&self, dispatch: &JobDispatch, workspace: &std::path::Path) -> StepEnv {

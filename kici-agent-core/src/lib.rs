@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod process;
 pub mod protocol;
+pub mod timeline;
 pub mod workspace;
 
 pub use agent::{Agent, AgentError, AgentState, VERSION};

@@ -207,6 +207,7 @@ pub async fn run(
             github_token: None,
             host_env: std::env::vars().collect(),
             default_container_image: None,
+            labels: Vec::new(),
         },
         // A job file with `container` runs in it, on the engine of DOCKER_HOST.
         container: job.container.as_ref().and_then(|_| {

@@ -517,6 +517,10 @@ pub enum Outbound {
     LogChunk(LogChunk),
     #[serde(rename = "job.heartbeat")]
     JobHeartbeat(JobHeartbeat),
+    #[serde(rename = "run.event")]
+    RunEvent(RunEvent),
+    #[serde(rename = "job.context")]
+    JobContext(JobContextReport),
 }
 
 impl Outbound {
@@ -542,6 +546,8 @@ impl Outbound {
             Outbound::StepStatus(_) => "step.status",
             Outbound::LogChunk(_) => "log.chunk",
             Outbound::JobHeartbeat(_) => "job.heartbeat",
+            Outbound::RunEvent(_) => "run.event",
+            Outbound::JobContext(_) => "job.context",
         }
     }
 }
@@ -856,6 +862,78 @@ pub struct JobHeartbeat {
     pub run_id: String,
     pub job_id: String,
     pub timestamp: u64,
+}
+
+/// `run.event`: one entry of the run timeline (protocol.md §4.4; forwarded unvalidated).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunEvent {
+    pub run_id: String,
+    /// `agent.execution.start`, `agent.execution.end`, `agent.clone.start`, ...
+    pub event_type: String,
+    pub timestamp_ms: u64,
+    /// Always `agent`.
+    pub source_service: String,
+    /// Sent as `null` when the event is not about one job.
+    pub job_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+    /// Sent as `null` for events without a duration.
+    pub duration_ms: Option<u64>,
+}
+
+/// `job.context`: what a job runs with, for the run timeline (protocol.md §4.4). Never carries
+/// a secret value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobContextReport {
+    pub run_id: String,
+    pub job_id: String,
+    pub context: JobContextDetails,
+}
+
+/// The `context` of a `job.context`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobContextDetails {
+    pub env_vars: Vec<ContextEnvVar>,
+    pub runtime: ContextRuntime,
+    pub sandbox_type: String,
+    pub labels: Vec<String>,
+    pub working_directory: String,
+    pub git_ref: String,
+}
+
+/// One variable of a step's environment; `value` is `***` for secrets and secret-like names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContextEnvVar {
+    pub name: String,
+    pub value: String,
+    pub category: EnvCategory,
+}
+
+/// Where a step environment variable comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnvCategory {
+    /// Set by the agent (`CI`, `KICI_*`, ...).
+    System,
+    /// From the workflow's job configuration.
+    User,
+    /// Copied from the agent's host environment (allow-listed names only).
+    Inherited,
+    /// A dispatch secret: name only.
+    Secret,
+}
+
+/// `context.runtime` of a `job.context`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContextRuntime {
+    pub os: String,
+    pub arch: String,
+    /// This agent's version (the Node agent sends `nodeVersion` here instead).
+    pub agent_version: String,
 }
 
 /// The exact number of bytes `s` takes as a JSON string literal in serde_json's output,

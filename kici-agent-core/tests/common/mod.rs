@@ -125,11 +125,15 @@ impl Harness {
             .collect()
     }
 
-    /// `(type, stepIndex or "", state or "")` of a job's messages, logs left out.
+    /// `(type, stepIndex or "", state or "")` of a job's messages, logs and the run timeline
+    /// (`run.event`, `job.context`: tests/telemetry.rs) left out.
     pub fn sequence(&self, job_id: &str) -> Vec<String> {
         self.job_messages(job_id)
             .iter()
-            .filter(|m| m["type"] != "log.chunk" && m["type"] != "job.heartbeat")
+            .filter(|m| {
+                !["log.chunk", "job.heartbeat", "run.event", "job.context"]
+                    .contains(&m["type"].as_str().unwrap_or(""))
+            })
             .map(|m| {
                 let step = m["stepIndex"]
                     .as_i64()
