@@ -24,6 +24,7 @@ use crate::protocol::{
     new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, JobAck, JobCancel, JobDispatch,
     JobRef, JobReject, JobState, JobStatusData, Outbound, RejectReason,
 };
+use crate::telemetry;
 
 /// The agent version (`agent.register.version`, `/health`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -370,6 +371,14 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         stop_connection.clone(),
     ));
 
+    tokio::spawn(telemetry::push_metrics_every(
+        telemetry::METRICS_PUSH_INTERVAL,
+        shared.outbox.clone(),
+        shared.metrics.clone(),
+        config.agent_id.clone(),
+        stop_connection.clone(),
+    ));
+
     // Leftover job containers of an earlier run (spec §12.3 [Q]); quiet without an engine.
     if let Some(container) = shared.services.container.clone() {
         tokio::spawn(async move {
@@ -392,6 +401,7 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         woken.await;
     };
     tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
+    telemetry::push_metrics(&shared.outbox, &shared.metrics, &config.agent_id);
     let deadline = tokio::time::Instant::now() + grace;
     if !shared.wait_idle_until(deadline).await {
         let running: Vec<String> = lock(&shared.jobs).keys().cloned().collect();
@@ -545,6 +555,7 @@ impl Shared {
 
     fn job_done(&self) {
         self.outbox.push_control(self.agent_status());
+        telemetry::push_metrics(&self.outbox, &self.metrics, &self.config.agent_id);
         self.wake.notify_one();
     }
 }

@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod process;
 pub mod protocol;
+pub mod telemetry;
 pub mod timeline;
 pub mod workspace;
 

@@ -435,6 +435,11 @@ impl Outbox {
         self.changed.notify_one();
     }
 
+    /// Whether the connection is registered (what [`Outbox::set_connected`] last said).
+    pub fn is_connected(&self) -> bool {
+        self.lock().connected
+    }
+
     /// Jobs whose terminal status has not been delivered yet (for `inFlightJobs`).
     pub fn undelivered_jobs(&self) -> Vec<JobRef> {
         self.lock()

@@ -521,6 +521,8 @@ pub enum Outbound {
     RunEvent(RunEvent),
     #[serde(rename = "job.context")]
     JobContext(JobContextReport),
+    #[serde(rename = "agent.metrics")]
+    AgentMetrics(AgentMetrics),
 }
 
 impl Outbound {
@@ -548,6 +550,7 @@ impl Outbound {
             Outbound::JobHeartbeat(_) => "job.heartbeat",
             Outbound::RunEvent(_) => "run.event",
             Outbound::JobContext(_) => "job.context",
+            Outbound::AgentMetrics(_) => "agent.metrics",
         }
     }
 }
@@ -862,6 +865,53 @@ pub struct JobHeartbeat {
     pub run_id: String,
     pub job_id: String,
     pub timestamp: u64,
+}
+
+/// `agent.metrics`: a snapshot of the agent's metric registry (protocol.md §4.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentMetrics {
+    pub message_id: String,
+    pub agent_id: String,
+    pub metrics: Vec<MetricSample>,
+    pub timestamp: u64,
+}
+
+/// One series of an `agent.metrics` snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricSample {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: MetricKind,
+    /// Counters and gauges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Histograms: cumulative counts per finite upper bound (`+Inf` is `count`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<Vec<MetricBucket>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sum: Option<f64>,
+}
+
+/// The `type` of a [`MetricSample`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+    UpDownCounter,
+}
+
+/// One cumulative histogram bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricBucket {
+    pub le: f64,
+    pub count: u64,
 }
 
 /// `run.event`: one entry of the run timeline (protocol.md §4.4; forwarded unvalidated).

@@ -123,3 +123,45 @@ async fn a_job_reports_its_timeline_in_protocol_order_without_secret_values() {
     );
     h.assert_no_violations();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_snapshot_follows_each_job() {
+    let h = start(|c| c).await;
+    h.registered().await;
+    h.dispatch("m1", json!([{"name": "one", "run": "true"}]))
+        .await;
+    assert_eq!(h.terminal_status("m1").await["state"], "success");
+    let snapshot = h
+        .mock
+        .wait_for_message(
+            "agent.metrics",
+            |m| {
+                m["metrics"].as_array().is_some_and(|all| {
+                    all.iter().any(|s| {
+                        s["name"] == "kici_agent_jobs_total"
+                            && s["labels"]["status"] == "success"
+                            && s["value"] == 1.0
+                    })
+                })
+            },
+            common::WAIT,
+        )
+        .await
+        .expect("agent.metrics after the job");
+    assert_eq!(snapshot["agentId"], h.agent_id().as_str());
+    let series = snapshot["metrics"].as_array().unwrap();
+    let steps = series
+        .iter()
+        .find(|s| s["name"] == "kici_agent_step_duration_seconds")
+        .expect("step histogram");
+    assert_eq!(steps["type"], "histogram");
+    assert_eq!(steps["count"], 1);
+    assert!(steps["buckets"].as_array().unwrap().len() >= 8);
+    // It went after the job's terminal status.
+    let received = h.mock.received();
+    let position = |pred: &dyn Fn(&Value) -> bool| received.iter().position(|r| pred(&r.msg));
+    let terminal = position(&|m| m["type"] == "job.status" && m["state"] == "success").unwrap();
+    let metrics = position(&|m| m["type"] == "agent.metrics").unwrap();
+    assert!(metrics > terminal);
+    h.assert_no_violations();
+}
