@@ -11,6 +11,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent_log::{self, AgentLogBuffer};
 use crate::config::{AgentConfig, ExecutionMode};
 use crate::connection::{self, ConnectionSettings, ConnectionState, SessionHandler};
 use crate::container::{ContainerError, ContainerExecutor, ContainerSettings};
@@ -129,6 +130,8 @@ struct Shared {
     shutdown_grace: Mutex<Option<Duration>>,
     started_at: Instant,
     runtime: tokio::runtime::Handle,
+    /// This agent's `agent.log` ring, fed by [`crate::agent_log::layer`].
+    agent_log: Arc<AgentLogBuffer>,
 }
 
 /// One KiCI agent. Create it, register executors (see [`Agent::with_executors`]), `start` it,
@@ -205,6 +208,7 @@ impl Agent {
             shutdown_grace: Mutex::new(None),
             started_at: Instant::now(),
             runtime: runtime.handle().clone(),
+            agent_log: AgentLogBuffer::register(),
         });
         Ok(Agent {
             shared,
@@ -371,6 +375,12 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         stop_connection.clone(),
     ));
 
+    tokio::spawn(agent_log::forward(
+        shared.agent_log.clone(),
+        shared.outbox.clone(),
+        config.agent_id.clone(),
+        stop_connection.clone(),
+    ));
     tokio::spawn(telemetry::push_metrics_every(
         telemetry::METRICS_PUSH_INTERVAL,
         shared.outbox.clone(),
@@ -575,6 +585,7 @@ impl SessionHandler for Shared {
         };
         match state {
             ConnectionState::Registered => {
+                self.agent_log.registered();
                 self.outbox.push_control(Outbound::ConfigAck(ConfigAck {
                     message_id: new_message_id(),
                     agent_id: self.config.agent_id.clone(),
@@ -585,6 +596,7 @@ impl SessionHandler for Shared {
                 });
             }
             ConnectionState::Disconnected if previous == ConnectionState::Registered => {
+                self.agent_log.disconnected();
                 self.events.push(Event::Disconnected);
             }
             ConnectionState::AuthFailed(reason) => self.events.push(Event::AuthFailed { reason }),

@@ -18,6 +18,7 @@
 //! them.
 
 pub mod agent;
+pub mod agent_log;
 pub mod checkout;
 pub mod config;
 pub mod connection;

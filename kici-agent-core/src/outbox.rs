@@ -435,6 +435,11 @@ impl Outbox {
         self.changed.notify_one();
     }
 
+    /// Telemetry messages waiting.
+    pub fn telemetry_len(&self) -> usize {
+        self.lock().telemetry.len()
+    }
+
     /// Whether the connection is registered (what [`Outbox::set_connected`] last said).
     pub fn is_connected(&self) -> bool {
         self.lock().connected

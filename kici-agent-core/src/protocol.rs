@@ -523,6 +523,8 @@ pub enum Outbound {
     JobContext(JobContextReport),
     #[serde(rename = "agent.metrics")]
     AgentMetrics(AgentMetrics),
+    #[serde(rename = "agent.log")]
+    AgentLog(AgentLog),
 }
 
 impl Outbound {
@@ -551,6 +553,7 @@ impl Outbound {
             Outbound::RunEvent(_) => "run.event",
             Outbound::JobContext(_) => "job.context",
             Outbound::AgentMetrics(_) => "agent.metrics",
+            Outbound::AgentLog(_) => "agent.log",
         }
     }
 }
@@ -864,6 +867,16 @@ pub struct LogChunk {
 pub struct JobHeartbeat {
     pub run_id: String,
     pub job_id: String,
+    pub timestamp: u64,
+}
+
+/// `agent.log`: the agent's own log lines, one JSON record per line (protocol.md §4.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentLog {
+    pub message_id: String,
+    pub agent_id: String,
+    pub lines: Vec<String>,
     pub timestamp: u64,
 }
 

@@ -86,6 +86,7 @@ fn init_logging(
     tracing_subscriber::registry()
         .with(stdout)
         .with(file)
+        .with(kici_agent_core::agent_log::layer())
         .with(tracing_subscriber::filter::LevelFilter::from_level(
             tracing::Level::from(level),
         ))
