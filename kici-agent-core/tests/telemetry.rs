@@ -165,3 +165,92 @@ async fn a_metrics_snapshot_follows_each_job() {
     assert!(metrics > terminal);
     h.assert_no_violations();
 }
+
+/// Installs the `agent.log` layer for this test binary (once; every test's agents share it).
+fn install_agent_log_layer() {
+    use tracing_subscriber::layer::SubscriberExt;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let subscriber = tracing_subscriber::registry()
+            .with(kici_agent_core::agent_log::layer())
+            .with(tracing_subscriber::filter::LevelFilter::INFO);
+        tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber");
+    });
+}
+
+/// Every `agent.log` line the mock accepted from `agent_id`, in order.
+fn agent_log_lines(h: &common::Harness, agent_id: &str) -> Vec<String> {
+    h.mock
+        .received()
+        .into_iter()
+        .filter(|r| r.accepted && r.msg["type"] == "agent.log" && r.msg["agentId"] == agent_id)
+        .flat_map(|r| r.msg["lines"].as_array().cloned().unwrap_or_default())
+        .map(|line| line.as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_log_lines_stream_as_json_and_replay_after_an_outage_behind_one_gap_marker() {
+    install_agent_log_layer();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let id = h.agent_id();
+    tracing::info!(probe = 7, "agent log probe online");
+    assert!(
+        h.mock
+            .wait_until(
+                |_| agent_log_lines(&h, &id)
+                    .iter()
+                    .any(|l| l.contains("agent log probe online")),
+                common::WAIT
+            )
+            .await
+    );
+    let online = agent_log_lines(&h, &id)
+        .into_iter()
+        .find(|l| l.contains("agent log probe online"))
+        .unwrap();
+    let record: Value = serde_json::from_str(&online).expect("a JSON line");
+    assert_eq!(record["message"], "agent log probe online");
+    assert_eq!(record["level"], "info");
+    assert_eq!(record["service"], "agent");
+    assert_eq!(record["probe"], 7);
+
+    h.mock.set_accepting(false);
+    h.mock.disconnect(&id, 1001).await.unwrap();
+    common::wait_state(&h.agent, |s| !s.registered).await;
+    for i in 0..3 {
+        tracing::info!("agent log probe offline {i}");
+    }
+    let before = agent_log_lines(&h, &id).len();
+    h.mock.set_accepting(true);
+    assert!(
+        h.mock
+            .wait_until(
+                |_| agent_log_lines(&h, &id)
+                    .iter()
+                    .any(|l| l.contains("agent log probe offline 2")),
+                common::WAIT
+            )
+            .await
+    );
+    let replay = agent_log_lines(&h, &id).split_off(before);
+    let markers: Vec<&String> = replay.iter().filter(|l| l.starts_with("--- ")).collect();
+    assert_eq!(markers.len(), 1, "{replay:?}");
+    assert!(
+        replay[0].starts_with("--- Orchestrator offline for ")
+            && replay[0].contains("buffered log lines.")
+            && replay[0].ends_with(" ---"),
+        "{replay:?}"
+    );
+    let offline: Vec<usize> = (0..3)
+        .map(|i| {
+            replay
+                .iter()
+                .position(|l| l.contains(&format!("agent log probe offline {i}")))
+                .unwrap_or_else(|| panic!("offline line {i} missing: {replay:?}"))
+        })
+        .collect();
+    assert!(offline.windows(2).all(|w| w[0] < w[1]), "order kept");
+    h.assert_no_violations();
+}
