@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent_log::{self, AgentLogBuffer};
+use crate::bundle;
 use crate::config::{AgentConfig, ExecutionMode};
 use crate::connection::{self, ConnectionSettings, ConnectionState, SessionHandler};
 use crate::container::{ContainerError, ContainerExecutor, ContainerSettings};
@@ -22,8 +23,8 @@ use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxLimits, Pacer};
 use crate::protocol::{
-    new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, JobAck, JobCancel, JobDispatch,
-    JobRef, JobReject, JobState, JobStatusData, Outbound, RejectReason,
+    new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, FleetLogsRequest, JobAck,
+    JobCancel, JobDispatch, JobRef, JobReject, JobState, JobStatusData, Outbound, RejectReason,
 };
 use crate::telemetry;
 
@@ -677,6 +678,31 @@ impl SessionHandler for Shared {
             true,
         );
         self.metrics.job_finished(JobState::Failed);
+    }
+
+    fn on_fleet_logs_request(&self, request: FleetLogsRequest) {
+        tracing::info!(request_id = %request.request_id, "diagnostics bundle requested");
+        let facts = bundle::BundleFacts {
+            agent_id: self.config.agent_id.clone(),
+            hostname: self.config.hostname.clone(),
+            config: bundle::redacted_config(&self.config),
+            metrics_text: self.metrics.render(),
+            active_jobs: lock(&self.jobs).values().map(|j| j.job.clone()).collect(),
+            recent_log: self.agent_log.recent(),
+            log_dir: self.config.log_dir.clone(),
+            uptime: self.started_at.elapsed(),
+        };
+        // Negative, NaN or huge values from the peer saturate instead of panicking.
+        let window = Duration::try_from_secs_f64(request.log_window_hours.max(0.0) * 3600.0)
+            .unwrap_or(Duration::MAX);
+        let max_bytes = request.max_bytes.max(0.0) as u64;
+        self.runtime.spawn(bundle::answer(
+            self.outbox.clone(),
+            request.request_id,
+            window,
+            max_bytes,
+            facts,
+        ));
     }
 
     fn on_cancel(&self, cancel: JobCancel) {

@@ -38,6 +38,8 @@ pub const BATCH_LINES: usize = 50;
 pub const BATCH_LINGER: Duration = Duration::from_millis(100);
 /// Lines held per agent (while offline or behind a slow link); the oldest go first.
 pub const RING_LINES: usize = 10_000;
+/// Recent lines kept for the diagnostics bundle, sent or not.
+pub const RECENT_LINES: usize = 2_000;
 /// `agent.log` messages allowed to wait in the outbox at once.
 pub const BATCHES_IN_FLIGHT: usize = 4;
 
@@ -134,6 +136,8 @@ struct Ring {
     offline_since: Option<Instant>,
     /// Lines buffered while not registered, for the gap marker.
     buffered_offline: u64,
+    /// The last [`RECENT_LINES`] lines, for the diagnostics bundle.
+    recent: VecDeque<String>,
 }
 
 /// One agent's `agent.log` ring.
@@ -162,6 +166,10 @@ impl AgentLogBuffer {
             ring.lines.pop_front();
             ring.dropped += 1;
         }
+        if ring.recent.len() >= RECENT_LINES {
+            ring.recent.pop_front();
+        }
+        ring.recent.push_back(line.clone());
         ring.lines.push_back(line);
         ring.oldest_at.get_or_insert_with(Instant::now);
         if !ring.registered {
@@ -198,6 +206,11 @@ impl AgentLogBuffer {
         }
         drop(ring);
         self.changed.notify_one();
+    }
+
+    /// The most recent lines, oldest first (for the diagnostics bundle).
+    pub(crate) fn recent(&self) -> Vec<String> {
+        lock(&self.ring).recent.iter().cloned().collect()
     }
 
     /// The connection was lost: lines stay in the ring until the next registration.

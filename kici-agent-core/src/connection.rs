@@ -20,8 +20,8 @@ use crate::config::Secret;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pacer};
 use crate::protocol::{
-    now_ms, parse_inbound, AgentRegister, AuthRequest, Heartbeat, Inbound, InboundError, JobCancel,
-    JobDispatch, JobRef, Outbound, PROTOCOL_VERSION,
+    now_ms, parse_inbound, AgentRegister, AuthRequest, FleetLogsRequest, Heartbeat, Inbound,
+    InboundError, JobCancel, JobDispatch, JobRef, Outbound, PROTOCOL_VERSION,
 };
 
 /// How long a shutdown waits for the orchestrator to answer our close frame.
@@ -62,6 +62,8 @@ pub(crate) trait SessionHandler: Send + Sync {
     fn on_unreadable_dispatch(&self, job: JobRef, error: String);
     /// A cancel request.
     fn on_cancel(&self, cancel: JobCancel);
+    /// A diagnostics bundle request; ignored unless implemented (the collector times out).
+    fn on_fleet_logs_request(&self, _request: FleetLogsRequest) {}
 }
 
 /// Settings of the connection.
@@ -270,6 +272,7 @@ async fn registered_loop(
                 match parse_inbound(&text) {
                     Ok(Inbound::JobDispatch(dispatch)) => handler.clone().on_dispatch(dispatch),
                     Ok(Inbound::JobCancel(cancel)) => handler.on_cancel(cancel),
+                    Ok(Inbound::FleetLogsRequest(request)) => handler.on_fleet_logs_request(request),
                     Ok(Inbound::RateLimitWarning(w)) => {
                         metrics.rate_limit_warnings_total.inc();
                         tracing::warn!(retry_after_ms = w.retry_after_ms, "orchestrator dropped a message (rate limit); backing off");

@@ -19,6 +19,7 @@
 
 pub mod agent;
 pub mod agent_log;
+pub mod bundle;
 pub mod checkout;
 pub mod config;
 pub mod connection;

@@ -46,6 +46,8 @@ pub enum Inbound {
     Error(ErrorMessage),
     /// The message we just sent was dropped by the orchestrator's rate limiter.
     RateLimitWarning(RateLimitWarning),
+    /// A diagnostics bundle request.
+    FleetLogsRequest(FleetLogsRequest),
     /// A valid JSON object whose `type` this agent does not handle. Ignored.
     Unknown {
         message_type: String,
@@ -101,6 +103,7 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, InboundError> {
         "job.cancel" => Inbound::JobCancel(typed(value, &message_type)?),
         "error" => Inbound::Error(typed(value, &message_type)?),
         "rate.limit.warning" => Inbound::RateLimitWarning(typed(value, &message_type)?),
+        "fleet.logs.request" => Inbound::FleetLogsRequest(typed(value, &message_type)?),
         _ => Inbound::Unknown { message_type },
     })
 }
@@ -525,6 +528,10 @@ pub enum Outbound {
     AgentMetrics(AgentMetrics),
     #[serde(rename = "agent.log")]
     AgentLog(AgentLog),
+    #[serde(rename = "fleet.bundle.chunk")]
+    FleetBundleChunk(FleetBundleChunk),
+    #[serde(rename = "fleet.bundle.error")]
+    FleetBundleError(FleetBundleError),
 }
 
 impl Outbound {
@@ -554,6 +561,8 @@ impl Outbound {
             Outbound::JobContext(_) => "job.context",
             Outbound::AgentMetrics(_) => "agent.metrics",
             Outbound::AgentLog(_) => "agent.log",
+            Outbound::FleetBundleChunk(_) => "fleet.bundle.chunk",
+            Outbound::FleetBundleError(_) => "fleet.bundle.error",
         }
     }
 }
@@ -868,6 +877,35 @@ pub struct JobHeartbeat {
     pub run_id: String,
     pub job_id: String,
     pub timestamp: u64,
+}
+
+/// `fleet.logs.request` (protocol.md §4.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetLogsRequest {
+    pub request_id: String,
+    /// How far back log files are wanted.
+    pub log_window_hours: f64,
+    /// The largest bundle wanted, in bytes.
+    pub max_bytes: f64,
+}
+
+/// `fleet.bundle.chunk`: one piece of a diagnostics bundle (a ZIP), in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetBundleChunk {
+    pub request_id: String,
+    pub seq: u64,
+    pub is_last: bool,
+    pub data_b64: String,
+}
+
+/// `fleet.bundle.error`: no bundle for this request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetBundleError {
+    pub request_id: String,
+    pub message: String,
 }
 
 /// `agent.log`: the agent's own log lines, one JSON record per line (protocol.md §4.2).

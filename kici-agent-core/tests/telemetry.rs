@@ -254,3 +254,94 @@ async fn agent_log_lines_stream_as_json_and_replay_after_an_outage_behind_one_ga
     assert!(offline.windows(2).all(|w| w[0] < w[1]), "order kept");
     h.assert_no_violations();
 }
+
+/// The bundle answering `requestId`, reassembled from its chunks in `seq` order.
+async fn bundle_bytes(h: &common::Harness, request_id: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let id = request_id.to_owned();
+    h.mock
+        .wait_for_message(
+            "fleet.bundle.chunk",
+            move |m| m["requestId"] == id.as_str() && m["isLast"] == true,
+            common::WAIT,
+        )
+        .await
+        .expect("the last chunk");
+    let mut chunks: Vec<Value> = h
+        .mock
+        .messages_of_type("fleet.bundle.chunk")
+        .into_iter()
+        .filter(|m| m["requestId"] == request_id)
+        .collect();
+    chunks.sort_by_key(|m| m["seq"].as_u64().unwrap());
+    let seqs: Vec<u64> = chunks.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (0..chunks.len() as u64).collect::<Vec<_>>());
+    chunks
+        .iter()
+        .flat_map(|m| {
+            base64::engine::general_purpose::STANDARD
+                .decode(m["dataB64"].as_str().unwrap())
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_logs_request_gets_a_zip_with_redacted_config_host_facts_logs_and_jobs() {
+    use std::io::Read;
+    install_agent_log_layer();
+    // KICI_LOG_DIR files in the bundle: bundle.rs unit tests (the builder has no log-dir setter).
+    let h = start(|c| c.with_token(kici_mock_orchestrator::TEST_TOKEN)).await;
+    h.registered().await;
+    tracing::info!("bundle probe line");
+    h.mock
+        .send_raw(
+            &h.agent_id(),
+            r#"{"type":"fleet.logs.request","requestId":"req-1","logWindowHours":24,"maxBytes":10000000}"#,
+        )
+        .await
+        .unwrap();
+    let zip_bytes = bundle_bytes(&h, "req-1").await;
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(zip_bytes)).unwrap();
+    let mut read = |name: &str| {
+        let mut text = String::new();
+        archive
+            .by_name(name)
+            .unwrap_or_else(|_| panic!("{name} missing"))
+            .read_to_string(&mut text)
+            .unwrap();
+        text
+    };
+    let manifest: Value = serde_json::from_str(&read("manifest.json")).unwrap();
+    assert_eq!(manifest["kind"], "agent");
+    assert_eq!(manifest["agentId"], h.agent_id().as_str());
+    let config_text = read("config/config.json");
+    assert!(!config_text.contains(kici_mock_orchestrator::TEST_TOKEN));
+    let config: Value = serde_json::from_str(&config_text).unwrap();
+    assert_eq!(config["agentToken"], "set");
+    let info: Value = serde_json::from_str(&read("system/info.json")).unwrap();
+    assert_eq!(info["platform"], std::env::consts::OS);
+    assert!(read("system/metrics.txt").contains("kici_agent_connection_status 1"));
+    assert!(read("logs/recent.log").contains("bundle probe line"));
+    assert_eq!(read("system/jobs.json"), "[]");
+
+    // Too small a budget: a clear error instead of a truncated archive.
+    h.mock
+        .send_raw(
+            &h.agent_id(),
+            r#"{"type":"fleet.logs.request","requestId":"req-2","logWindowHours":1,"maxBytes":10}"#,
+        )
+        .await
+        .unwrap();
+    let error = h
+        .mock
+        .wait_for_message(
+            "fleet.bundle.error",
+            |m| m["requestId"] == "req-2",
+            common::WAIT,
+        )
+        .await
+        .expect("fleet.bundle.error");
+    assert!(error["message"].as_str().unwrap().contains("maxBytes 10"));
+    h.assert_no_violations();
+}
