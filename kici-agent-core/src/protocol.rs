@@ -1153,8 +1153,14 @@ mod tests {
     #[test]
     fn unknown_type_and_garbage_do_not_fail_hard() {
         assert!(matches!(
-            parse_inbound(r#"{"type":"fleet.logs.request","requestId":"x"}"#),
-            Ok(Inbound::Unknown { message_type }) if message_type == "fleet.logs.request"
+            parse_inbound(r#"{"type":"step.approval-resolved","requestId":"x"}"#),
+            Ok(Inbound::Unknown { message_type }) if message_type == "step.approval-resolved"
+        ));
+        assert!(matches!(
+            parse_inbound(
+                r#"{"type":"fleet.logs.request","requestId":"x","logWindowHours":24,"maxBytes":1000}"#
+            ),
+            Ok(Inbound::FleetLogsRequest(request)) if request.request_id == "x"
         ));
         assert!(matches!(
             parse_inbound("not json"),
