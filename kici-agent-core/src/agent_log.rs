@@ -4,7 +4,8 @@
 //! - [`layer`] is a `tracing` layer the host installs next to its own output (the binary does;
 //!   embedders may). It writes every event, as one JSON line (`timestamp`, `level`, `message`,
 //!   `service:"agent"`, `target`, the event's fields), into the buffer of every live agent of the
-//!   process. Nothing is collected while no agent exists.
+//!   process. Nothing is collected while no agent exists. `TRACE` records are never streamed
+//!   (one is logged per frame sent, which would feed itself).
 //! - Each agent keeps a ring of [`RING_LINES`] lines (oldest dropped first, counted) and sends
 //!   them in `agent.log` batches of up to [`BATCH_LINES`] lines, after [`BATCH_LINGER`] unless a
 //!   batch is full, on the outbox's lowest-priority telemetry lane (never ahead of a status or a
@@ -92,6 +93,10 @@ impl Visit for Fields {
 
 impl<S: Subscriber> Layer<S> for AgentLogLayer {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        // Trace records include one per frame sent: streaming them would feed itself.
+        if *event.metadata().level() == tracing::Level::TRACE {
+            return;
+        }
         let live: Vec<Arc<AgentLogBuffer>> = {
             let mut sinks = lock(sinks());
             sinks.retain(|sink| sink.strong_count() > 0);
