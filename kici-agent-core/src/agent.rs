@@ -11,6 +11,8 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent_log::{self, AgentLogBuffer};
+use crate::bundle;
 use crate::config::{AgentConfig, ExecutionMode};
 use crate::connection::{self, ConnectionSettings, ConnectionState, SessionHandler};
 use crate::container::{ContainerError, ContainerExecutor, ContainerSettings};
@@ -21,9 +23,10 @@ use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
 use crate::outbox::{JobAttempt, Outbox, OutboxLimits, Pacer};
 use crate::protocol::{
-    new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, JobAck, JobCancel, JobDispatch,
-    JobRef, JobReject, JobState, JobStatusData, Outbound, RejectReason,
+    new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, FleetLogsRequest, JobAck,
+    JobCancel, JobDispatch, JobRef, JobReject, JobState, JobStatusData, Outbound, RejectReason,
 };
+use crate::telemetry;
 use crate::typescript::TypeScriptExecutor;
 
 /// The agent version (`agent.register.version`, `/health`).
@@ -145,6 +148,8 @@ struct Shared {
     shutdown_grace: Mutex<Option<Duration>>,
     started_at: Instant,
     runtime: tokio::runtime::Handle,
+    /// This agent's `agent.log` ring, fed by [`crate::agent_log::layer`].
+    agent_log: Arc<AgentLogBuffer>,
 }
 
 /// One KiCI agent. Create it, register executors (see [`Agent::with_executors`]), `start` it,
@@ -211,6 +216,7 @@ impl Agent {
                 job_pids_max: config.job_pids_max,
                 sandbox: config.sandbox.then_some(config.sandbox_network),
                 running_resends: config.running_resends.clone(),
+                labels: config.wire_labels(),
             },
             container,
             typescript: Arc::new(TypeScriptExecutor::new(
@@ -237,6 +243,7 @@ impl Agent {
             shutdown_grace: Mutex::new(None),
             started_at: Instant::now(),
             runtime: runtime.handle().clone(),
+            agent_log: AgentLogBuffer::register(),
         });
         Ok(Agent {
             shared,
@@ -420,6 +427,20 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         stop_connection.clone(),
     ));
 
+    tokio::spawn(agent_log::forward(
+        shared.agent_log.clone(),
+        shared.outbox.clone(),
+        config.agent_id.clone(),
+        stop_connection.clone(),
+    ));
+    tokio::spawn(telemetry::push_metrics_every(
+        telemetry::METRICS_PUSH_INTERVAL,
+        shared.outbox.clone(),
+        shared.metrics.clone(),
+        config.agent_id.clone(),
+        stop_connection.clone(),
+    ));
+
     // Leftover job containers of an earlier run (spec §12.3 [Q]); quiet without an engine.
     if let Some(container) = shared.services.container.clone() {
         tokio::spawn(async move {
@@ -446,6 +467,7 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         woken.await;
     };
     tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down");
+    telemetry::push_metrics(&shared.outbox, &shared.metrics, &config.agent_id);
     let deadline = tokio::time::Instant::now() + grace;
     if !shared.wait_idle_until(deadline).await {
         {
@@ -605,6 +627,7 @@ impl Shared {
 
     fn job_done(&self) {
         self.outbox.push_control(self.agent_status());
+        telemetry::push_metrics(&self.outbox, &self.metrics, &self.config.agent_id);
         self.wake.notify_one();
     }
 }
@@ -624,6 +647,7 @@ impl SessionHandler for Shared {
         };
         match state {
             ConnectionState::Registered => {
+                self.agent_log.registered();
                 self.outbox.push_control(Outbound::ConfigAck(ConfigAck {
                     message_id: new_message_id(),
                     agent_id: self.config.agent_id.clone(),
@@ -634,6 +658,7 @@ impl SessionHandler for Shared {
                 });
             }
             ConnectionState::Disconnected if previous == ConnectionState::Registered => {
+                self.agent_log.disconnected();
                 self.events.push(Event::Disconnected);
             }
             ConnectionState::AuthFailed(reason) => self.events.push(Event::AuthFailed { reason }),
@@ -730,6 +755,35 @@ impl SessionHandler for Shared {
             attempt,
             delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
         });
+    }
+
+    fn on_fleet_logs_request(&self, request: FleetLogsRequest) {
+        tracing::info!(request_id = %request.request_id, "diagnostics bundle requested");
+        let facts = bundle::BundleFacts {
+            agent_id: self.config.agent_id.clone(),
+            hostname: self.config.hostname.clone(),
+            config: bundle::redacted_config(&self.config),
+            metrics_text: self.metrics.render(),
+            active_jobs: lock(&self.status)
+                .jobs
+                .values()
+                .map(|j| j.attempt.job.clone())
+                .collect(),
+            recent_log: self.agent_log.recent(),
+            log_dir: self.config.log_dir.clone(),
+            uptime: self.started_at.elapsed(),
+        };
+        // Negative, NaN or huge values from the peer saturate instead of panicking.
+        let window = Duration::try_from_secs_f64(request.log_window_hours.max(0.0) * 3600.0)
+            .unwrap_or(Duration::MAX);
+        let max_bytes = request.max_bytes.max(0.0) as u64;
+        self.runtime.spawn(bundle::answer(
+            self.outbox.clone(),
+            request.request_id,
+            window,
+            max_bytes,
+            facts,
+        ));
     }
 
     fn on_cancel(&self, cancel: JobCancel) {

@@ -117,10 +117,10 @@ pub const VARIABLES: &[VariableDoc] = &[
     doc(var::BIND_ADDRESS, Some("::"), "IP address the HTTP server binds to; `::` = all interfaces."),
     doc(var::LOG_LEVEL, Some("info"), "Agent log level: debug | info | warn | error."),
     doc(var::LOG_FORMAT, Some("auto"), "Agent log format: auto (JSON unless stdout is a TTY) | plain | json."),
-    doc(var::LOG_DIR, None, "Node agent: directory for a rotated JSON log file. Accepted with a warning; this agent logs to stdout only."),
-    doc(var::LOG_MAX_SIZE, Some("500m"), "Size cap per log file: a number of bytes > 0, optionally with a k/m/g suffix (validated; file logs are not implemented)."),
-    doc(var::LOG_RETENTION_DAYS, Some("7"), "Days of rotated log files kept, an integer >= 1 (validated; file logs are not implemented)."),
-    doc(var::CLUSTER_INSTANCE_ID, None, "Log-file suffix shared with other KiCI services; beats KICI_AGENT_ID as the suffix."),
+    doc(var::LOG_DIR, None, "Directory of an additional JSON log file `agent-<suffix>-YYYY-MM-DD.log`, rotated daily and by size (gzip), old files removed. Unset, empty or `undefined`: stdout only."),
+    doc(var::LOG_MAX_SIZE, Some("500m"), "Size cap per log file: bytes or a k/m/g suffix."),
+    doc(var::LOG_RETENTION_DAYS, Some("7"), "Days of log files kept in KICI_LOG_DIR (>= 1); older ones are removed at start and at each day change."),
+    doc(var::CLUSTER_INSTANCE_ID, None, "Log-file suffix shared with other KiCI services; beats KICI_AGENT_ID as the suffix (a generated agent id is never used)."),
     doc(var::PLATFORM_INSTANCE_ID, None, "Log-file suffix of other KiCI services; accepted."),
     doc(var::AGENT_TOKEN, None, "Pre-shared agent token (`kat_...`): authenticate before registering. Unset or empty: unauthenticated."),
     doc(var::GITHUB_TOKEN, None, "Lowest-priority HTTPS clone credential, used when a dispatch carries none."),
@@ -460,6 +460,16 @@ pub struct AgentConfig {
     pub log_level: LogLevel,
     /// Agent log format (`KICI_LOG_FORMAT`, auto).
     pub log_format: LogFormat,
+    /// Directory of the rotated JSON file log (`KICI_LOG_DIR`; `undefined` = unset); `None` = no
+    /// file log. See [`crate::file_log`].
+    pub log_dir: Option<PathBuf>,
+    /// Size cap per log file in bytes (`KICI_LOG_MAX_SIZE`, 500m).
+    pub log_max_size: u64,
+    /// Days of log files kept (`KICI_LOG_RETENTION_DAYS`, 7, >= 1).
+    pub log_retention_days: u32,
+    /// Log-file name suffix, sanitized: `KICI_CLUSTER_INSTANCE_ID`, else a *set* `KICI_AGENT_ID`
+    /// (a generated id is never used); `None` = `agent-YYYY-MM-DD.log`.
+    pub log_file_suffix: Option<String>,
     /// Agent token (`KICI_AGENT_TOKEN`): `Some` = token auth, `None` = unauthenticated.
     pub token: Option<Secret>,
     /// Fallback HTTPS clone token (`KICI_GITHUB_TOKEN`).
@@ -637,6 +647,10 @@ impl AgentConfig {
                 bind_address: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
                 log_level: LogLevel::default(),
                 log_format: LogFormat::default(),
+                log_dir: None,
+                log_max_size: crate::file_log::DEFAULT_MAX_FILE_BYTES,
+                log_retention_days: crate::file_log::DEFAULT_RETENTION_DAYS,
+                log_file_suffix: None,
                 token: None,
                 github_token: None,
                 max_log_size_bytes: DEFAULT_MAX_LOG_SIZE_BYTES,
@@ -765,6 +779,12 @@ impl AgentConfig {
         }
         if self.agent_id.is_empty() {
             issue(var::AGENT_ID, "must not be empty".into());
+        }
+        if self.log_max_size == 0 {
+            issue(var::LOG_MAX_SIZE, "must be greater than 0".into());
+        }
+        if self.log_retention_days == 0 {
+            issue(var::LOG_RETENTION_DAYS, "must be at least 1 day".into());
         }
         if self.labels.iter().any(String::is_empty) {
             issue(var::LABELS, "labels must not be empty".into());
@@ -1285,34 +1305,6 @@ impl EnvReader<'_> {
     }
 }
 
-/// A log-file size: a number of bytes, optionally with a `k`, `m` or `g` suffix (either case,
-/// powers of 1024), greater than 0 and within 64 bits.
-fn parse_log_file_size(raw: &str) -> Result<u64, String> {
-    let invalid = || {
-        format!(
-            "expected a number of bytes, optionally with a k/m/g suffix (e.g. 500m), got {raw:?}"
-        )
-    };
-    let (digits, multiplier) = match raw.char_indices().last() {
-        Some((at, 'k' | 'K')) => (&raw[..at], 1u64 << 10),
-        Some((at, 'm' | 'M')) => (&raw[..at], 1 << 20),
-        Some((at, 'g' | 'G')) => (&raw[..at], 1 << 30),
-        _ => (raw, 1),
-    };
-    if digits.is_empty() || !digits.bytes().all(|byte| byte.is_ascii_digit()) {
-        return Err(invalid());
-    }
-    let bytes = digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|number| number.checked_mul(multiplier))
-        .ok_or_else(|| format!("{raw:?} is more bytes than a 64-bit size can hold"))?;
-    if bytes == 0 {
-        return Err(format!("must be greater than 0, got {raw:?}"));
-    }
-    Ok(bytes)
-}
-
 /// Splits a comma list, dropping empty items and keeping everything else verbatim.
 fn comma_list(raw: &str) -> impl Iterator<Item = &str> {
     raw.split(',').filter(|item| !item.is_empty())
@@ -1395,21 +1387,25 @@ fn load(
     if let Some(format) = env.choice(var::LOG_FORMAT) {
         c.log_format = format;
     }
+    // The Node agent's logger reads `undefined` (a JS template's unset value) as unset.
+    let set = |name| env.text(name).filter(|value| *value != "undefined");
+    c.log_dir = set(var::LOG_DIR).map(PathBuf::from);
+    c.log_file_suffix = set(var::CLUSTER_INSTANCE_ID)
+        .or(set(var::AGENT_ID))
+        .map(crate::file_log::sanitize_suffix);
+    if let Some(raw) = env.typed(var::LOG_MAX_SIZE) {
+        match crate::file_log::parse_size(raw) {
+            Ok(bytes) => c.log_max_size = bytes,
+            Err(message) => env.report(var::LOG_MAX_SIZE, message),
+        }
+    }
+    env.integer(
+        var::LOG_RETENTION_DAYS,
+        "from 1 to 4294967295",
+        &mut c.log_retention_days,
+    );
     c.token = env.text(var::AGENT_TOKEN).map(Secret::new);
     c.github_token = env.text(var::GITHUB_TOKEN).map(Secret::new);
-    // File logs are not implemented, but their settings are still checked: a typo found now
-    // is not a surprise on the day they are.
-    if let Some(raw) = env.typed(var::LOG_MAX_SIZE) {
-        if let Err(message) = parse_log_file_size(raw) {
-            env.report(var::LOG_MAX_SIZE, message);
-        }
-    }
-    if let Some(days) = env.parse_integer::<u32>(var::LOG_RETENTION_DAYS, "from 1 to 4294967295") {
-        if days == 0 {
-            let message = "expected an integer from 1 to 4294967295, got \"0\"".to_owned();
-            env.report(var::LOG_RETENTION_DAYS, message);
-        }
-    }
     env.integer(var::MAX_LOG_SIZE_BYTES, "> 0", &mut c.max_log_size_bytes);
     env.millis(var::DEFAULT_STEP_TIMEOUT_MS, &mut c.default_step_timeout);
     c.docker_keep_failed = env.flag(var::DOCKER_KEEP_FAILED, "true");
@@ -1644,7 +1640,12 @@ mod tests {
         assert_eq!(c.rate_limits.byte_burst, 1_500_000.0);
         assert!(!c.hostname.is_empty());
         let built = AgentConfig::builder(URL).with_agent_id("agent-1").build();
-        assert_eq!(built.ok(), Some(default_config()));
+        // The file-log suffix comes from the environment's KICI_AGENT_ID only.
+        let from_env = AgentConfig {
+            log_file_suffix: None,
+            ..default_config()
+        };
+        assert_eq!(built.ok(), Some(from_env));
     }
 
     #[test]
@@ -1813,8 +1814,8 @@ mod tests {
         for good in ["1", "500m", "500M", "64k", "1G", "1048576", ""] {
             config(&[(var::LOG_MAX_SIZE, good)]);
         }
-        assert_eq!(parse_log_file_size("500m"), Ok(500 << 20));
-        assert_eq!(parse_log_file_size("2K"), Ok(2048));
+        assert_eq!(crate::file_log::parse_size("500m"), Ok(500 << 20));
+        assert_eq!(crate::file_log::parse_size("2K"), Ok(2048));
     }
 
     #[test]
@@ -1826,7 +1827,7 @@ mod tests {
         }
         assert_eq!(
             issues(&[(var::LOG_RETENTION_DAYS, "0")])[0].message,
-            "expected an integer from 1 to 4294967295, got \"0\""
+            "must be at least 1 day"
         );
         config(&[(var::LOG_RETENTION_DAYS, "7")]);
     }
@@ -2036,6 +2037,39 @@ mod tests {
             ("PATH", "/usr/bin"),
         ]);
         assert!(loaded.is_ok_and(|loaded| loaded.warnings.is_empty()));
+    }
+
+    #[test]
+    fn file_log_settings_follow_the_node_agents_rules() {
+        let c = config(&[
+            (var::LOG_DIR, "/var/log/kici"),
+            (var::LOG_MAX_SIZE, "2k"),
+            (var::LOG_RETENTION_DAYS, "3"),
+            (var::AGENT_ID, "my agent/1"),
+        ]);
+        assert_eq!(c.log_dir, Some(PathBuf::from("/var/log/kici")));
+        assert_eq!((c.log_max_size, c.log_retention_days), (2048, 3));
+        assert_eq!(c.log_file_suffix.as_deref(), Some("my_agent_1"));
+        let c = config(&[(var::AGENT_ID, "a"), (var::CLUSTER_INSTANCE_ID, "c:1")]);
+        assert_eq!(c.log_file_suffix.as_deref(), Some("c_1"));
+        // A generated id is never a suffix; `undefined` means unset.
+        let c = config(&[
+            (var::LOG_DIR, "undefined"),
+            (var::CLUSTER_INSTANCE_ID, "undefined"),
+        ]);
+        assert_eq!((c.log_dir, c.log_file_suffix), (None, None));
+        let c = default_config();
+        assert_eq!((c.log_max_size, c.log_retention_days), (500 << 20, 7));
+        assert_eq!(
+            issues(&[(var::LOG_MAX_SIZE, "5mb"), (var::LOG_RETENTION_DAYS, "0")]),
+            vec![
+                ConfigIssue::new(
+                    var::LOG_MAX_SIZE,
+                    "expected a number of bytes, optionally with a k/m/g suffix (e.g. 500m), got \"5mb\""
+                ),
+                ConfigIssue::new(var::LOG_RETENTION_DAYS, "must be at least 1 day"),
+            ]
+        );
     }
 
     #[test]

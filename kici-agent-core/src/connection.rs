@@ -19,8 +19,8 @@ use crate::config::Secret;
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pacer};
 use crate::protocol::{
-    now_ms, parse_inbound, AgentRegister, AuthRequest, Heartbeat, Inbound, InboundError, JobCancel,
-    JobDispatch, JobRef, Outbound, PROTOCOL_VERSION,
+    now_ms, parse_inbound, AgentRegister, AuthRequest, FleetLogsRequest, Heartbeat, Inbound,
+    InboundError, JobCancel, JobDispatch, JobRef, Outbound, PROTOCOL_VERSION,
 };
 use crate::tls::Socket;
 
@@ -34,6 +34,9 @@ const READ_WINDOW_BYTES: u64 = 1024 * 1024;
 /// A peer that does not answer a ping within this long is taken to have read what it covers,
 /// so that an intermediary swallowing pings slows delivery down instead of stopping it.
 const PONG_WAIT: Duration = Duration::from_secs(15);
+/// A pong this late means the orchestrator read the frames before it only now, in a burst that
+/// used up its buckets: the pacer starts again from empty ones.
+const LATE_PONG: Duration = Duration::from_secs(1);
 
 /// What the orchestrator has been handed but not yet been seen to read.
 ///
@@ -81,13 +84,15 @@ impl ReadWindow {
         Some(id.to_be_bytes().to_vec())
     }
 
-    fn pong(&mut self, payload: &[u8]) {
-        if let Some((id, frames, bytes, _)) = self.ping {
-            if payload == id.to_be_bytes() {
-                (self.read_frames, self.read_bytes) = (frames, bytes);
-                self.ping = None;
-            }
+    /// Takes a pong; returns how long its ping took when it is the one in flight.
+    fn pong(&mut self, payload: &[u8]) -> Option<Duration> {
+        let (id, frames, bytes, sent_at) = self.ping?;
+        if payload != id.to_be_bytes() {
+            return None;
         }
+        (self.read_frames, self.read_bytes) = (frames, bytes);
+        self.ping = None;
+        Some(sent_at.elapsed())
     }
 
     /// When to stop waiting for the pong in flight.
@@ -143,6 +148,9 @@ pub(crate) trait SessionHandler: Send + Sync {
     /// Reconnect attempt `attempt` (0-based since the last stable registration) starts in
     /// `delay`.
     fn reconnect_scheduled(&self, attempt: u32, delay: Duration);
+
+    /// A diagnostics bundle request; ignored unless implemented (the collector times out).
+    fn on_fleet_logs_request(&self, _request: FleetLogsRequest) {}
 }
 
 /// Settings of the connection.
@@ -397,7 +405,9 @@ async fn registered_loop(
                         return closed_end(code, reason, registered_at);
                     }
                     Some(Ok(Message::Pong(payload))) => {
-                        window.pong(&payload);
+                        if window.pong(&payload).is_some_and(|took| took > LATE_PONG) {
+                            pacer.back_off(Duration::ZERO, Instant::now());
+                        }
                         if let Some(ping) = window.ping_due() {
                             if let Err(e) = sink.send(Message::Ping(ping.into())).await {
                                 return lost(format!("send failed: {e}"));
@@ -411,6 +421,7 @@ async fn registered_loop(
                 match parse_inbound(&text) {
                     Ok(Inbound::JobDispatch(dispatch)) => handler.clone().on_dispatch(dispatch),
                     Ok(Inbound::JobCancel(cancel)) => handler.on_cancel(cancel),
+                    Ok(Inbound::FleetLogsRequest(request)) => handler.on_fleet_logs_request(request),
                     Ok(Inbound::RateLimitWarning(w)) => {
                         metrics.rate_limit_warnings_total.inc();
                         tracing::warn!(retry_after_ms = w.retry_after_ms, "orchestrator dropped a message (rate limit); backing off");

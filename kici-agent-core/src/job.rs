@@ -20,10 +20,11 @@ use crate::metrics::Metrics;
 use crate::outbox::{JobAttempt, Outbox};
 use crate::process::{HandoffFiles, StepEnv};
 use crate::protocol::{
-    new_message_id, now_ms, ConcurrencyKind, GitAuthKind, JobDispatch, JobRef, JobState, JobStatus,
-    JobStatusData, Outbound, SshHostKeyPolicy, StepEntry, StepSpec, StepState, StepStatus,
-    StepStatusData, StepType,
+    new_message_id, now_ms, ConcurrencyKind, GitAuthKind, JobContextDetails, JobDispatch, JobRef,
+    JobState, JobStatus, JobStatusData, Outbound, SshHostKeyPolicy, StepEntry, StepSpec, StepState,
+    StepStatus, StepStatusData, StepType,
 };
+use crate::timeline::{ContextFacts, Timeline};
 
 mod whole;
 
@@ -63,6 +64,8 @@ pub(crate) struct JobSettings {
     pub sandbox: Option<crate::config::SandboxNetwork>,
     /// When `job.status running` is sent again after the first one.
     pub running_resends: Vec<Duration>,
+    /// The agent's labels as registered, for `job.context`.
+    pub labels: Vec<String>,
 }
 
 /// How the agent tells a running job to stop.
@@ -142,6 +145,7 @@ pub(crate) async fn run_job(
         state: Arc::new(Mutex::new(RunState::default())),
         job_timed_out: CancellationToken::new(),
         containment: Arc::new(JobContainment::create(services.settings.job_pids_max)),
+        timeline: Timeline::new(outbox.clone(), attempt.clone()),
     };
     let outcome = match AssertUnwindSafe(run.execute(&dispatch))
         .catch_unwind()
@@ -158,6 +162,7 @@ pub(crate) async fn run_job(
             (JobState::Failed, Some(error))
         }
     };
+    run.timeline.execution_end(outcome.0);
     let too_short = run.masker.too_short();
     if too_short > 0 {
         // Once per job, never the value.
@@ -198,6 +203,7 @@ pub(crate) async fn run_job(
     ))
     .await;
     end.finish(state, data);
+    run.timeline.teardown();
     state
 }
 
@@ -371,6 +377,7 @@ struct JobRunner {
     job_timed_out: CancellationToken,
     /// Holds every process the job's steps start, so none outlives the job.
     containment: Arc<JobContainment>,
+    timeline: Timeline,
 }
 
 /// How a step ended, for the loop.
@@ -417,6 +424,8 @@ impl JobRunner {
                 return (JobState::Failed, Some(error));
             }
         };
+        self.timeline
+            .execution_start(self.job_context(dispatch, workspace.path()));
         let deadline = config.timeout.filter(|ms| *ms > 0).map(|ms| {
             let token = self.job_timed_out.clone();
             let control = self.control.clone();
@@ -472,7 +481,10 @@ impl JobRunner {
         let config = &dispatch.job_config;
         let wants_checkout = config.checkout != Some(false) && !dispatch.repo_url.is_empty();
         if wants_checkout {
-            if let Err(error) = self.checkout(dispatch, &workspace).await {
+            let clone_started = self.timeline.clone_start();
+            let cloned = self.checkout(dispatch, &workspace).await;
+            self.timeline.clone_end(clone_started, cloned.is_ok());
+            if let Err(error) = cloned {
                 let error = self.masker.mask(&error).into_owned();
                 self.job_log(format!("[kici] {error}")).await;
                 return if self.control.cancel.is_cancelled() {
@@ -1060,6 +1072,38 @@ impl JobRunner {
         }
     }
 
+    /// The `context` of the job's `job.context`.
+    fn job_context(
+        &self,
+        dispatch: &JobDispatch,
+        workspace: &std::path::Path,
+    ) -> JobContextDetails {
+        let env = self.base_env(dispatch, workspace);
+        let default_image = self.services.settings.default_container_image.as_deref();
+        let in_container =
+            crate::container::image_for(&dispatch.job_config, default_image).is_some();
+        ContextFacts {
+            env: &env,
+            config: &dispatch.job_config,
+            secret_names: dispatch
+                .secrets
+                .iter()
+                .flat_map(|s| s.keys().cloned())
+                .collect(),
+            host_env: &self.services.settings.host_env,
+            masker: &self.masker,
+            sandbox_type: if in_container {
+                "container"
+            } else {
+                "bare-metal"
+            },
+            labels: &self.services.settings.labels,
+            working_directory: workspace.display().to_string(),
+            git_ref: &dispatch.git_ref,
+        }
+        .details()
+    }
+
     fn base_env(&self, dispatch: &JobDispatch, workspace: &std::path::Path) -> StepEnv {
         let config = &dispatch.job_config;
         let mut env = StepEnv::from_host(self.services.settings.host_env.clone());
@@ -1220,6 +1264,7 @@ mod tests {
                 job_pids_max: 0,
                 sandbox: None,
                 running_resends: Vec::new(),
+                labels: Vec::new(),
             },
             container: None,
             typescript: Arc::new(crate::typescript::TypeScriptExecutor::new(

@@ -18,6 +18,8 @@
 //! them.
 
 pub mod agent;
+pub mod agent_log;
+pub mod bundle;
 pub mod checkout;
 pub mod config;
 pub mod connection;
@@ -25,6 +27,7 @@ pub mod container;
 pub mod containment;
 pub mod events;
 pub mod executor;
+pub mod file_log;
 pub mod host;
 pub mod http;
 mod instance;
@@ -37,6 +40,8 @@ pub mod outbox;
 pub mod process;
 pub mod protocol;
 mod sandbox;
+pub mod telemetry;
+pub mod timeline;
 mod tls;
 pub mod typescript;
 pub mod workspace;

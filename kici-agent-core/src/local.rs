@@ -339,6 +339,7 @@ async fn run_dispatch(
             sandbox: None,
             // Nobody arms an ack deadline for a local run.
             running_resends: Vec::new(),
+            labels: Vec::new(),
         },
         container,
         typescript: Arc::new(typescript),

@@ -186,6 +186,11 @@ impl Metrics {
         }
     }
 
+    /// Every metric family of this agent's registry (what `/metrics` renders).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
+    }
+
     /// The Prometheus text exposition of every metric of this agent.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();

@@ -235,6 +235,9 @@ struct State {
     disconnected_at: Option<tokio::time::Instant>,
     /// Producers waiting for backlog space (backpressure is active while > 0).
     waiting_producers: usize,
+    /// Lowest priority: fleet telemetry (`agent.metrics`, `agent.log`, `run.event
+    /// agent.teardown`, diagnostics bundles), bounded by [`TELEMETRY_QUEUE_LIMIT`].
+    telemetry: VecDeque<Outbound>,
 }
 
 impl State {
@@ -309,8 +312,12 @@ impl State {
     }
 }
 
+/// Telemetry messages held at most; the oldest goes first (it is the least useful).
+pub const TELEMETRY_QUEUE_LIMIT: usize = 256;
+
 /// What the sender will send next, before pacing.
 enum Plan {
+    Telemetry,
     Control,
     Status {
         lane: usize,
@@ -414,6 +421,21 @@ impl Outbox {
     pub fn push_control(&self, message: Outbound) {
         self.lock().control.push_back(message);
         self.changed.notify_one();
+    }
+
+    /// Queues a telemetry message at the lowest priority: it goes only when no control message,
+    /// status, job heartbeat or log line could go instead. Returns whether an older telemetry
+    /// message was dropped to make room.
+    pub fn push_telemetry(&self, message: Outbound) -> bool {
+        let mut state = self.lock();
+        let full = state.telemetry.len() >= TELEMETRY_QUEUE_LIMIT;
+        if full {
+            state.telemetry.pop_front();
+        }
+        state.telemetry.push_back(message);
+        drop(state);
+        self.changed.notify_one();
+        full
     }
 
     /// Queues a `job.status` or `step.status` of `job`, ordered after the job's lines queued so
@@ -582,6 +604,16 @@ impl Outbox {
         self.changed.notify_one();
     }
 
+    /// Telemetry messages waiting.
+    pub fn telemetry_len(&self) -> usize {
+        self.lock().telemetry.len()
+    }
+
+    /// Whether the connection is registered (what [`Outbox::set_connected`] last said).
+    pub fn is_connected(&self) -> bool {
+        self.lock().connected
+    }
+
     /// Jobs whose terminal status has not been delivered yet (for `inFlightJobs`).
     pub fn undelivered_jobs(&self) -> Vec<JobRef> {
         self.lock()
@@ -623,6 +655,7 @@ impl Outbox {
     pub fn is_empty(&self) -> bool {
         let state = self.lock();
         state.control.is_empty()
+            && state.telemetry.is_empty()
             && state
                 .lanes
                 .iter()
@@ -657,13 +690,16 @@ impl Outbox {
             return Some(Plan::JobHeartbeat { lane });
         }
         // Lines: a lane whose status waits on them first, else the oldest lines.
-        let lane = state
+        let Some(lane) = state
             .lanes
             .iter()
             .enumerate()
             .filter(|(_, l)| !l.lines.is_empty())
             .min_by_key(|(_, l)| (!l.status_waits_on_lines(), l.oldest_line_at))
-            .map(|(i, _)| i)?;
+            .map(|(i, _)| i)
+        else {
+            return (!state.telemetry.is_empty()).then_some(Plan::Telemetry);
+        };
         let l = &state.lanes[lane];
         let urgent = l.status_waits_on_lines() || l.lines.len() >= self.limits.batch_lines;
         let age = l
@@ -675,6 +711,10 @@ impl Outbox {
         } else {
             self.limits.linger.saturating_sub(age)
         };
+        if !ready_in.is_zero() && !state.telemetry.is_empty() {
+            // The lines are still gathering into a batch: telemetry does not delay them.
+            return Some(Plan::Telemetry);
+        }
         // Ask the pacer for a worthwhile chunk: what is queued, up to a quarter frame.
         let queued: usize = l.lines.iter().take(4096).map(|q| q.text.len() + 3).sum();
         let bytes = queued
@@ -705,6 +745,10 @@ impl Outbox {
                         Some(Plan::Lines {
                             bytes, ready_in, ..
                         }) => Some(pacer.wait_for(bytes, now).max(ready_in)),
+                        Some(Plan::Telemetry) => {
+                            let bytes = state.telemetry.front().map_or(0, |m| m.to_frame().len());
+                            Some(pacer.wait_for(bytes, now))
+                        }
                         Some(_) => Some(pacer.wait_for(400, now)),
                     }
                 }
@@ -734,6 +778,7 @@ impl Outbox {
         let plan = self.plan(&state, now, budget)?;
         let (message, freed) = match plan {
             Plan::Control => (state.control.pop_front()?, false),
+            Plan::Telemetry => (state.telemetry.pop_front()?, false),
             Plan::Status { lane } => {
                 let l = &mut state.lanes[lane];
                 let status = l.statuses.pop_front()?;
@@ -873,6 +918,50 @@ mod tests {
             out.push(serde_json::from_str(&frame.text).unwrap());
         }
         out
+    }
+
+    fn teardown(job: &JobRef) -> Outbound {
+        Outbound::RunEvent(crate::protocol::RunEvent {
+            run_id: job.run_id.clone(),
+            event_type: "agent.teardown".into(),
+            timestamp_ms: 1,
+            source_service: "agent".into(),
+            job_id: Some(job.job_id.clone()),
+            metadata: None,
+            duration_ms: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn telemetry_goes_last_but_does_not_wait_for_lines_still_batching() {
+        let outbox = Outbox::new(OutboxLimits::default(), Metrics::new());
+        outbox.set_connected(true);
+        let a = outbox.begin_attempt(&job("a"));
+        outbox.push_telemetry(teardown(&a.job));
+        outbox.push_lines(&a, 0, vec!["one".into()]).await;
+        outbox.push_status(&a, status(&a.job, JobState::Success), true);
+        outbox.push_control(ack(&job("b")));
+        let sent = drain(&outbox, &mut unlimited()).await;
+        let types: Vec<&str> = sent.iter().map(|m| m["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["job.ack", "log.chunk", "job.status", "run.event"]);
+
+        // A line still gathering its batch (100 ms linger) lets queued telemetry through first.
+        outbox.push_lines(&a, 0, vec!["late".into()]).await;
+        outbox.push_telemetry(teardown(&a.job));
+        let sent = drain(&outbox, &mut unlimited()).await;
+        let types: Vec<&str> = sent.iter().map(|m| m["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["run.event", "log.chunk"]);
+    }
+
+    #[test]
+    fn the_telemetry_queue_is_bounded_dropping_the_oldest() {
+        let outbox = Outbox::new(OutboxLimits::default(), Metrics::new());
+        let a = job("a");
+        for _ in 0..TELEMETRY_QUEUE_LIMIT {
+            assert!(!outbox.push_telemetry(teardown(&a)));
+        }
+        assert!(outbox.push_telemetry(teardown(&a)));
+        assert_eq!(outbox.lock().telemetry.len(), TELEMETRY_QUEUE_LIMIT);
     }
 
     #[tokio::test]

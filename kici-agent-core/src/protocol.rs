@@ -46,6 +46,8 @@ pub enum Inbound {
     Error(ErrorMessage),
     /// The message we just sent was dropped by the orchestrator's rate limiter.
     RateLimitWarning(RateLimitWarning),
+    /// A diagnostics bundle request.
+    FleetLogsRequest(FleetLogsRequest),
     /// A valid JSON object whose `type` this agent does not handle. Ignored.
     Unknown {
         message_type: String,
@@ -101,6 +103,7 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, InboundError> {
         "job.cancel" => Inbound::JobCancel(typed(value, &message_type)?),
         "error" => Inbound::Error(typed(value, &message_type)?),
         "rate.limit.warning" => Inbound::RateLimitWarning(typed(value, &message_type)?),
+        "fleet.logs.request" => Inbound::FleetLogsRequest(typed(value, &message_type)?),
         _ => Inbound::Unknown { message_type },
     })
 }
@@ -517,6 +520,18 @@ pub enum Outbound {
     LogChunk(LogChunk),
     #[serde(rename = "job.heartbeat")]
     JobHeartbeat(JobHeartbeat),
+    #[serde(rename = "run.event")]
+    RunEvent(RunEvent),
+    #[serde(rename = "job.context")]
+    JobContext(JobContextReport),
+    #[serde(rename = "agent.metrics")]
+    AgentMetrics(AgentMetrics),
+    #[serde(rename = "agent.log")]
+    AgentLog(AgentLog),
+    #[serde(rename = "fleet.bundle.chunk")]
+    FleetBundleChunk(FleetBundleChunk),
+    #[serde(rename = "fleet.bundle.error")]
+    FleetBundleError(FleetBundleError),
 }
 
 impl Outbound {
@@ -542,6 +557,12 @@ impl Outbound {
             Outbound::StepStatus(_) => "step.status",
             Outbound::LogChunk(_) => "log.chunk",
             Outbound::JobHeartbeat(_) => "job.heartbeat",
+            Outbound::RunEvent(_) => "run.event",
+            Outbound::JobContext(_) => "job.context",
+            Outbound::AgentMetrics(_) => "agent.metrics",
+            Outbound::AgentLog(_) => "agent.log",
+            Outbound::FleetBundleChunk(_) => "fleet.bundle.chunk",
+            Outbound::FleetBundleError(_) => "fleet.bundle.error",
         }
     }
 }
@@ -858,6 +879,164 @@ pub struct JobHeartbeat {
     pub timestamp: u64,
 }
 
+/// `fleet.logs.request` (protocol.md §4.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetLogsRequest {
+    pub request_id: String,
+    /// How far back log files are wanted.
+    pub log_window_hours: f64,
+    /// The largest bundle wanted, in bytes.
+    pub max_bytes: f64,
+}
+
+/// `fleet.bundle.chunk`: one piece of a diagnostics bundle (a ZIP), in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetBundleChunk {
+    pub request_id: String,
+    pub seq: u64,
+    pub is_last: bool,
+    pub data_b64: String,
+}
+
+/// `fleet.bundle.error`: no bundle for this request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetBundleError {
+    pub request_id: String,
+    pub message: String,
+}
+
+/// `agent.log`: the agent's own log lines, one JSON record per line (protocol.md §4.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentLog {
+    pub message_id: String,
+    pub agent_id: String,
+    pub lines: Vec<String>,
+    pub timestamp: u64,
+}
+
+/// `agent.metrics`: a snapshot of the agent's metric registry (protocol.md §4.2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentMetrics {
+    pub message_id: String,
+    pub agent_id: String,
+    pub metrics: Vec<MetricSample>,
+    pub timestamp: u64,
+}
+
+/// One series of an `agent.metrics` snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricSample {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: MetricKind,
+    /// Counters and gauges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Histograms: cumulative counts per finite upper bound (`+Inf` is `count`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<Vec<MetricBucket>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sum: Option<f64>,
+}
+
+/// The `type` of a [`MetricSample`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+    UpDownCounter,
+}
+
+/// One cumulative histogram bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricBucket {
+    pub le: f64,
+    pub count: u64,
+}
+
+/// `run.event`: one entry of the run timeline (protocol.md §4.4; forwarded unvalidated).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunEvent {
+    pub run_id: String,
+    /// `agent.execution.start`, `agent.execution.end`, `agent.clone.start`, ...
+    pub event_type: String,
+    pub timestamp_ms: u64,
+    /// Always `agent`.
+    pub source_service: String,
+    /// Sent as `null` when the event is not about one job.
+    pub job_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+    /// Sent as `null` for events without a duration.
+    pub duration_ms: Option<u64>,
+}
+
+/// `job.context`: what a job runs with, for the run timeline (protocol.md §4.4). Never carries
+/// a secret value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobContextReport {
+    pub run_id: String,
+    pub job_id: String,
+    pub context: JobContextDetails,
+}
+
+/// The `context` of a `job.context`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobContextDetails {
+    pub env_vars: Vec<ContextEnvVar>,
+    pub runtime: ContextRuntime,
+    pub sandbox_type: String,
+    pub labels: Vec<String>,
+    pub working_directory: String,
+    pub git_ref: String,
+}
+
+/// One variable of a step's environment; `value` is `***` for secrets and secret-like names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContextEnvVar {
+    pub name: String,
+    pub value: String,
+    pub category: EnvCategory,
+}
+
+/// Where a step environment variable comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnvCategory {
+    /// Set by the agent (`CI`, `KICI_*`, ...).
+    System,
+    /// From the workflow's job configuration.
+    User,
+    /// Copied from the agent's host environment (allow-listed names only).
+    Inherited,
+    /// A dispatch secret: name only.
+    Secret,
+}
+
+/// `context.runtime` of a `job.context`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContextRuntime {
+    pub os: String,
+    pub arch: String,
+    /// This agent's version (the Node agent sends `nodeVersion` here instead).
+    pub agent_version: String,
+}
+
 /// The exact number of bytes `s` takes as a JSON string literal in serde_json's output,
 /// quotes included. Used to pack log chunks under a byte budget without serialising twice.
 pub fn json_string_len(s: &str) -> usize {
@@ -974,8 +1153,14 @@ mod tests {
     #[test]
     fn unknown_type_and_garbage_do_not_fail_hard() {
         assert!(matches!(
-            parse_inbound(r#"{"type":"fleet.logs.request","requestId":"x"}"#),
-            Ok(Inbound::Unknown { message_type }) if message_type == "fleet.logs.request"
+            parse_inbound(r#"{"type":"step.approval-resolved","requestId":"x"}"#),
+            Ok(Inbound::Unknown { message_type }) if message_type == "step.approval-resolved"
+        ));
+        assert!(matches!(
+            parse_inbound(
+                r#"{"type":"fleet.logs.request","requestId":"x","logWindowHours":24,"maxBytes":1000}"#
+            ),
+            Ok(Inbound::FleetLogsRequest(request)) if request.request_id == "x"
         ));
         assert!(matches!(
             parse_inbound("not json"),

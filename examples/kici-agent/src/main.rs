@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kici_agent_core::config::{LogFormat, LogLevel};
+use kici_agent_core::file_log::{FileLogSettings, RotatingFileLog};
 use kici_agent_core::local::{self, LocalCancel, LocalJob, LocalSettings};
 use kici_agent_core::protocol::{JobState, Outbound, StepState};
 use kici_agent_core::{Agent, AgentConfig};
@@ -61,24 +62,49 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: LogLevel, format: LogFormat) {
+/// Installs the agent's log: stdout in `format`, plus the rotated JSON file log when
+/// `KICI_LOG_DIR` is set (always JSON, whatever the stdout format).
+fn init_logging(
+    level: LogLevel,
+    format: LogFormat,
+    file: Option<RotatingFileLog>,
+) -> Result<(), String> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Plain => false,
         LogFormat::Auto => !std::io::stdout().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::from(level))
-        .with_writer(std::io::stdout);
-    if json {
-        builder
+    let stdout = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
+    let stdout = if json {
+        stdout
             .json()
             .flatten_event(true)
             .with_current_span(false)
-            .init();
+            .boxed()
     } else {
-        builder.init();
-    }
+        stdout.boxed()
+    };
+    let file = file.map(|file| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::sync::Mutex::new(file))
+            .with_ansi(false)
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+    });
+    tracing_subscriber::registry()
+        .with(stdout)
+        .with(file)
+        .with(kici_agent_core::agent_log::layer())
+        .with(tracing_subscriber::filter::LevelFilter::from_level(
+            tracing::Level::from(level),
+        ))
+        .try_init()
+        .map_err(|e| format!("could not install the log: {e}"))
 }
 
 /// Prints a fatal startup error and returns exit code 1.
@@ -93,14 +119,16 @@ fn run_agent() -> ExitCode {
         Err(e) => return fatal(&e.to_string()),
     };
     let config = loaded.config;
-    init_logging(config.log_level, config.log_format);
+    let file_log = match FileLogSettings::from_config(&config).map(RotatingFileLog::open) {
+        None => None,
+        Some(Ok(file)) => Some(file),
+        Some(Err(e)) => return fatal(&e.to_string()),
+    };
+    if let Err(e) = init_logging(config.log_level, config.log_format, file_log) {
+        return fatal(&e);
+    }
     for warning in &loaded.warnings {
         tracing::warn!("{warning}");
-    }
-    if std::env::var_os("KICI_LOG_DIR").is_some_and(|d| !d.is_empty() && d != "undefined") {
-        tracing::warn!(
-            "KICI_LOG_DIR is not supported yet: logs go to stdout only (collect them from there)"
-        );
     }
     let missing: Vec<&str> = ["git", "bash"]
         .into_iter()

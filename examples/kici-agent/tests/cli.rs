@@ -1170,3 +1170,109 @@ async fn health_exits_0_when_the_agent_answers_200_and_1_otherwise() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("KICI_PORT is 0"));
 }
+
+/// The names of the files in `dir`, sorted.
+fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Whether `name` is `<prefix>YYYY-MM-DD.log`.
+fn is_day_file(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_suffix(".log"))
+        .is_some_and(|date| {
+            date.len() == 10
+                && date.char_indices().all(|(i, c)| {
+                    if i == 4 || i == 7 {
+                        c == '-'
+                    } else {
+                        c.is_ascii_digit()
+                    }
+                })
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kici_log_dir_gets_a_json_copy_of_the_log_named_by_the_suffix_rules() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    // (extra variables, expected file-name prefix)
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[("KICI_AGENT_ID", "cli agent/1")], "agent-cli_agent_1-"),
+        (
+            &[
+                ("KICI_AGENT_ID", "cli-agent"),
+                ("KICI_CLUSTER_INSTANCE_ID", "pod:7"),
+            ],
+            "agent-pod_7-",
+        ),
+        // A generated agent id never names the file.
+        (&[], "agent-"),
+        (&[("KICI_CLUSTER_INSTANCE_ID", "undefined")], "agent-"),
+    ];
+    for (started, (extra, prefix)) in cases.into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_dir = dir.path().join("logs");
+        let mut vars = vec![("KICI_LOG_DIR", log_dir.to_str().unwrap())];
+        vars.extend_from_slice(extra);
+        let (mut child, _, drain) = spawn_agent_with(&mock, &vars);
+        // Registered: the signal handlers are installed by then.
+        assert!(
+            mock.wait_until(
+                |m| m.registrations().len() > started,
+                Duration::from_secs(20)
+            )
+            .await
+        );
+        signal(&child, libc::SIGTERM);
+        let code = tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+            .await
+            .unwrap()
+            .0;
+        assert_eq!(code, Some(0));
+        drain.join().unwrap();
+        let names = file_names(&log_dir);
+        assert!(
+            names.len() == 1 && is_day_file(&names[0], prefix),
+            "{prefix}: {names:?}"
+        );
+        let text = std::fs::read_to_string(log_dir.join(&names[0])).unwrap();
+        let messages: Vec<String> = text
+            .lines()
+            .map(|line| {
+                let record: serde_json::Value = serde_json::from_str(line).expect("JSON lines");
+                record["message"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert!(
+            messages.iter().any(|m| m == "Agent starting")
+                && messages
+                    .iter()
+                    .any(|m| m.starts_with("Agent started on port"))
+                && messages.iter().any(|m| m.starts_with("Received SIGTERM")),
+            "{messages:?}"
+        );
+    }
+}
+
+#[test]
+fn an_unusable_kici_log_dir_refuses_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let out = agent_command(&[
+        ("KICI_ORCHESTRATOR_URL", "ws://127.0.0.1:9/ws"),
+        ("KICI_LOG_DIR", not_a_dir.to_str().unwrap()),
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("KICI_LOG_DIR"), "{stderr}");
+}

@@ -125,14 +125,18 @@ impl Harness {
             .collect()
     }
 
-    /// `(type, stepIndex or "", state or "")` of a job's messages, logs left out, and the
-    /// repeats of `job.status running` (sent while the job runs, see `tests/dispatch_ack.rs`)
-    /// folded into the first.
+    /// `(type, stepIndex or "", state or "")` of a job's messages, logs and the run timeline
+    /// (`run.event`, `job.context`: tests/telemetry.rs) left out, and the repeats of
+    /// `job.status running` (sent while the job runs, see `tests/dispatch_ack.rs`) folded into
+    /// the first.
     pub fn sequence(&self, job_id: &str) -> Vec<String> {
         let mut running_seen = false;
         self.job_messages(job_id)
             .iter()
-            .filter(|m| m["type"] != "log.chunk" && m["type"] != "job.heartbeat")
+            .filter(|m| {
+                !["log.chunk", "job.heartbeat", "run.event", "job.context"]
+                    .contains(&m["type"].as_str().unwrap_or(""))
+            })
             .filter(|m| {
                 let repeat = m["type"] == "job.status" && m["state"] == "running" && running_seen;
                 running_seen |= m["type"] == "job.status" && m["state"] == "running";

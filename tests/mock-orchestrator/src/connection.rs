@@ -24,7 +24,7 @@ use crate::rate_limit::{RateDecision, RateLimiter};
 use crate::state::{CloseRecord, Command, Received, Shared};
 use crate::validate::{
     check_auth_request, check_register, check_union_member, message_type, quality_findings,
-    JOB_SCOPED_FEATURE_TYPES, JOB_SCOPED_TYPES,
+    timeline_findings, JOB_SCOPED_FEATURE_TYPES, JOB_SCOPED_TYPES,
 };
 
 /// `WS_MAX_PAYLOAD_BYTES` of the real server (§1).
@@ -496,6 +496,9 @@ impl Session {
             "heartbeat" => Some("heartbeat without a numeric timestamp".to_string()),
             // Forwarded before validation, any shape passes (§4.4).
             "run.event" | "job.context" => {
+                for finding in timeline_findings(&msg) {
+                    self.violation(finding);
+                }
                 self.record(now, text_len, msg, true);
                 return Vec::new();
             }

@@ -484,6 +484,109 @@ fn check_nested(msg_type: &str, object: &Map<String, Value>) -> Result<(), Strin
     Ok(())
 }
 
+/// `run.event` eventTypes the REF agent sends (§4.4).
+const RUN_EVENT_TYPES: &[&str] = &[
+    "agent.execution.start",
+    "agent.execution.end",
+    "agent.teardown",
+    "agent.clone.start",
+    "agent.clone.end",
+    "step.secret_mount",
+    "cache.restore",
+    "cache.save",
+];
+const ENV_CATEGORIES: &[&str] = &["system", "user", "inherited", "secret"];
+
+/// Checks a `run.event` or `job.context` against its §4.4 shape. The orchestrator forwards them
+/// unvalidated, so a mismatch is not a 4003 but a bug of ours: the Platform timeline reads these
+/// fields.
+pub(crate) fn timeline_findings(msg: &Value) -> Vec<String> {
+    use Ty::*;
+    let Some(object) = msg.as_object() else {
+        return vec!["timeline message is not an object".into()];
+    };
+    let result = match message_type(msg) {
+        Some("run.event") => check_fields(
+            object,
+            &[
+                req!("runId", Str),
+                req!("eventType", OneOf(RUN_EVENT_TYPES)),
+                req!("timestampMs", Num),
+                req!("sourceService", OneOf(&["agent"])),
+                opt!("metadata", Obj),
+            ],
+            "run.event",
+        )
+        .and_then(|()| {
+            // Required keys whose value may be null.
+            for (name, ty) in [("jobId", Str), ("durationMs", Num)] {
+                match object.get(name) {
+                    Some(Value::Null) => {}
+                    Some(value) if has_type(value, ty) => {}
+                    _ => return Err(format!("run.event.{name} must be {ty:?} or null")),
+                }
+            }
+            let event = object.get("eventType").and_then(Value::as_str);
+            if event == Some("agent.execution.end")
+                && !(object.get("durationMs").is_some_and(Value::is_number)
+                    && object
+                        .get("metadata")
+                        .and_then(|m| m.get("status"))
+                        .is_some_and(Value::is_string))
+            {
+                return Err(
+                    "run.event agent.execution.end needs durationMs and metadata.status".into(),
+                );
+            }
+            Ok(())
+        }),
+        Some("job.context") => check_fields(
+            object,
+            &[req!("runId", Str), req!("jobId", Str), req!("context", Obj)],
+            "job.context",
+        )
+        .and_then(|()| {
+            let context = as_object(&object["context"], "job.context.context")?;
+            check_fields(
+                context,
+                &[
+                    opt!("envVars", Arr),
+                    opt!("runtime", Obj),
+                    opt!("sandboxType", Str),
+                    opt!("labels", StrArr),
+                    opt!("workingDirectory", Str),
+                    opt!("gitRef", Str),
+                ],
+                "job.context.context",
+            )?;
+            if let Some(runtime) = context.get("runtime").and_then(Value::as_object) {
+                check_fields(
+                    runtime,
+                    &[opt!("nodeVersion", Str), opt!("os", Str), opt!("arch", Str)],
+                    "job.context.context.runtime",
+                )?;
+            }
+            check_each(
+                array_field(context, "envVars"),
+                "job.context.context.envVars",
+                |var, what| {
+                    check_fields(
+                        var,
+                        &[
+                            req!("name", Str),
+                            req!("value", Str),
+                            req!("category", OneOf(ENV_CATEGORIES)),
+                        ],
+                        what,
+                    )
+                },
+            )
+        }),
+        other => Err(format!("not a timeline message: {other:?}")),
+    };
+    result.err().into_iter().collect()
+}
+
 /// Findings that the orchestrator accepts but that are bugs in an agent of ours: things the real
 /// orchestrator would mis-store or silently ignore. Call only on messages that passed the schema,
 /// after registration.
@@ -605,6 +708,27 @@ mod tests {
             ),
             Ok(())
         );
+    }
+
+    #[test]
+    fn timeline_messages_are_held_to_their_spec_shape() {
+        let start = json!({"type":"run.event","runId":"r","eventType":"agent.execution.start",
+                           "timestampMs":1,"sourceService":"agent","jobId":"j","durationMs":null});
+        assert_eq!(timeline_findings(&start), Vec::<String>::new());
+        let mut no_job = start.clone();
+        no_job.as_object_mut().unwrap().remove("jobId");
+        assert_eq!(timeline_findings(&no_job).len(), 1);
+        let end = json!({"type":"run.event","runId":"r","eventType":"agent.execution.end",
+                         "timestampMs":1,"sourceService":"agent","jobId":"j","durationMs":null});
+        assert_eq!(timeline_findings(&end).len(), 1, "end without a duration");
+        let context = json!({"type":"job.context","runId":"r","jobId":"j","context":{
+            "envVars":[{"name":"CI","value":"true","category":"system"}],
+            "runtime":{"os":"linux"},"sandboxType":"bare-metal","labels":["x"],
+            "workingDirectory":"/w","gitRef":"main"}});
+        assert_eq!(timeline_findings(&context), Vec::<String>::new());
+        let mut bad = context.clone();
+        bad["context"]["envVars"][0]["category"] = json!("host");
+        assert_eq!(timeline_findings(&bad).len(), 1);
     }
 
     #[test]
