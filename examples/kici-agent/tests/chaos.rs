@@ -201,7 +201,7 @@ async fn cuts_and_stalls(rng: &mut Rng) -> Row {
     let faults = async {
         for _ in 0..6 {
             tokio::time::sleep(rng.millis(2_000, 5_000)).await;
-            if rng.next() % 2 == 0 {
+            if rng.next().is_multiple_of(2) {
                 proxy.stall(rng.millis(500, 4_000)).await;
                 stalls += 1;
             } else {
