@@ -138,6 +138,11 @@ pub(crate) struct ContextFacts<'a> {
     pub git_ref: &'a str,
 }
 
+/// Variables the agent itself puts in every step's environment (`CI`, `KICI_*`).
+fn set_by_the_agent(name: &str) -> bool {
+    name == "CI" || name.starts_with("KICI_")
+}
+
 impl ContextFacts<'_> {
     pub(crate) fn details(&self) -> JobContextDetails {
         let user: BTreeSet<&str> = [
@@ -155,6 +160,10 @@ impl ContextFacts<'_> {
             .map(|(name, value)| {
                 let category = if user.contains(name) {
                     EnvCategory::User
+                } else if set_by_the_agent(name) {
+                    // Before the host check: the agent's `CI=true` is its own even on a host
+                    // (a CI machine) that has the same value.
+                    EnvCategory::System
                 } else if self
                     .host_env
                     .iter()
