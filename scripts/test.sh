@@ -53,7 +53,7 @@ log "npm ci (zx for the TypeScript runner fixtures)"
 npm ci --prefix tests/fixtures/typescript --no-audit --no-fund --silent ||
   echo "!!! npm ci failed: the TypeScript runner tests will fail (see above)" >&2
 log "cargo test (Rust: core, binary, mock orchestrator, C ABI, Python bindings)"
-if cargo test --workspace; then record rust ok; else record rust FAILED; fi
+if cargo test --workspace --no-fail-fast; then record rust ok; else record rust FAILED; fi
 
 # --- chaos (faults against the binary, minutes at the real rate limits) ------------------------
 log "chaos suite (fault-injecting proxy, restarting mock, malformed frames)"
