@@ -634,6 +634,11 @@ impl Shared {
 
 impl SessionHandler for Shared {
     fn state_changed(&self, state: ConnectionState) {
+        if state != ConnectionState::Registered {
+            // Before the state is visible: a line logged by whoever sees "not registered" must
+            // wait in the agent.log ring, not go to an outbox whose socket is gone.
+            self.agent_log.disconnected();
+        }
         // The state is visible before the event goes out: a host reacting to the event reads it.
         let previous = {
             let mut status = lock(&self.status);
@@ -658,7 +663,6 @@ impl SessionHandler for Shared {
                 });
             }
             ConnectionState::Disconnected if previous == ConnectionState::Registered => {
-                self.agent_log.disconnected();
                 self.events.push(Event::Disconnected);
             }
             ConnectionState::AuthFailed(reason) => self.events.push(Event::AuthFailed { reason }),
