@@ -3,6 +3,8 @@
 //! image on a private engine and runs this with
 //! `KICI_TEST_DOCKER_HOST=unix://... KICI_TEST_AGENT_IMAGE=name cargo test --test image -- --ignored`.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -91,23 +93,6 @@ fn bridge_gateway() -> String {
     let subnet = first["Subnet"].as_str().expect("the bridge has a subnet");
     let network: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
     std::net::Ipv4Addr::from(u32::from(network) + 1).to_string()
-}
-
-fn http_get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        response.split_once("\r\n\r\n").unwrap().1.to_owned(),
-    )
 }
 
 /// Polls `docker inspect` (the engine has no wait-for-health call) until `done` or `timeout`.
@@ -200,13 +185,13 @@ async fn the_image_registers_serves_probes_runs_jobs_and_stops_gracefully() {
         .and_then(|l| l.rsplit(':').next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no published port in {published:?}"));
-    let (status, body) = tokio::task::spawn_blocking(move || http_get(host_port, "/health"))
+    let (status, body) = tokio::task::spawn_blocking(move || common::get(host_port, "/health"))
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(health["status"], "ok");
-    let (status, body) = tokio::task::spawn_blocking(move || http_get(host_port, "/ready"))
+    let (status, body) = tokio::task::spawn_blocking(move || common::get(host_port, "/ready"))
         .await
         .unwrap();
     assert_eq!(status, 200, "{body}");
