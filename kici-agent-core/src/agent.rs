@@ -24,8 +24,10 @@ use crate::metrics::Metrics;
 use crate::outbox::{JobAttempt, Outbox, OutboxLimits, Pacer};
 use crate::protocol::{
     new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, FleetLogsRequest, JobAck,
-    JobCancel, JobDispatch, JobRef, JobReject, JobState, JobStatusData, Outbound, RejectReason,
+    JobCancel, JobDispatch, JobRef, JobReject, JobState, JobStatusData, Outbound, RegisterAck,
+    RejectReason,
 };
+use crate::scaler::{Armed, IdleTimer, SelfShutdownReason};
 use crate::telemetry;
 use crate::typescript::TypeScriptExecutor;
 
@@ -95,9 +97,6 @@ fn container_executor(
 fn ignored_settings(config: &AgentConfig) -> Vec<&'static str> {
     use crate::config::BackpressureMode;
     let mut ignored = Vec::new();
-    if config.scaler_managed {
-        ignored.push("KICI_SCALER_MANAGED=1: scaler idle self-shutdown is not implemented; the agent stays up when idle");
-    }
     if config.backpressure_mode == BackpressureMode::Drop {
         ignored.push("KICI_BACKPRESSURE_MODE=drop: log lines are never dropped while connected; the step is slowed instead (pause)");
     }
@@ -133,6 +132,8 @@ struct Status {
     stopped: bool,
     last_error: Option<String>,
     jobs: HashMap<String, RunningJob>,
+    /// The last `register.ack` announced a job on its way (`pendingDispatch`).
+    pending_dispatch: bool,
 }
 
 struct Shared {
@@ -150,6 +151,8 @@ struct Shared {
     runtime: tokio::runtime::Handle,
     /// This agent's `agent.log` ring, fed by [`crate::agent_log::layer`].
     agent_log: Arc<AgentLogBuffer>,
+    /// Scaler-managed agents only: the idle self-shutdown window (§6.5).
+    scaler_idle: Option<IdleTimer>,
 }
 
 /// One KiCI agent. Create it, register executors (see [`Agent::with_executors`]), `start` it,
@@ -226,7 +229,6 @@ impl Agent {
             )),
         });
         let shared = Arc::new(Shared {
-            config,
             metrics,
             outbox,
             events,
@@ -237,6 +239,7 @@ impl Agent {
                 stopped: false,
                 last_error: None,
                 jobs: HashMap::new(),
+                pending_dispatch: false,
             }),
             stopped: Condvar::new(),
             wake: Notify::new(),
@@ -244,6 +247,13 @@ impl Agent {
             started_at: Instant::now(),
             runtime: runtime.handle().clone(),
             agent_log: AgentLogBuffer::register(),
+            scaler_idle: config.scaler_managed.then(|| {
+                IdleTimer::new(
+                    config.scaler_idle_timeout,
+                    config.scaler_pending_dispatch_timeout,
+                )
+            }),
+            config,
         });
         Ok(Agent {
             shared,
@@ -316,13 +326,7 @@ impl Agent {
     /// Stops: no new jobs; running jobs get `grace` to finish, then their processes are killed
     /// and they are reported `cancelled`. Returns at once; see [`Agent::wait`].
     pub fn shutdown(&self, grace: Duration) {
-        // Keeps the deadline arithmetic representable; nobody waits a year for a job.
-        let grace = grace.min(Duration::from_secs(365 * 24 * 3600));
-        {
-            let mut requested = lock(&self.shared.shutdown_grace);
-            *requested = Some(requested.map_or(grace, |g| g.min(grace)));
-        }
-        self.drain();
+        self.shared.request_shutdown(grace);
         if !*lock(&self.started) {
             self.shared.mark_stopped();
         }
@@ -433,6 +437,9 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
         config.agent_id.clone(),
         stop_connection.clone(),
     ));
+    if shared.scaler_idle.is_some() {
+        tokio::spawn(shut_down_when_idle_too_long(shared.clone()));
+    }
     tokio::spawn(telemetry::push_metrics_every(
         telemetry::METRICS_PUSH_INTERVAL,
         shared.outbox.clone(),
@@ -513,7 +520,73 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
     shared.mark_stopped();
 }
 
+/// Scaler-managed agents: waits for an idle window to run out while the agent is still idle,
+/// then shuts it down (§6.5).
+async fn shut_down_when_idle_too_long(shared: Arc<Shared>) {
+    let Some(timer) = &shared.scaler_idle else {
+        return;
+    };
+    loop {
+        let (reason, generation) = timer.expired().await;
+        // Under the status lock, where every arm and cancel happens: a dispatch admitted after
+        // the window ran out has made this expiry stale. A window that ran out is spent either
+        // way; the end of the next job arms a new one.
+        let still_idle = {
+            let status = lock(&shared.status);
+            timer.take_if_current(generation) && status.jobs.is_empty()
+        };
+        if still_idle {
+            shared.shut_down_by_itself(reason);
+            return;
+        }
+    }
+}
+
 impl Shared {
+    /// No new jobs; running jobs get `grace`; the supervisor does the rest.
+    fn request_shutdown(&self, grace: Duration) {
+        // Keeps the deadline arithmetic representable; nobody waits a year for a job.
+        let grace = grace.min(Duration::from_secs(365 * 24 * 3600));
+        {
+            let mut requested = lock(&self.shutdown_grace);
+            *requested = Some(requested.map_or(grace, |g| g.min(grace)));
+        }
+        lock(&self.status).draining = true;
+        self.wake.notify_one();
+    }
+
+    fn shut_down_by_itself(&self, reason: SelfShutdownReason) {
+        tracing::info!(
+            reason = reason.as_str(),
+            "scaler-managed agent is idle; shutting down"
+        );
+        self.events.push(Event::SelfShutdown {
+            reason: reason.as_str().to_owned(),
+        });
+        self.request_shutdown(self.config.shutdown_grace);
+    }
+
+    /// Scaler-managed agents: arms the idle window if the agent is idle now (after a job, or
+    /// on registration); an agent that is not registered waits for its registration.
+    fn arm_scaler_idle_if_idle(&self, pending_dispatch: bool) {
+        let Some(timer) = &self.scaler_idle else {
+            return;
+        };
+        let armed = {
+            let status = lock(&self.status);
+            let idle = status.jobs.is_empty()
+                && !status.draining
+                && status.connection == ConnectionState::Registered;
+            if !idle {
+                return;
+            }
+            timer.arm(pending_dispatch)
+        };
+        if let Armed::Now(reason) = armed {
+            self.shut_down_by_itself(reason);
+        }
+    }
+
     fn state(&self) -> AgentState {
         let status = lock(&self.status);
         AgentState {
@@ -591,6 +664,11 @@ impl Shared {
     /// Accepts a job if there is room, under the status lock so capacity is exact.
     fn admit(self: &Arc<Self>, job: &JobRef) -> Option<(JobAttempt, JobControl)> {
         let mut status = lock(&self.status);
+        if let Some(timer) = &self.scaler_idle {
+            // Any dispatch ends the idle window, even one we reject: a busy or draining agent
+            // is not idle, and an idle one accepts it.
+            timer.cancel();
+        }
         if status.draining {
             drop(status);
             self.reject(job, RejectReason::Draining);
@@ -629,6 +707,7 @@ impl Shared {
         self.outbox.push_control(self.agent_status());
         telemetry::push_metrics(&self.outbox, &self.metrics, &self.config.agent_id);
         self.wake.notify_one();
+        self.arm_scaler_idle_if_idle(false);
     }
 }
 
@@ -661,6 +740,8 @@ impl SessionHandler for Shared {
                 self.events.push(Event::Registered {
                     agent_id: self.config.agent_id.clone(),
                 });
+                let pending_dispatch = lock(&self.status).pending_dispatch;
+                self.arm_scaler_idle_if_idle(pending_dispatch);
             }
             ConnectionState::Disconnected if previous == ConnectionState::Registered => {
                 self.events.push(Event::Disconnected);
@@ -668,6 +749,10 @@ impl SessionHandler for Shared {
             ConnectionState::AuthFailed(reason) => self.events.push(Event::AuthFailed { reason }),
             _ => {}
         }
+    }
+
+    fn registration_acked(&self, ack: &RegisterAck) {
+        lock(&self.status).pending_dispatch = ack.pending_dispatch == Some(true);
     }
 
     fn connection_lost(&self, reason: &str) {

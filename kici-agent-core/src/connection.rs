@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pacer};
 use crate::protocol::{
     now_ms, parse_inbound, AgentRegister, AuthRequest, FleetLogsRequest, Heartbeat, Inbound,
-    InboundError, JobCancel, JobDispatch, JobRef, Outbound, PROTOCOL_VERSION,
+    InboundError, JobCancel, JobDispatch, JobRef, Outbound, RegisterAck, PROTOCOL_VERSION,
 };
 use crate::tls::Socket;
 
@@ -139,6 +139,9 @@ pub(crate) trait SessionHandler: Send + Sync {
     fn connection_lost(&self, reason: &str);
     /// A fresh registration message (with the current `inFlightJobs`).
     fn registration(&self) -> AgentRegister;
+    /// The orchestrator acknowledged the registration; called just before the state becomes
+    /// `Registered`.
+    fn registration_acked(&self, _ack: &RegisterAck) {}
     /// A job was dispatched to us.
     fn on_dispatch(self: Arc<Self>, dispatch: Box<JobDispatch>);
     /// A dispatch we could not read, but whose ids we could.
@@ -338,6 +341,7 @@ async fn session(
         match next_inbound(&mut socket, shutdown).await {
             Received::Message(Inbound::RegisterAck(ack)) => {
                 tracing::info!(agent_id = %ack.agent_id, "registered with the orchestrator");
+                handler.registration_acked(&ack);
                 break;
             }
             Received::Message(Inbound::AuthFailure(f)) => {

@@ -60,6 +60,9 @@ pub enum Event {
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// A scaler-managed agent decided to shut itself down (`reason`: `scaler-idle` or
+    /// `scaler-pending-dispatch-timeout`); `stopped` follows once the shutdown is done.
+    SelfShutdown { reason: String },
     /// The agent stopped.
     Stopped,
 }

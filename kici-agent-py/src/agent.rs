@@ -526,7 +526,8 @@ impl AgentState {
 /// `delayMs` in `to_dict()`), `auth_failed` (reason), `job_started`
 /// (run_id, job_id, name), `job_rejected` (run_id, job_id, reason), `step_finished` (run_id,
 /// job_id, step_index, step_name, state, duration_ms, error), `job_finished` (run_id, job_id,
-/// name, state, duration_ms, error), `stopped`.
+/// name, state, duration_ms, error), `self_shutdown` (reason: `scaler-idle` or
+/// `scaler-pending-dispatch-timeout`), `stopped`.
 #[pyclass(frozen, module = "kici_agent")]
 pub struct Event {
     /// What happened (see the class docstring).

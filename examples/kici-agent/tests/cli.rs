@@ -1276,3 +1276,40 @@ fn an_unusable_kici_log_dir_refuses_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("KICI_LOG_DIR"), "{stderr}");
 }
+
+/// A scaler-managed agent (spec agent.md §6.5) with nothing to do exits 0 by itself, logging
+/// why, after closing the socket normally; it may carry the `kici:*` labels the scaler writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaler_managed_binary_exits_0_when_idle() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (mut child, _, log) = spawn_agent_with(
+        &mock,
+        &[
+            ("KICI_SCALER_MANAGED", "1"),
+            ("KICI_SCALER_IDLE_TIMEOUT", "200"),
+            ("KICI_LABELS", "linux,kici:scaler:firecracker"),
+        ],
+    );
+    let code = tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(code, Some(0));
+    let log = log.join().unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l.contains("scaler-managed agent is idle") && l.contains("scaler-idle")),
+        "log: {log:#?}"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("not implemented")),
+        "log: {log:#?}"
+    );
+    assert_eq!(mock.registrations().len(), 1);
+    assert!(mock
+        .closes()
+        .iter()
+        .any(|c| !c.by_server && c.code == Some(1000)));
+}

@@ -239,7 +239,8 @@ class Event:
     ``reconnect_scheduled`` (``attempt`` and ``delayMs`` in ``to_dict()``), ``auth_failed``
     (reason), ``job_started`` (run_id, job_id, name), ``job_rejected`` (run_id, job_id,
     reason), ``step_finished`` (run_id, job_id, step_index, step_name, state, duration_ms,
-    error), ``job_finished`` (run_id, job_id, name, state, duration_ms, error), ``stopped``."""
+    error), ``job_finished`` (run_id, job_id, name, state, duration_ms, error),
+    ``self_shutdown`` (reason: ``scaler-idle`` or ``scaler-pending-dispatch-timeout``), ``stopped``."""
 
     @property
     def type(self) -> str:

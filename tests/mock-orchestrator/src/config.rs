@@ -81,6 +81,9 @@ pub struct MockConfig {
     /// Close every connection with this code right after its `register.ack`, as the real one
     /// did several times in a row while recovering; `None`: keep it.
     pub close_after_register_ack: Option<u16>,
+    /// Answer every registration with `pendingDispatch: true`, as the real orchestrator does
+    /// when a queued job is already bound to the agent (protocol.md §2, `register.ack`).
+    pub pending_dispatch_on_register: bool,
     /// WebSocket port on 127.0.0.1; 0 picks a free one.
     pub port: u16,
     /// Print every frame, close and violation to stderr (defaults to `KICI_MOCK_TRACE` being set).
@@ -101,6 +104,7 @@ impl Default for MockConfig {
             auth_check_delay: Duration::from_millis(20),
             ack_lookup_delay: None,
             close_after_register_ack: None,
+            pending_dispatch_on_register: false,
             port: 0,
             trace: std::env::var_os("KICI_MOCK_TRACE").is_some(),
             tls: None,

@@ -472,7 +472,10 @@ impl Session {
         self.phase = Phase::Registered { agent_id };
         // Registration counts as a heartbeat (§1.1).
         self.last_heartbeat = now;
-        let ack = send(messages::register_ack(msg));
+        let ack = send(messages::register_ack(
+            msg,
+            self.shared.config.pending_dispatch_on_register,
+        ));
         match self.shared.config.close_after_register_ack {
             Some(code) => vec![ack, close(code, "Closing right after registration")],
             None => vec![ack],

@@ -27,13 +27,17 @@ pub(crate) fn auth_failure(reason: &str) -> Value {
 }
 
 /// `register.ack`, echoing the wire agentId and labels.
-pub(crate) fn register_ack(register: &Value) -> Value {
-    json!({
+pub(crate) fn register_ack(register: &Value, pending_dispatch: bool) -> Value {
+    let mut ack = json!({
         "type": "register.ack",
         "agentId": register["agentId"],
         "labels": register["labels"],
         "scalerManaged": false,
-    })
+    });
+    if pending_dispatch {
+        ack["pendingDispatch"] = json!(true);
+    }
+    ack
 }
 
 pub(crate) fn invalid_message_error() -> Value {
