@@ -322,7 +322,8 @@ kici_result kici_agent_wait(const struct kici_agent *agent,
  * `auth_failed` {reason};
  * `job_started` {runId, jobId, name}; `job_rejected` {runId, jobId, reason};
  * `step_finished` {runId, jobId, stepIndex, stepName, state, durationMs, error?};
- * `job_finished` {runId, jobId, name, state, durationMs, error?}; `stopped`.
+ * `job_finished` {runId, jobId, name, state, durationMs, error?};
+ * `self_shutdown` {reason} (a scaler-managed agent idled out); `stopped`.
  * `KICI_RESULT_TIMEOUT` when none came, `KICI_RESULT_CLOSED` once the agent stopped and every
  * event was read. Events are kept (up to 10000, oldest dropped) until read; read them from one
  * thread.

@@ -603,7 +603,9 @@ async fn a_job_timeout_kills_the_runner_and_skips_the_hooks() {
         "cancel",
         lock_steps(&["long", "never"]),
     );
-    d["jobConfig"]["timeout"] = json!(3000);
+    // Long enough for Node to start and reach the step on a machine loaded ~15 deep (3 s was
+    // not: the deadline passed before the step printed its pid).
+    d["jobConfig"]["timeout"] = json!(8000);
     h.mock.dispatch(&h.agent_id(), d).await.unwrap();
     let line = h
         .mock
@@ -619,7 +621,7 @@ async fn a_job_timeout_kills_the_runner_and_skips_the_hooks() {
     assert_eq!(done["state"], "failed");
     assert_eq!(
         done["data"]["error"],
-        "job_timeout: job exceeded its timeout of 3000ms"
+        "job_timeout: job exceeded its timeout of 8000ms"
     );
     assert!(!alive(pid), "the step's command survived the job timeout");
     let statuses = step_statuses(&h, "deadline");
