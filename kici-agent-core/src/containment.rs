@@ -16,7 +16,9 @@
 //!    and their zombies are reaped by the agent.
 //!
 //! `<agent>` is the agent process's [`Instance`]: after a crash the next agent kills what the
-//! dead one's jobs left running (cgroups and tagged processes), never a live agent's.
+//! dead one's jobs left running (cgroups and tagged processes), never a live agent's, and never
+//! what an agent of another pid namespace left: a host's `/proc` lists its containers' job
+//! processes too, whose owner pid means nothing on the host ([`Liveness::Unknown`]).
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -28,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::instance::Instance;
+use crate::instance::{Instance, Liveness};
 
 /// The environment variable that tags every process of one job attempt.
 pub const TAG_VARIABLE: &str = "KICI_JOB_INSTANCE";
@@ -490,7 +492,8 @@ fn is_zombie_child_of(pid: i32, parent: i32) -> bool {
 }
 
 /// At start-up: kills what the jobs of dead agents left running on this host (their job
-/// cgroups and tagged processes) and removes those cgroups. A live agent's are never touched.
+/// cgroups and tagged processes) and removes those cgroups. A live agent's are never touched,
+/// nor those of an agent whose liveness cannot be told from here (another pid namespace).
 /// Returns how many processes were killed.
 pub(crate) fn collect_dead_agents_leftovers() -> usize {
     let found = hierarchies();
@@ -505,7 +508,7 @@ pub(crate) fn collect_dead_agents_leftovers() -> usize {
             let Some(owner) = name.to_str().and_then(cgroup_owner) else {
                 continue;
             };
-            if !owner.is_alive() {
+            if owner.liveness() == Liveness::Gone {
                 killed += members(&entry.path()).len();
                 kill_cgroup(&entry.path(), v2);
                 tracing::info!(cgroup = %entry.path().display(), %owner, "removed the job cgroup of an agent that is gone");
@@ -517,7 +520,7 @@ pub(crate) fn collect_dead_agents_leftovers() -> usize {
             .ok()
             .and_then(|tag| tag.split_once('/'))
             .and_then(|(owner, _)| owner.parse::<Instance>().ok())
-            .is_some_and(|owner| !owner.is_alive())
+            .is_some_and(|owner| owner.liveness() == Liveness::Gone)
     });
     if killed > 0 {
         tracing::info!(
@@ -528,7 +531,7 @@ pub(crate) fn collect_dead_agents_leftovers() -> usize {
     killed
 }
 
-/// The agent instance in a job cgroup name `kici-job-<pid>-<ticks>-<id>`.
+/// The agent instance in a job cgroup name `kici-job-<pid>-<ticks>-<pid namespace>-<id>`.
 fn cgroup_owner(name: &str) -> Option<Instance> {
     let rest = name.strip_prefix(CGROUP_PREFIX)?;
     let (owner, _id) = rest.rsplit_once('-')?;
@@ -632,5 +635,137 @@ mod tests {
         );
         assert_eq!(cgroup_owner("kici-job-garbage"), None);
         assert_eq!(cgroup_owner("other"), None);
+    }
+
+    /// Set for the test binary run as pid 1 of a new pid namespace by the test below.
+    const NAMESPACED_AGENT: &str = "KICI_TEST_NAMESPACED_AGENT";
+
+    /// Whether this process may make a pid namespace with its own `/proc` (needs root, as CI
+    /// runs).
+    fn pid_namespaces_available() -> bool {
+        std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "true"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    }
+
+    /// An agent in a container is pid 1 or 2 of its own pid namespace, and the host's `/proc`
+    /// lists its jobs' processes with their `KICI_JOB_INSTANCE` tag (and its job cgroups may
+    /// sit under the host agent's cgroup). On the host that pid is another process with other
+    /// start ticks, so an agent starting on the host took the container's running job for a
+    /// dead agent's leftover and SIGKILLed it: the image test's long job died that way, ~1 run
+    /// in 4, whenever another agent started on the machine meanwhile.
+    #[test]
+    fn a_running_job_of_an_agent_in_another_pid_namespace_survives_the_start_up_collection() {
+        use std::io::BufRead;
+        if !pid_namespaces_available() {
+            eprintln!(
+                "skipped: `unshare --pid --fork --mount-proc` is not permitted here (needs root)"
+            );
+            return;
+        }
+        let mut agent = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "--"])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "containment::tests::agent_in_its_own_pid_namespace",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(NAMESPACED_AGENT, "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = agent.stdout.take().unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // libtest prints the test's name before its output, on the same line.
+            const MARK: &str = "namespaced-agent: ";
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(at) = line.find(MARK) {
+                    let _ = sender.send(line[at + MARK.len()..].to_owned());
+                }
+            }
+        });
+        let ready = receiver
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the namespaced agent started its job");
+        let (tag, cgroup) = ready.split_once(' ').unwrap_or((&ready, ""));
+        let tag = tag.as_bytes().to_vec();
+        // The host sees the job's process and its tag: the sweep does look at it.
+        assert_eq!(tagged_processes(&|v: &[u8]| v == tag).len(), 1);
+
+        let killed = collect_dead_agents_leftovers();
+
+        let survivors = tagged_processes(&|v: &[u8]| v == tag);
+        let cgroup_left = cgroup.is_empty() || Path::new(cgroup).exists();
+        // Let the namespaced agent end its job and exit, whatever the verdict.
+        drop(agent.stdin.take());
+        let ended = receiver.recv_timeout(Duration::from_secs(30));
+        agent.wait().unwrap();
+        assert_eq!(
+            survivors.len(),
+            1,
+            "the start-up collection (killed {killed}) killed another pid namespace's running job"
+        );
+        assert!(cgroup_left, "it removed that job's cgroup {cgroup}");
+        assert_eq!(ended.as_deref(), Ok("job still running at its end"));
+    }
+
+    /// The other side of the test above: the test binary as pid 1 of a new pid namespace, an
+    /// agent process with one running job, until its stdin closes.
+    #[test]
+    #[ignore = "run by a_running_job_of_an_agent_in_another_pid_namespace_survives_the_start_up_collection"]
+    fn agent_in_its_own_pid_namespace() {
+        use std::io::Read;
+        use std::os::unix::process::CommandExt;
+        if std::env::var_os(NAMESPACED_AGENT).is_none() {
+            return;
+        }
+        assert_eq!(std::process::id(), 1, "run as pid 1 of a new pid namespace");
+        let containment = JobContainment::create(0);
+        let fds = containment.join_fds();
+        let mut command = std::process::Command::new("sleep");
+        command.arg("600").env(TAG_VARIABLE, containment.tag());
+        // SAFETY: the closure only calls join_in_child, which is async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                join_in_child(&fds);
+                Ok(())
+            });
+        }
+        let mut job = command.spawn().unwrap();
+        let cgroup = containment
+            .cgroups
+            .first()
+            .map(|c| c.dir.display().to_string())
+            .unwrap_or_default();
+        // Once exec is done the tag is in the process's environment for the host to read.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tagged_processes(&|v: &[u8]| v == containment.tag().as_bytes()).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "the job's process never showed its tag"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        println!("namespaced-agent: {} {cgroup}", containment.tag());
+        let _ = std::io::stdin().read_to_end(&mut Vec::new());
+        let verdict = match job.try_wait().unwrap() {
+            None => "job still running at its end".to_owned(),
+            Some(status) => format!("job ended early: {status}"),
+        };
+        job.kill().unwrap();
+        job.wait().unwrap();
+        containment.kill_all();
+        println!("namespaced-agent: {verdict}");
     }
 }

@@ -41,6 +41,7 @@ pub mod process;
 pub mod protocol;
 mod sandbox;
 mod scaler;
+pub mod service_notify;
 pub mod telemetry;
 pub mod timeline;
 mod tls;

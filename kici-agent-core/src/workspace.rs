@@ -5,14 +5,16 @@
 //! Each directory has a sibling owner file (`<dir>.owner`) naming the agent process that made
 //! it ([`Instance`]). At start-up a directory whose owner is dead is removed at once; one whose
 //! owner still runs (another agent on the same host) is never touched, however old. Unmarked
-//! directories (an older agent's, or the Node agent's, which uses the same names) keep the
-//! reference rule: removed once older than [`STALE_AFTER`].
+//! directories (an older agent's, or the Node agent's, which uses the same names) and those of
+//! an owner this agent cannot judge (an agent of another pid namespace sharing the temp dir,
+//! such as a container's with a mounted one) keep the reference rule: removed once older than
+//! [`STALE_AFTER`].
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::instance::Instance;
+use crate::instance::{Instance, Liveness};
 
 /// Unmarked leftovers older than this are removed at start-up (spec §15.1).
 pub const STALE_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
@@ -90,7 +92,7 @@ fn is_ours(name: &str) -> bool {
 
 /// Who made a directory, as its owner file says.
 enum Ownership {
-    /// No (readable) owner file.
+    /// No (readable) owner file, or an owner this agent cannot judge.
     Unmarked,
     Live,
     Dead(Instance),
@@ -102,8 +104,11 @@ fn ownership(dir: &Path) -> Ownership {
         Err(_) => return Ownership::Unmarked,
     };
     match text.parse::<Instance>() {
-        Ok(owner) if owner.is_alive() => Ownership::Live,
-        Ok(owner) => Ownership::Dead(owner),
+        Ok(owner) => match owner.liveness() {
+            Liveness::Running => Ownership::Live,
+            Liveness::Gone => Ownership::Dead(owner),
+            Liveness::Unknown => Ownership::Unmarked,
+        },
         Err(()) => Ownership::Unmarked,
     }
 }
@@ -226,6 +231,29 @@ mod tests {
         assert!(tmp.path().join("kici-live01").exists());
         assert!(!owner_file_of(&tmp.path().join("kici-dead01")).exists());
         assert!(owner_file_of(&tmp.path().join("kici-live01")).exists());
+    }
+
+    /// A temp dir shared with a container (or the host, seen from one): its agent's pid means
+    /// another process here, so its directories fall under the age rule, never "owner gone".
+    #[test]
+    fn an_owner_in_another_pid_namespace_is_not_judged_only_aged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let me = Instance::current().to_string();
+        let (pid_and_ticks, namespace) = me.rsplit_once('-').unwrap();
+        let namespace: u64 = namespace.parse().unwrap();
+        // A pid that is surely free here, in another namespace.
+        let foreign = format!(
+            "{}-{}",
+            pid_and_ticks.replacen(&std::process::id().to_string(), &u32::MAX.to_string(), 1),
+            namespace + 1
+        );
+        std::fs::create_dir(tmp.path().join("kici-other1")).unwrap();
+        std::fs::write(owner_file_of(&tmp.path().join("kici-other1")), &foreign).unwrap();
+        assert!(collect_stale(tmp.path(), STALE_AFTER).is_empty());
+        assert_eq!(
+            names(&collect_stale(tmp.path(), Duration::ZERO)),
+            ["kici-other1"]
+        );
     }
 
     #[test]

@@ -119,6 +119,9 @@ def systemd(agent_binary):
     settings = dict(re.findall(r"(?m)^(\w+)=(.*)$", unit))
     check(settings.get("KillMode") == "mixed", "KillMode=mixed")
     check(settings.get("Restart") == "on-failure", "Restart=on-failure")
+    # Readiness once registered; never killed for waiting on the orchestrator (no restart loop).
+    check(settings.get("Type") == "notify", "Type=notify")
+    check(settings.get("TimeoutStartSec") == "infinity", "TimeoutStartSec=infinity")
     for option in ("NoNewPrivileges", "ProtectSystem", "StateDirectory"):
         check(option in settings, f"{option} set")
     env = dict(re.findall(r"(?m)^(KICI_\w+)=(.*)$", (DEPLOY / "systemd" / "kici-agent.env").read_text()))

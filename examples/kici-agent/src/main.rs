@@ -4,7 +4,9 @@
 //!   serves `/health`, `/ready` and `/metrics`, and maps signals to the library's verbs:
 //!   SIGTERM/SIGINT = graceful shutdown (running jobs get `KICI_SHUTDOWN_GRACE_MS`, 10 s by
 //!   default, then their processes are killed), a second SIGTERM/SIGINT = exit at once,
-//!   SIGUSR1 = drain (no new jobs, exit 0 when idle).
+//!   SIGUSR1 = drain (no new jobs, exit 0 when idle). Under a service manager that sets
+//!   `NOTIFY_SOCKET` (systemd `Type=notify`) it reports `READY=1` once registered with the
+//!   orchestrator, the connection's state as `STATUS=`, and `STOPPING=1` on shutdown or drain.
 //! - `kici-agent exec JOB_FILE` runs a job file locally through the same engine, with no
 //!   orchestrator, and exits 0 on success, 1 otherwise.
 //! - `kici-agent health` asks a running agent's `GET /health` on the configured `KICI_PORT`
@@ -24,6 +26,7 @@ use kici_agent_core::config::{LogFormat, LogLevel};
 use kici_agent_core::file_log::{FileLogSettings, RotatingFileLog};
 use kici_agent_core::local::{self, LocalCancel, LocalJob, LocalSettings};
 use kici_agent_core::protocol::{JobState, Outbound, StepState};
+use kici_agent_core::service_notify::ServiceNotifier;
 use kici_agent_core::{Agent, AgentConfig};
 
 const USAGE: &str = "usage: kici-agent            run the agent (configured by KICI_* variables)
@@ -159,6 +162,24 @@ fn run_agent() -> ExitCode {
     if let Some(addr) = agent.http_addr() {
         tracing::info!(port = addr.port(), "Agent started on port {}", addr.port());
     }
+    let notifier = match ServiceNotifier::from_env() {
+        Ok(notifier) => notifier.map(Arc::new),
+        Err(error) => {
+            tracing::warn!(%error, "no readiness notifications for the service manager");
+            None
+        }
+    };
+    if let Some(notifier) = &notifier {
+        // The binary pulls no events otherwise: the service manager gets what they mean.
+        let (agent, notifier) = (agent.clone(), notifier.clone());
+        std::thread::spawn(move || {
+            while let Some(event) = agent.next_event(None) {
+                if let Err(error) = notifier.on_event(&event) {
+                    tracing::warn!(%error, "could not notify the service manager");
+                }
+            }
+        });
+    }
     let signals = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -166,10 +187,19 @@ fn run_agent() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fatal(&format!("could not start the signal runtime: {e}")),
     };
-    signals.block_on(serve_signals(agent, grace))
+    signals.block_on(serve_signals(agent, grace, notifier))
 }
 
-async fn serve_signals(agent: Arc<Agent>, grace: Duration) -> ExitCode {
+async fn serve_signals(
+    agent: Arc<Agent>,
+    grace: Duration,
+    notifier: Option<Arc<ServiceNotifier>>,
+) -> ExitCode {
+    let stopping = |why: &str| {
+        if let Some(Err(error)) = notifier.as_ref().map(|n| n.stopping(why)) {
+            tracing::warn!(%error, "could not notify the service manager");
+        }
+    };
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut usr1)) = (
         signal(SignalKind::terminate()),
@@ -191,6 +221,7 @@ async fn serve_signals(agent: Arc<Agent>, grace: Duration) -> ExitCode {
             _ = int.recv() => "SIGINT",
             _ = usr1.recv() => {
                 tracing::info!("Received SIGUSR1, draining: no new jobs, exiting when idle");
+                stopping("Draining: no new jobs, exiting when idle");
                 agent.drain();
                 continue;
             }
@@ -201,6 +232,10 @@ async fn serve_signals(agent: Arc<Agent>, grace: Duration) -> ExitCode {
         }
         shutting_down = true;
         tracing::info!("Received {name}, starting graceful shutdown...");
+        stopping(&format!(
+            "Shutting down on {name}: running jobs get {} ms",
+            grace.as_millis()
+        ));
         agent.shutdown(grace);
     }
 }

@@ -592,8 +592,10 @@ async fn nothing_a_job_detaches_survives_cancel_or_shutdown() {
     drain.join().unwrap();
 }
 
-/// The instance string (`<pid>-<start ticks>`) of this test process: a live owner.
+/// The instance string (`<pid>-<start ticks>-<pid namespace>`) of this test process: a live
+/// owner.
 fn own_instance() -> String {
+    use std::os::unix::fs::MetadataExt;
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
     let ticks = stat
         .rsplit_once(')')
@@ -603,7 +605,8 @@ fn own_instance() -> String {
         .nth(19)
         .unwrap()
         .to_owned();
-    format!("{}-{ticks}", std::process::id())
+    let namespace = std::fs::metadata("/proc/self/ns/pid").unwrap().ino();
+    format!("{}-{ticks}-{namespace}", std::process::id())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1312,4 +1315,106 @@ async fn a_scaler_managed_binary_exits_0_when_idle() {
         .closes()
         .iter()
         .any(|c| !c.by_server && c.code == Some(1000)));
+/// A `NOTIFY_SOCKET` datagram listener standing in for systemd (`Type=notify`).
+fn notify_listener() -> (tempfile::TempDir, String, std::os::unix::net::UnixDatagram) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    (dir, path.display().to_string(), socket)
+}
+
+fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let len = socket.recv(&mut buf).expect("a notification within 20 s");
+    String::from_utf8_lossy(&buf[..len]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_type_notify_ready_follows_registration_and_stopping_precedes_the_exit() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (_dir, path, socket) = notify_listener();
+    let (mut child, _, drain) = spawn_agent_with(&mock, &[("NOTIFY_SOCKET", path.as_str())]);
+    let socket = std::sync::Arc::new(socket);
+    let listening = socket.clone();
+    let first = tokio::task::spawn_blocking(move || next_notification(&listening))
+        .await
+        .unwrap();
+    assert!(
+        first.starts_with("READY=1\nSTATUS=Registered as "),
+        "{first:?}"
+    );
+    assert!(
+        !mock.registrations().is_empty(),
+        "READY=1 before the orchestrator saw agent.register"
+    );
+    signal(&child, libc::SIGTERM);
+    let listening = socket.clone();
+    let stopping = tokio::task::spawn_blocking(move || next_notification(&listening))
+        .await
+        .unwrap();
+    assert!(
+        stopping.starts_with("STOPPING=1\nSTATUS=Shutting down on SIGTERM"),
+        "{stopping:?}"
+    );
+    assert_eq!(
+        tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+            .await
+            .unwrap()
+            .0,
+        Some(0)
+    );
+    drain.join().unwrap();
+}
+
+/// A rejected token keeps the process up (no restart loop) and never ready: the service
+/// manager sees why in the status instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_type_notify_a_rejected_token_is_a_status_never_ready() {
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (_dir, path, socket) = notify_listener();
+    let (mut child, _, drain) = spawn_agent_with(
+        &mock,
+        &[
+            ("NOTIFY_SOCKET", path.as_str()),
+            ("KICI_AGENT_TOKEN", "kat_not-the-right-one"),
+        ],
+    );
+    let (notification, socket) = tokio::task::spawn_blocking(move || {
+        // A disconnect may be reported before the rejection; READY=1 never is.
+        loop {
+            let notification = next_notification(&socket);
+            assert!(!notification.contains("READY=1"), "{notification:?}");
+            if notification.contains("Authentication rejected") {
+                return (notification, socket);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        notification.contains("not reconnecting"),
+        "{notification:?}"
+    );
+    assert!(
+        !notification.contains("kat_not-the-right-one"),
+        "the token reached the status: {notification:?}"
+    );
+    assert!(matches!(child.0.try_wait(), Ok(None)), "the agent exited");
+    signal(&child, libc::SIGTERM);
+    assert!(next_notification(&socket).starts_with("STOPPING=1"));
+    assert_eq!(
+        tokio::task::spawn_blocking(move || (wait_exit(&mut child), child))
+            .await
+            .unwrap()
+            .0,
+        Some(0)
+    );
+    drain.join().unwrap();
 }

@@ -302,3 +302,132 @@ async fn the_image_registers_serves_probes_runs_jobs_and_stops_gracefully() {
     assert!(mock.violations().is_empty(), "{:?}", mock.violations());
     drop(container);
 }
+
+/// A container job launched from inside the agent container: the engine's socket is mounted
+/// (with its group added, the agent being uid 10001), and a host directory is mounted at the
+/// same path as the agent's `TMPDIR`, because the engine resolves the job workspace's bind
+/// mount on the host, not in the agent's container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a container engine and the built image: scripts/image-test.sh"]
+async fn a_container_job_runs_on_the_engine_whose_socket_is_mounted() {
+    use std::os::unix::fs::MetadataExt;
+    let image = required_env("KICI_TEST_AGENT_IMAGE");
+    let docker_host = required_env("KICI_TEST_DOCKER_HOST");
+    let socket = docker_host
+        .strip_prefix("unix://")
+        .expect("KICI_TEST_DOCKER_HOST is a unix socket");
+    let socket_gid = std::fs::metadata(socket).unwrap().gid().to_string();
+    let job_image = std::env::var("KICI_TEST_IMAGE").unwrap_or("kici-test/busybox:latest".into());
+
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let mock_addr: SocketAddr = mock
+        .ws_url()
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .parse()
+        .unwrap();
+    let relay_port = relay_to(mock_addr, &bridge_gateway()).await;
+
+    // Owned by the image's user, like the image's own work directory.
+    let work = tempfile::Builder::new()
+        .prefix("kici-image-work-")
+        .tempdir()
+        .unwrap();
+    std::os::unix::fs::chown(work.path(), Some(10001), Some(10001)).unwrap();
+    let work_path = work.path().to_str().unwrap().to_owned();
+
+    let name = format!("kici-image-socket-test-{}", std::process::id());
+    let url = format!("KICI_ORCHESTRATOR_URL=ws://host.docker.internal:{relay_port}/ws");
+    let token = format!("KICI_AGENT_TOKEN={TEST_TOKEN}");
+    let socket_mount = format!("{socket}:/var/run/docker.sock");
+    let work_mount = format!("{work_path}:{work_path}");
+    let tmpdir = format!("TMPDIR={work_path}");
+    docker(&[
+        "run",
+        "--detach",
+        "--name",
+        &name,
+        "--add-host",
+        "host.docker.internal:host-gateway",
+        "--volume",
+        &socket_mount,
+        "--group-add",
+        &socket_gid,
+        "--volume",
+        &work_mount,
+        "--env",
+        &tmpdir,
+        "--env",
+        &url,
+        "--env",
+        &token,
+        "--env",
+        "KICI_AGENT_ID=with-the-engine",
+        &image,
+    ]);
+    let container = Container { name };
+    assert!(
+        mock.wait_for_message(
+            "config.ack",
+            |m| m["agentId"] == "with-the-engine",
+            Duration::from_secs(30),
+        )
+        .await
+        .is_some(),
+        "the containerised agent did not register"
+    );
+
+    let steps = serde_json::json!([
+        {"name": "inside", "run": "echo \"job container $(hostname) uid=$(id -u)\"; echo made > artifact.txt; pwd"},
+        {"name": "sees", "run": "cat artifact.txt"},
+    ]);
+    let mut dispatch =
+        kici_mock_orchestrator::sample_dispatch("run-socket", "job-socket", "", "main", "", steps);
+    dispatch["jobConfig"]["container"] = serde_json::json!(job_image);
+    mock.dispatch("with-the-engine", dispatch).await.unwrap();
+    let done = mock
+        .wait_for_message(
+            "job.status",
+            |m| m["jobId"] == "job-socket" && m["state"].as_str().is_some_and(|s| s != "running"),
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("the container job ended");
+    let lines = step_lines(&mock, "job-socket");
+    assert_eq!(done["state"], "success", "{done} {lines:?}");
+    // The step ran in a job container of the same engine (root in busybox), not in the agent's.
+    let agent_hostname = docker(&["inspect", "-f", "{{.Config.Hostname}}", &container.name]);
+    let inside = lines
+        .iter()
+        .find(|l| l.starts_with("job container "))
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(inside.ends_with(" uid=0"), "{inside}");
+    assert!(
+        !inside.contains(&agent_hostname),
+        "{inside} ran in the agent's container"
+    );
+    assert!(lines.iter().any(|l| l == "/workspace"), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "made"), "{lines:?}");
+    // The job container is gone, and the workspace went with the job.
+    let left = docker(&[
+        "ps",
+        "--all",
+        "--quiet",
+        "--filter",
+        "label=kici-job-id=job-socket",
+    ]);
+    assert!(left.is_empty(), "job containers left: {left}");
+    let workspaces: Vec<_> = std::fs::read_dir(work.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        workspaces.is_empty(),
+        "left in the work dir: {workspaces:?}"
+    );
+    assert!(mock.violations().is_empty(), "{:?}", mock.violations());
+    drop(container);
+}
