@@ -40,6 +40,7 @@ pub mod outbox;
 pub mod process;
 pub mod protocol;
 mod sandbox;
+pub mod secret_outputs;
 pub mod telemetry;
 pub mod timeline;
 mod tls;
