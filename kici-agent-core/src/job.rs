@@ -473,14 +473,14 @@ struct SecretOutputs {
     refused: Option<SecretOutputError>,
     /// Size of `$KICI_SECRET_OUTPUT` when last read.
     file_len: u64,
+    /// Values already given to the masker (a short value would be counted again).
+    masked: HashSet<String>,
 }
 
 impl SecretOutputs {
     /// Takes one secret output; its value is masked in the job's logs from now on.
     fn push(&mut self, key: String, value: String, masker: &JobMasker) {
-        if let Err(e) = masker.add(&value) {
-            tracing::error!(error = %e, "a secret output's value cannot be masked");
-        }
+        self.mask(&value, masker);
         match crate::secret_outputs::check_key(&key) {
             Ok(()) => {
                 self.values.insert(key, value);
@@ -501,10 +501,17 @@ impl SecretOutputs {
         self.file_len = len;
         if let Ok(values) = handoff.read_secret_outputs() {
             for (_, value) in values {
-                if let Err(e) = masker.add(&value) {
-                    tracing::error!(error = %e, "a secret output's value cannot be masked");
-                }
+                self.mask(&value, masker);
             }
+        }
+    }
+
+    fn mask(&mut self, value: &str, masker: &JobMasker) {
+        if !self.masked.insert(value.to_owned()) {
+            return;
+        }
+        if let Err(e) = masker.add(value) {
+            tracing::error!(error = %e, "a secret output's value cannot be masked");
         }
     }
 }
