@@ -886,6 +886,24 @@ kici_result kici_step_context_set_output(struct kici_step_context *context,
                                          struct kici_error **err);
 
 /**
+ * Sets secret output `key` of the job to the string `value`. The value is encrypted for the
+ * run's key (the dispatch's `runPublicKey`) and sent only in `secretOutputs` of the job's
+ * terminal status (a successful job's), never in plain outputs; from this call on it is masked
+ * in every log line of the job. Setting a key again replaces its value.
+ *
+ * `KICI_RESULT_INVALID_STATE` when the dispatch carried no usable `runPublicKey`, and
+ * `KICI_RESULT_INVALID_ARGUMENT` for an empty `key`: the step then fails with that message
+ * (naming the key, never the value) even if `run_step` returns 0.
+ *
+ * Ownership: `context`, `key` and `value` are borrowed (copied). Thread safety: see
+ * `kici_step_context`.
+ */
+kici_result kici_step_context_set_secret_output(struct kici_step_context *context,
+                                                const char *key,
+                                                const char *value,
+                                                struct kici_error **err);
+
+/**
  * Sets step output `key` to a JSON value (`json` is one JSON document: number, object, ...);
  * `KICI_RESULT_INVALID_ARGUMENT` when it does not parse.
  *

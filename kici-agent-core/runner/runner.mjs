@@ -9,6 +9,9 @@
 //   runner -> agent  {type:'step.start', index, name, kind, group?}
 //                    {type:'step.pending', index, name, group}
 //                    {type:'log', index, text}    output of a step (index -1: the job)
+//                    {type:'secret.output', index, key, value}   ctx.setSecretOutput (the agent
+//                     masks the value and seals it for the run; sent only when the job request
+//                     says the run has a key: secretOutputError absent)
 //                    {type:'step.complete', index, name, kind, group?, status, durationMs,
 //                     error?: {message, exitCode?}, outputs?}
 //                    {type:'job.complete', status, error?, outputs}
@@ -394,8 +397,16 @@ class JobRun {
       needs,
       outputsOf,
       jobOutputs: (ref) => needs[typeof ref === 'string' ? ref : ref && ref.name],
-      setSecretOutput() {
-        throw new Unsupported('ctx.setSecretOutput');
+      setSecretOutput(key, value) {
+        if (typeof key !== 'string' || !key.trim()) {
+          throw new TypeError('ctx.setSecretOutput: the name must be a non-empty string');
+        }
+        if (typeof value !== 'string') {
+          throw new TypeError(`ctx.setSecretOutput('${key}'): the value must be a string`);
+        }
+        // The agent says why the run cannot take secret outputs; the value is never in it.
+        if (run.request.secretOutputError) throw new Error(run.request.secretOutputError.replace('{key}', () => key));
+        send({ type: 'secret.output', index, key, value });
       },
     };
     for (const feature of ['cache', 'emit', 'api', 'provenance', 'approval', 'artifacts']) {

@@ -18,7 +18,7 @@
 //!   `TMPDIR` and `NODE_PATH` (the image's values apply instead; `PATH` entries added through
 //!   `$KICI_PATH` stay in front of the image's `PATH`), with host workspace paths rewritten to
 //!   `/workspace`. `jobConfig.container.env` sits under the step environment.
-//! * `$KICI_ENV`, `$KICI_PATH`, `$KICI_OUTPUT` work as on the host: each step gets fresh files
+//! * `$KICI_ENV`, `$KICI_PATH`, `$KICI_OUTPUT`, `$KICI_SECRET_OUTPUT` work as on the host: each step gets fresh files
 //!   under `/kici-handoff/<step>/`, copied back into the agent's hand-off files after the step.
 //! * Stopping a step: the engine (runc) makes every exec a session leader, so the wrapper's pid
 //!   is its process group. The wrapper records that pid; a cancel runs
@@ -82,10 +82,11 @@ const FALLBACK_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 const HOST_ONLY_VARS: [&str; 6] = ["PATH", "HOME", "USER", "SHELL", "TMPDIR", "NODE_PATH"];
 
 /// The hand-off files: variable, file name.
-const HANDOFF_FILES: [(&str, &str); 3] = [
+const HANDOFF_FILES: [(&str, &str); 4] = [
     ("KICI_ENV", "env"),
     ("KICI_PATH", "path"),
     ("KICI_OUTPUT", "output"),
+    ("KICI_SECRET_OUTPUT", "secret_output"),
 ];
 
 /// PID 1 of a job container: idles, reaps the orphans steps leave, exits on SIGTERM.
@@ -1460,6 +1461,7 @@ mod tests {
                 "KICI_ENV=/kici-handoff/s1/env",
                 "KICI_PATH=/kici-handoff/s1/path",
                 "KICI_OUTPUT=/kici-handoff/s1/output",
+                "KICI_SECRET_OUTPUT=/kici-handoff/s1/secret_output",
             ]
         );
         let unchanged = env_of(&[("PATH", "/usr/local/cargo/bin:/usr/bin:/bin")]);

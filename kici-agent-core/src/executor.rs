@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AgentConfig;
 use crate::process::{self, CommandSpec, KillPolicy, Outcome, RunLimits, StepEnv};
 use crate::protocol::{JobConfig, StepSpec};
+use crate::secret_outputs::{RunKeyError, SecretOutputError, SecretValue};
 
 /// The job as executors see it.
 #[derive(Debug, Clone, Serialize)]
@@ -91,6 +92,9 @@ pub(crate) enum StepEvent {
     Bytes(Vec<u8>),
     /// A step output (`data.outputs[step][key]`).
     Output(String, serde_json::Value),
+    /// A secret output (`job.status.secretOutputs[key]`): the engine masks the value from then
+    /// on and seals it, or fails the step when the run has no usable key.
+    SecretOutput(String, SecretValue),
 }
 
 /// The only way a step emits log output and outputs. Cheap to clone; usable from async code
@@ -100,6 +104,8 @@ pub struct StepIo {
     events: mpsc::Sender<StepEvent>,
     cancel: CancellationToken,
     force: CancellationToken,
+    /// Whether the run has a key to seal secret outputs with, and if not why.
+    secret_outputs: Result<(), RunKeyError>,
 }
 
 impl StepIo {
@@ -112,7 +118,14 @@ impl StepIo {
             events,
             cancel,
             force,
+            secret_outputs: Err(RunKeyError::Missing),
         }
+    }
+
+    /// Secret outputs can be sealed (`Ok`), or not and why.
+    pub(crate) fn with_secret_outputs(mut self, availability: Result<(), RunKeyError>) -> Self {
+        self.secret_outputs = availability;
+        self
     }
 
     /// Writes raw output (any bytes; lines are split, masked and capped downstream).
@@ -129,6 +142,50 @@ impl StepIo {
     /// Sets a step output.
     pub async fn set_output(&self, key: impl Into<String>, value: serde_json::Value) {
         let _ = self.events.send(StepEvent::Output(key.into(), value)).await;
+    }
+
+    /// Sets a secret output of the job: the value is sealed for the run's key (the dispatch's
+    /// `runPublicKey`) and sent only in `secretOutputs` of the job's terminal `job.status`
+    /// (a successful job's: the orchestrator reads them from no other), never in plain
+    /// outputs; from now on it is masked in every log line of the job. A later value of the
+    /// same key replaces the earlier one.
+    ///
+    /// Fails when the name is empty or the run has no usable key; the step then fails with
+    /// the same message (it names the key, never the value), whether or not the executor
+    /// returns the error.
+    pub async fn set_secret_output(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<(), SecretOutputError> {
+        let key = key.into();
+        let result = self.secret_output_result(&key);
+        let event = StepEvent::SecretOutput(key, SecretValue(value.into()));
+        let _ = self.events.send(event).await;
+        result
+    }
+
+    /// [`StepIo::set_secret_output`] for threads outside the async runtime.
+    pub fn blocking_set_secret_output(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Result<(), SecretOutputError> {
+        let key = key.into();
+        let result = self.secret_output_result(&key);
+        let event = StepEvent::SecretOutput(key, SecretValue(value.into()));
+        let _ = self.events.blocking_send(event);
+        result
+    }
+
+    fn secret_output_result(&self, key: &str) -> Result<(), SecretOutputError> {
+        crate::secret_outputs::check_key(key)?;
+        self.secret_outputs
+            .clone()
+            .map_err(|reason| SecretOutputError::NoRunKey {
+                key: key.to_owned(),
+                reason,
+            })
     }
 
     /// [`StepIo::write`] for threads outside the async runtime (C and Python executors).

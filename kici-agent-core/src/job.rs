@@ -15,15 +15,16 @@ use crate::checkout::{self, CheckoutRequest, GitCredentials, HostKeyPolicy};
 use crate::containment::JobContainment;
 use crate::events::{Event, EventQueue};
 use crate::executor::{Executor, ExecutorRegistry, JobContext, StepContext, StepEvent, StepIo};
-use crate::logs::{SecretMasker, StepLog, MIN_SECRET_CHARS};
+use crate::logs::{MaskerError, SecretMasker, StepLog, MIN_SECRET_CHARS};
 use crate::metrics::Metrics;
 use crate::outbox::{JobAttempt, Outbox};
 use crate::process::{HandoffFiles, StepEnv};
 use crate::protocol::{
     new_message_id, now_ms, ConcurrencyKind, GitAuthKind, JobContextDetails, JobDispatch, JobRef,
-    JobState, JobStatus, JobStatusData, Outbound, SshHostKeyPolicy, StepEntry, StepSpec, StepState,
-    StepStatus, StepStatusData, StepType,
+    JobState, JobStatus, JobStatusData, Outbound, SecretOutput, SshHostKeyPolicy, StepEntry,
+    StepSpec, StepState, StepStatus, StepStatusData, StepType,
 };
+use crate::secret_outputs::{RunKeyError, SecretOutputError, SecretOutputSealer};
 use crate::timeline::{ContextFacts, Timeline};
 
 mod whole;
@@ -140,7 +141,8 @@ pub(crate) async fn run_job(
         services: services.clone(),
         job_ref: job_ref.clone(),
         attempt: attempt.clone(),
-        masker,
+        masker: JobMasker::new(masker),
+        sealer: SecretOutputSealer::new(dispatch.run_public_key.as_deref()),
         control,
         state: Arc::new(Mutex::new(RunState::default())),
         job_timed_out: CancellationToken::new(),
@@ -163,7 +165,7 @@ pub(crate) async fn run_job(
         }
     };
     run.timeline.execution_end(outcome.0);
-    let too_short = run.masker.too_short();
+    let too_short = run.masker.current().too_short();
     if too_short > 0 {
         // Once per job, never the value.
         tracing::warn!(job_id = %job_ref.job_id, count = too_short, "secret values shorter than {MIN_SECRET_CHARS} characters are not masked");
@@ -181,14 +183,28 @@ pub(crate) async fn run_job(
     let duration_ms = started.elapsed().as_millis() as u64;
     let (state, error) = outcome;
     let error = error.map(|error| run.masker.mask(&error).into_owned());
-    let (step_results, outputs) = {
+    let (step_results, outputs, secret_outputs) = {
         let mut run_state = run.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut results = std::mem::take(&mut run_state.results);
         results.sort_by_key(|(index, _)| *index);
         (
             results.into_iter().map(|(_, r)| r).collect::<Vec<_>>(),
             std::mem::take(&mut run_state.outputs),
+            std::mem::take(&mut run_state.secret_outputs),
         )
+    };
+    // The orchestrator reads secret outputs only from a successful job.
+    let secret_outputs = if secret_outputs.is_empty() {
+        None
+    } else if state == JobState::Success {
+        Some(secret_outputs)
+    } else {
+        run.job_log(format!(
+            "[kici] {} secret output(s) not sent: the orchestrator takes them only from a successful job",
+            secret_outputs.len()
+        ))
+        .await;
+        None
     };
     let data = JobStatusData {
         duration_ms: Some(duration_ms),
@@ -202,7 +218,7 @@ pub(crate) async fn run_job(
         state.as_str()
     ))
     .await;
-    end.finish(state, data);
+    end.finish(state, data, secret_outputs);
     run.timeline.teardown();
     state
 }
@@ -223,7 +239,12 @@ struct JobEnd<R: FnOnce()> {
 }
 
 impl<R: FnOnce()> JobEnd<R> {
-    fn finish(&mut self, state: JobState, data: JobStatusData) {
+    fn finish(
+        &mut self,
+        state: JobState,
+        data: JobStatusData,
+        secret_outputs: Option<BTreeMap<String, SecretOutput>>,
+    ) {
         let Some(release) = self.release.take() else {
             return;
         };
@@ -232,11 +253,13 @@ impl<R: FnOnce()> JobEnd<R> {
         release();
         let error = data.error.clone();
         let duration_ms = data.duration_ms.unwrap_or_default();
-        self.services.outbox.push_status(
-            &self.attempt,
-            job_status(&self.job_ref, state, Some(data)),
-            true,
-        );
+        let mut status = job_status(&self.job_ref, state, Some(data));
+        if let Outbound::JobStatus(status) = &mut status {
+            status.secret_outputs = secret_outputs;
+        }
+        self.services
+            .outbox
+            .push_status(&self.attempt, status, true);
         self.services.metrics.job_finished(state);
         self.services.events.push(Event::JobFinished {
             run_id: self.job_ref.run_id.clone(),
@@ -268,7 +291,7 @@ impl<R: FnOnce()> Drop for JobEnd<R> {
             error: Some(error.to_owned()),
             ..JobStatusData::default()
         };
-        self.finish(JobState::Failed, data);
+        self.finish(JobState::Failed, data, None);
     }
 }
 
@@ -304,6 +327,7 @@ pub(crate) fn job_status(job: &JobRef, state: JobState, data: Option<JobStatusDa
         state,
         timestamp: now_ms(),
         data,
+        secret_outputs: None,
     })
 }
 
@@ -358,6 +382,8 @@ fn plan_steps(entries: &[StepEntry]) -> Vec<Planned> {
 struct RunState {
     results: Vec<(u32, crate::protocol::StepResult)>,
     outputs: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
+    /// Sealed secret outputs by key (`job.status.secretOutputs`); a later value replaces one.
+    secret_outputs: BTreeMap<String, SecretOutput>,
     env: Option<StepEnv>,
     /// Where bare-metal steps run when the agent sandboxes them (needs the workspace).
     sandbox: Option<Arc<crate::sandbox::Sandbox>>,
@@ -371,13 +397,123 @@ struct JobRunner {
     job_ref: JobRef,
     /// What the outbox files this job's messages under.
     attempt: JobAttempt,
-    masker: SecretMasker,
+    masker: JobMasker,
+    /// Seals secret outputs for the run's key; `Err`: the run has none usable, and a step
+    /// that sets one fails.
+    sealer: Result<SecretOutputSealer, RunKeyError>,
     control: JobControl,
     state: Arc<Mutex<RunState>>,
     job_timed_out: CancellationToken,
     /// Holds every process the job's steps start, so none outlives the job.
     containment: Arc<JobContainment>,
     timeline: Timeline,
+}
+
+/// The job's secret masker. It grows while the job runs (a step sets a secret output), so a
+/// holder of a snapshot, such as a step's [`StepLog`], compares generations and takes the newer
+/// one ([`JobMasker::refresh`]).
+#[derive(Clone)]
+struct JobMasker {
+    inner: Arc<Mutex<(u64, SecretMasker)>>,
+}
+
+impl JobMasker {
+    fn new(masker: SecretMasker) -> Self {
+        JobMasker {
+            inner: Arc::new(Mutex::new((0, masker))),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, SecretMasker)> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A snapshot of the masker as it is now.
+    fn current(&self) -> SecretMasker {
+        self.lock().1.clone()
+    }
+
+    /// The current masker and its generation, for [`JobMasker::refresh`].
+    fn snapshot(&self) -> (u64, SecretMasker) {
+        self.lock().clone()
+    }
+
+    /// `text` masked with every secret known so far.
+    fn mask<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        self.current().mask(text)
+    }
+
+    /// Adds a secret value for the rest of the job.
+    fn add(&self, value: &str) -> Result<(), MaskerError> {
+        let mut guard = self.lock();
+        let before = guard.1.clone();
+        guard.1.add(value)?;
+        if !before.is_same(&guard.1) {
+            guard.0 += 1;
+        }
+        Ok(())
+    }
+
+    /// Gives `log` the current masker when it changed since generation `seen`.
+    fn refresh(&self, log: &mut StepLog, seen: &mut u64) {
+        let guard = self.lock();
+        if guard.0 != *seen {
+            *seen = guard.0;
+            log.set_masker(guard.1.clone());
+        }
+    }
+}
+
+/// The secret outputs one step attempt set, not sealed yet.
+#[derive(Default)]
+struct SecretOutputs {
+    /// By key, the last value winning.
+    values: BTreeMap<String, String>,
+    /// The first that cannot be sent for its own fault (an empty name).
+    refused: Option<SecretOutputError>,
+    /// Size of `$KICI_SECRET_OUTPUT` when last read.
+    file_len: u64,
+    /// Values already given to the masker (a short value would be counted again).
+    masked: HashSet<String>,
+}
+
+impl SecretOutputs {
+    /// Takes one secret output; its value is masked in the job's logs from now on.
+    fn push(&mut self, key: String, value: String, masker: &JobMasker) {
+        self.mask(&value, masker);
+        match crate::secret_outputs::check_key(&key) {
+            Ok(()) => {
+                self.values.insert(key, value);
+            }
+            Err(refusal) => {
+                self.refused.get_or_insert(refusal);
+            }
+        }
+    }
+
+    /// Masks the values the step wrote to `$KICI_SECRET_OUTPUT` so far (the file is read
+    /// again only when it grew or shrank); they are collected at the end of the step.
+    fn watch_file(&mut self, handoff: &HandoffFiles, masker: &JobMasker) {
+        let len = std::fs::metadata(handoff.secret_output_file()).map_or(0, |m| m.len());
+        if len == self.file_len {
+            return;
+        }
+        self.file_len = len;
+        if let Ok(values) = handoff.read_secret_outputs() {
+            for (_, value) in values {
+                self.mask(&value, masker);
+            }
+        }
+    }
+
+    fn mask(&mut self, value: &str, masker: &JobMasker) {
+        if !self.masked.insert(value.to_owned()) {
+            return;
+        }
+        if let Err(e) = masker.add(value) {
+            tracing::error!(error = %e, "a secret output's value cannot be masked");
+        }
+    }
 }
 
 /// How a step ended, for the loop.
@@ -875,7 +1011,8 @@ impl JobRunner {
         let cancel = stop.child_token();
         let force = self.control.force.child_token();
         let (events_tx, mut events_rx) = mpsc::channel::<StepEvent>(64);
-        let io = StepIo::new(events_tx, cancel.clone(), force.clone());
+        let io = StepIo::new(events_tx, cancel.clone(), force.clone())
+            .with_secret_outputs(self.sealer.as_ref().map(|_| ()).map_err(Clone::clone));
         let mut execution = {
             let executor = executor.clone();
             let job = context.clone();
@@ -903,17 +1040,26 @@ impl JobRunner {
         tokio::pin!(timer);
         let mut timed_out = false;
         let mut abandon_at: Option<tokio::time::Instant> = None;
-        let mut log = StepLog::new(self.masker.clone(), self.log_cap);
+        let (mut masker_seen, masker) = self.masker.snapshot();
+        let mut log = StepLog::new(masker, self.log_cap);
         let mut outputs: Vec<(String, serde_json::Value)> = Vec::new();
+        let mut secret_outputs = SecretOutputs::default();
         let mut lines = Vec::new();
         let joined = loop {
             tokio::select! {
                 event = events_rx.recv() => match event {
                     Some(StepEvent::Bytes(bytes)) => {
+                        // A value the step wrote to $KICI_SECRET_OUTPUT before this output is
+                        // masked in it.
+                        secret_outputs.watch_file(&handoff, &self.masker);
+                        self.masker.refresh(&mut log, &mut masker_seen);
                         log.push_bytes(&bytes, &mut lines);
                         self.forward_lines(step.index, &mut lines).await;
                     }
                     Some(StepEvent::Output(key, value)) => outputs.push((key, value)),
+                    Some(StepEvent::SecretOutput(key, value)) => {
+                        secret_outputs.push(key, value.0, &self.masker);
+                    }
                     // Every sender is gone: only the join is left to wait for.
                     None => {
                         break await_execution(&mut execution, &force).await;
@@ -942,16 +1088,25 @@ impl JobRunner {
         events_rx.close();
         while let Some(event) = events_rx.recv().await {
             match event {
-                StepEvent::Bytes(bytes) => log.push_bytes(&bytes, &mut lines),
+                StepEvent::Bytes(bytes) => {
+                    secret_outputs.watch_file(&handoff, &self.masker);
+                    self.masker.refresh(&mut log, &mut masker_seen);
+                    log.push_bytes(&bytes, &mut lines);
+                }
                 StepEvent::Output(key, value) => outputs.push((key, value)),
+                StepEvent::SecretOutput(key, value) => {
+                    secret_outputs.push(key, value.0, &self.masker)
+                }
             }
         }
         log.finish(&mut lines);
         self.forward_lines(step.index, &mut lines).await;
         let log_bytes = log.bytes_streamed();
 
-        self.apply_handoff(&handoff, name, &mut outputs).await;
-        for key in self.masker.mask_outputs(&mut outputs) {
+        self.apply_handoff(&handoff, name, &mut outputs, &mut secret_outputs)
+            .await;
+        let refused = self.seal_secret_outputs(secret_outputs);
+        for key in self.masker.current().mask_outputs(&mut outputs) {
             self.job_log(format!(
                 "[kici] Output '{key}' of step '{name}' holds a secret; it is sent masked"
             ))
@@ -974,6 +1129,17 @@ impl JobRunner {
                 "executor '{}' did not stop when asked to",
                 executor.name()
             ))),
+        };
+        // A secret output that cannot be sent fails a step that would have succeeded; a step
+        // that failed anyway keeps its own error and the refusal goes to the job log.
+        let result = match (result, refused) {
+            (Ok(()), Some(refusal)) => Err(StepFailure::new(refusal.to_string())),
+            (Err(failure), Some(refusal)) => {
+                self.job_log(format!("[kici] Step '{name}': {refusal}"))
+                    .await;
+                Err(failure)
+            }
+            (result, None) => result,
         };
         if self.job_timed_out.is_cancelled() {
             return (
@@ -1033,14 +1199,16 @@ impl JobRunner {
         Ok(())
     }
 
-    /// Applies `$KICI_ENV` / `$KICI_PATH` to later steps and collects `$KICI_OUTPUT`.
+    /// Applies `$KICI_ENV` / `$KICI_PATH` to later steps and collects `$KICI_OUTPUT` and
+    /// `$KICI_SECRET_OUTPUT`.
     async fn apply_handoff(
         &self,
         handoff: &HandoffFiles,
         step: &str,
         outputs: &mut Vec<(String, serde_json::Value)>,
+        secret_outputs: &mut SecretOutputs,
     ) {
-        let delta = match handoff.read_delta() {
+        let mut delta = match handoff.read_delta() {
             Ok(delta) => delta,
             Err(e) => {
                 self.job_log(format!(
@@ -1056,9 +1224,13 @@ impl JobRunner {
                 .iter()
                 .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))),
         );
+        for (key, value) in std::mem::take(&mut delta.secret_outputs) {
+            secret_outputs.push(key, value, &self.masker);
+        }
         let refused = {
             let mut run_state = self.lock();
-            let protected: HashSet<&str> = ["KICI_ENV", "KICI_PATH", "KICI_OUTPUT"].into();
+            let protected: HashSet<&str> =
+                ["KICI_ENV", "KICI_PATH", "KICI_OUTPUT", "KICI_SECRET_OUTPUT"].into();
             match run_state.env.as_mut() {
                 Some(env) => delta.apply(env, &|key| protected.contains(key)),
                 None => Vec::new(),
@@ -1070,6 +1242,31 @@ impl JobRunner {
             ))
             .await;
         }
+    }
+
+    /// Seals a step's secret outputs into the job's; returns why they cannot be sent, if so.
+    fn seal_secret_outputs(&self, outputs: SecretOutputs) -> Option<SecretOutputError> {
+        let sealer = match &self.sealer {
+            Ok(sealer) => sealer,
+            Err(reason) => {
+                return outputs
+                    .values
+                    .into_iter()
+                    .next()
+                    .map(|(key, _)| SecretOutputError::NoRunKey {
+                        key,
+                        reason: reason.clone(),
+                    })
+                    .or(outputs.refused)
+            }
+        };
+        if !outputs.values.is_empty() {
+            let mut run_state = self.lock();
+            for (key, value) in outputs.values {
+                run_state.secret_outputs.insert(key, sealer.seal(&value));
+            }
+        }
+        outputs.refused
     }
 
     /// The `context` of the job's `job.context`.
@@ -1091,7 +1288,7 @@ impl JobRunner {
                 .flat_map(|s| s.keys().cloned())
                 .collect(),
             host_env: &self.services.settings.host_env,
-            masker: &self.masker,
+            masker: &self.masker.current(),
             sandbox_type: if in_container {
                 "container"
             } else {

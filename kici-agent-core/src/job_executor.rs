@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::executor::{JobContext, StepFailure};
 use crate::process::StepEnv;
 use crate::protocol::{JobState, StepState, StepType};
+use crate::secret_outputs::{RunKeyError, SecretValue};
 
 /// One step (or hook pseudo-step) starting an attempt.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +63,12 @@ pub(crate) enum JobEvent {
         bytes: Vec<u8>,
     },
     Finished(StepFinished),
+    /// A step set a secret output (see [`JobIo::secret_output`]).
+    SecretOutput {
+        index: u32,
+        key: String,
+        value: SecretValue,
+    },
 }
 
 /// How a whole job ended, as its executor sees it.
@@ -88,6 +95,7 @@ pub struct JobIo {
     events: mpsc::Sender<JobEvent>,
     cancel: CancellationToken,
     force: CancellationToken,
+    secret_outputs: Result<(), RunKeyError>,
 }
 
 impl JobIo {
@@ -100,7 +108,31 @@ impl JobIo {
             events,
             cancel,
             force,
+            secret_outputs: Err(RunKeyError::Missing),
         }
+    }
+
+    /// Secret outputs can be sealed (`Ok`), or not and why.
+    pub(crate) fn with_secret_outputs(mut self, availability: Result<(), RunKeyError>) -> Self {
+        self.secret_outputs = availability;
+        self
+    }
+
+    /// Whether the run has a key for secret outputs (`Err`: why not). An executor should fail
+    /// a step that sets one when it has none, naming the key and never the value; the engine
+    /// drops such a value (masked, logged by key) anyway.
+    pub fn secret_outputs(&self) -> Result<(), RunKeyError> {
+        self.secret_outputs.clone()
+    }
+
+    /// Step `index` set secret output `key`: the engine masks the value from now on and seals
+    /// it into `job.status.secretOutputs` (see [`crate::StepIo::set_secret_output`]).
+    pub async fn secret_output(&self, index: u32, key: String, value: String) {
+        let value = SecretValue(value);
+        let _ = self
+            .events
+            .send(JobEvent::SecretOutput { index, key, value })
+            .await;
     }
 
     /// A step attempt started (`step.status running`).

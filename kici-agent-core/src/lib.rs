@@ -42,6 +42,7 @@ pub mod protocol;
 mod sandbox;
 mod scaler;
 pub mod service_notify;
+pub mod secret_outputs;
 pub mod telemetry;
 pub mod timeline;
 mod tls;

@@ -141,6 +141,7 @@ impl LocalJob {
             namespaced_secrets: None,
             max_log_size_bytes: None,
             request_id: None,
+            run_public_key: None,
             extra: Default::default(),
         }
     }

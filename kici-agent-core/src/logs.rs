@@ -249,6 +249,11 @@ impl SecretMasker {
         masked_keys
     }
 
+    /// Whether `other` is this masker or a clone of it (no value added to either since).
+    pub fn is_same(&self, other: &SecretMasker) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// True when no value is registered.
     pub fn is_empty(&self) -> bool {
         self.inner.patterns.is_empty()

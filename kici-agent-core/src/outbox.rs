@@ -895,6 +895,7 @@ mod tests {
             state,
             timestamp: 1,
             data: None,
+            secret_outputs: None,
         })
     }
 

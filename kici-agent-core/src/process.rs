@@ -128,28 +128,35 @@ impl fmt::Debug for StepEnv {
     }
 }
 
-/// The per-step `$KICI_ENV` / `$KICI_PATH` / `$KICI_OUTPUT` hand-off files (spec §10.4), in a
-/// private temporary directory `kici-env-XXXXXX` that is removed on drop (the reference agent
-/// leaked one per job).
+/// The per-step `$KICI_ENV` / `$KICI_PATH` / `$KICI_OUTPUT` / `$KICI_SECRET_OUTPUT` hand-off
+/// files (spec §10.4; the output files are our extension), in a private temporary directory
+/// `kici-env-XXXXXX` that is removed on drop (the reference agent leaked one per job).
 #[derive(Debug)]
 pub struct HandoffFiles {
     dir: crate::workspace::OwnedDir,
     env_file: PathBuf,
     path_file: PathBuf,
     output_file: PathBuf,
+    secret_output_file: PathBuf,
 }
 
 impl HandoffFiles {
-    /// Creates the directory (in `in_dir`, else the system temp dir) and the three empty files.
+    /// Creates the directory (in `in_dir`, else the system temp dir) and the four empty files.
     pub fn create(in_dir: Option<&Path>) -> io::Result<Self> {
         let dir = crate::workspace::OwnedDir::create("kici-env-", in_dir)?;
         let files = Self {
             env_file: dir.path().join("env"),
             path_file: dir.path().join("path"),
             output_file: dir.path().join("output"),
+            secret_output_file: dir.path().join("secret_output"),
             dir,
         };
-        for file in [&files.env_file, &files.path_file, &files.output_file] {
+        for file in [
+            &files.env_file,
+            &files.path_file,
+            &files.output_file,
+            &files.secret_output_file,
+        ] {
             std::fs::File::create(file).map_err(|e| with_path(e, file))?;
         }
         Ok(files)
@@ -160,12 +167,13 @@ impl HandoffFiles {
         self.dir.path()
     }
 
-    /// Points `KICI_ENV`, `KICI_PATH` and `KICI_OUTPUT` at the files.
+    /// Points `KICI_ENV`, `KICI_PATH`, `KICI_OUTPUT` and `KICI_SECRET_OUTPUT` at the files.
     pub fn apply_to(&self, env: &mut StepEnv) {
         for (name, file) in [
             ("KICI_ENV", &self.env_file),
             ("KICI_PATH", &self.path_file),
             ("KICI_OUTPUT", &self.output_file),
+            ("KICI_SECRET_OUTPUT", &self.secret_output_file),
         ] {
             env.set(name, file.to_string_lossy());
         }
@@ -184,7 +192,20 @@ impl HandoffFiles {
             vars: parse_assignments(&read_if_present(&self.env_file)?),
             path_entries,
             outputs: parse_assignments(&read_if_present(&self.output_file)?),
+            secret_outputs: self.read_secret_outputs()?,
         })
+    }
+
+    /// `$KICI_SECRET_OUTPUT`, the file of secret outputs (`KEY=value` lines as `$KICI_OUTPUT`).
+    pub fn secret_output_file(&self) -> &Path {
+        &self.secret_output_file
+    }
+
+    /// The `$KICI_SECRET_OUTPUT` assignments written so far.
+    pub fn read_secret_outputs(&self) -> io::Result<Vec<(String, String)>> {
+        Ok(parse_assignments(&read_if_present(
+            &self.secret_output_file,
+        )?))
     }
 }
 
@@ -232,6 +253,8 @@ pub struct EnvDelta {
     pub path_entries: Vec<String>,
     /// `$KICI_OUTPUT` assignments, same rules as `vars`.
     pub outputs: Vec<(String, String)>,
+    /// `$KICI_SECRET_OUTPUT` assignments, same rules as `vars`.
+    pub secret_outputs: Vec<(String, String)>,
 }
 
 impl EnvDelta {
@@ -1013,6 +1036,7 @@ mod tests {
             ],
             path_entries: vec!["/first".to_string(), "/second".to_string()],
             outputs: Vec::new(),
+            secret_outputs: Vec::new(),
         };
         let mut env = StepEnv::default();
         env.set("SECRET", "kept");
@@ -1044,6 +1068,7 @@ mod tests {
             echo "GREETING=bye" >> "$KICI_ENV"
             printf '/opt/one\n\n  /opt/two  \n' >> "$KICI_PATH"
             echo "result=42" >> "$KICI_OUTPUT"
+            echo "token=abc=def" >> "$KICI_SECRET_OUTPUT"
         "#;
         let spec = CommandSpec::bash(script, parent.path().to_path_buf(), env);
         let (report, _) = run_collect(spec, RunLimits::default()).await;
@@ -1058,6 +1083,7 @@ mod tests {
                 vars: vec![("GREETING".to_string(), "bye".to_string())],
                 path_entries: vec!["/opt/one".to_string(), "/opt/two".to_string()],
                 outputs: vec![("result".to_string(), "42".to_string())],
+                secret_outputs: vec![("token".to_string(), "abc=def".to_string())],
             }
         );
         drop(files);

@@ -198,6 +198,9 @@ pub struct JobDispatch {
     pub max_log_size_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
+    /// Base64 DER SPKI X25519 key that `secretOutputs` are sealed for (see `secret_outputs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_public_key: Option<String>,
     /// Fields this agent does not interpret, kept for round-trips and executors.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -794,6 +797,19 @@ pub struct JobStatus {
     pub timestamp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<JobStatusData>,
+    /// Sealed secret outputs by key; the orchestrator reads them only from a `success`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_outputs: Option<BTreeMap<String, SecretOutput>>,
+}
+
+/// One sealed value of `job.status.secretOutputs` (see `secret_outputs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretOutput {
+    /// Base64 DER SPKI of the job's ephemeral X25519 public key.
+    pub agent_public_key: String,
+    /// Base64 of IV (12 bytes) ‖ GCM tag (16 bytes) ‖ ciphertext.
+    pub encrypted: String,
 }
 
 /// `job.status.data`, as the orchestrator reads it (spec §5.5).
@@ -1299,6 +1315,7 @@ mod tests {
                     state: JobState::Running,
                     timestamp: 1,
                     data: None,
+                    secret_outputs: None,
                 }),
                 vec!["type", "messageId", "runId", "jobId", "state", "timestamp"],
             ),

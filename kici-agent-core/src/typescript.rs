@@ -390,6 +390,10 @@ struct JobRequest<'a> {
     default_step_timeout_ms: u64,
     secrets: &'a BTreeMap<String, String>,
     job_config: &'a JobConfig,
+    /// Why `ctx.setSecretOutput` must fail (`{key}` stands for the output's name); absent when
+    /// the run has a key to seal secret outputs with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret_output_error: Option<String>,
 }
 
 /// Agent -> runner: list the jobs of a module.
@@ -454,6 +458,12 @@ enum RunnerMessage {
         outputs: Option<BTreeMap<String, serde_json::Value>>,
         #[serde(default)]
         retrying: bool,
+    },
+    #[serde(rename = "secret.output")]
+    SecretOutput {
+        index: u32,
+        key: String,
+        value: crate::secret_outputs::SecretValue,
     },
     #[serde(rename = "job.complete")]
     JobComplete {
@@ -526,6 +536,9 @@ impl RunnerMessage {
                     retrying,
                 })
                 .await
+            }
+            RunnerMessage::SecretOutput { index, key, value } => {
+                io.secret_output(index, key, value.0).await
             }
             RunnerMessage::JobComplete { status, error } => {
                 return Some(JobOutcome {
@@ -616,6 +629,13 @@ impl JobExecutor for TypeScriptExecutor {
             default_step_timeout_ms: self.default_step_timeout.as_millis() as u64,
             secrets: &job.secrets,
             job_config: &job.config,
+            secret_output_error: io.secret_outputs().err().map(|reason| {
+                crate::secret_outputs::SecretOutputError::NoRunKey {
+                    key: "{key}".into(),
+                    reason,
+                }
+                .to_string()
+            }),
         };
 
         let (output_tx, mut output_rx) = mpsc::channel::<Vec<u8>>(64);

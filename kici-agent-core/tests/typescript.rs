@@ -436,6 +436,63 @@ async fn secrets_from_ctx_are_masked_and_exposed_only_to_their_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_secret_output_is_sealed_for_the_run_and_refused_without_its_key() {
+    let repo = repo();
+    let run_key = kici_mock_orchestrator::run_keys::RunKeyPair::generate();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let mut d = dispatch(
+        &repo,
+        "sealed",
+        "features.ts",
+        "features",
+        "secret-output",
+        lock_steps(&["publish"]),
+    );
+    d["runPublicKey"] = json!(run_key.public_key_base64());
+    h.mock.dispatch(&h.agent_id(), d).await.unwrap();
+    let status = h.terminal_status("sealed").await;
+    assert_eq!(status["state"], "success", "{status}");
+    assert_eq!(
+        run_key
+            .open(&status["secretOutputs"]["DEPLOY_KEY"])
+            .unwrap(),
+        "ts-deploy-key-31c7"
+    );
+    assert_eq!(
+        status["data"]["outputs"],
+        json!({"publish": {"plain": "visible"}})
+    );
+    assert_eq!(h.lines("sealed", 0), ["published ***", "shell sees ***"]);
+
+    let mut d = dispatch(
+        &repo,
+        "keyless",
+        "features.ts",
+        "features",
+        "secret-output",
+        lock_steps(&["publish"]),
+    );
+    d.as_object_mut().unwrap().remove("runPublicKey");
+    h.mock.dispatch(&h.agent_id(), d).await.unwrap();
+    let status = h.terminal_status("keyless").await;
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(status.get("secretOutputs").is_none(), "{status}");
+    let error = status["data"]["stepResults"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains("secret output 'DEPLOY_KEY'") && error.contains("no runPublicKey"),
+        "{error}"
+    );
+    let everything =
+        serde_json::to_string(&h.mock.received().iter().map(|r| &r.msg).collect::<Vec<_>>())
+            .unwrap();
+    assert!(!everything.contains("ts-deploy-key-31c7"));
+    h.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_cancel_kills_the_running_command_and_runs_the_cancel_hook() {
     let repo = repo();
     let h = start(|c| c).await;

@@ -4,6 +4,7 @@
 use std::ffi::{c_char, CStr, CString};
 use std::sync::Mutex;
 
+use kici_agent_core::secret_outputs::SecretOutputError;
 use kici_agent_core::{StepContext, StepIo};
 
 use crate::boundary::{guard, guard_infallible, object, out, text};
@@ -140,6 +141,39 @@ pub unsafe extern "C" fn kici_step_context_set_output(
                 .io
                 .blocking_set_output(key, serde_json::Value::String(value.to_owned()));
             Ok(())
+        })
+    }
+}
+
+/// Sets secret output `key` of the job to the string `value`. The value is encrypted for the
+/// run's key (the dispatch's `runPublicKey`) and sent only in `secretOutputs` of the job's
+/// terminal status (a successful job's), never in plain outputs; from this call on it is masked
+/// in every log line of the job. Setting a key again replaces its value.
+///
+/// `KICI_RESULT_INVALID_STATE` when the dispatch carried no usable `runPublicKey`, and
+/// `KICI_RESULT_INVALID_ARGUMENT` for an empty `key`: the step then fails with that message
+/// (naming the key, never the value) even if `run_step` returns 0.
+///
+/// Ownership: `context`, `key` and `value` are borrowed (copied). Thread safety: see
+/// `kici_step_context`.
+#[no_mangle]
+pub unsafe extern "C" fn kici_step_context_set_secret_output(
+    context: *mut kici_step_context,
+    key: *const c_char,
+    value: *const c_char,
+    err: *mut *mut kici_error,
+) -> kici_result {
+    // SAFETY: forwarded caller contract.
+    unsafe {
+        with_context(context, err, |context| {
+            let (key, value) = (text(key, "key")?, text(value, "value")?);
+            context
+                .io
+                .blocking_set_secret_output(key, value)
+                .map_err(|e| match e {
+                    SecretOutputError::EmptyName => Failure::invalid(e.to_string()),
+                    SecretOutputError::NoRunKey { .. } => Failure::state(e.to_string()),
+                })
         })
     }
 }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use kici_agent_core::{JobContext, StepContext as CoreStepContext, StepIo};
-use pyo3::exceptions::{PyPermissionError, PyTypeError};
+use pyo3::exceptions::{PyPermissionError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyString};
 use tokio_util::sync::CancellationToken;
@@ -312,6 +312,21 @@ impl StepContext {
         let io = self.io.clone();
         py.detach(move || io.blocking_set_output(key, value));
         Ok(())
+    }
+
+    /// Sets the job's secret output `key` to `value`: encrypted for the run's key and sent
+    /// only in the job's `secretOutputs` (of a successful job), never in plain outputs; masked
+    /// in every log line of the job from now on. Raises `ValueError` for an empty key and
+    /// `AgentError` when the dispatch carried no usable `runPublicKey`; the step then fails
+    /// with that message (naming the key, never the value) even if the exception is caught.
+    fn set_secret_output(&self, py: Python<'_>, key: String, value: String) -> PyResult<()> {
+        use kici_agent_core::secret_outputs::SecretOutputError;
+        let io = self.io.clone();
+        py.detach(move || io.blocking_set_secret_output(key, value))
+            .map_err(|e| match e {
+                SecretOutputError::EmptyName => PyValueError::new_err(e.to_string()),
+                SecretOutputError::NoRunKey { .. } => crate::AgentError::new_err(e.to_string()),
+            })
     }
 
     fn __repr__(&self) -> String {

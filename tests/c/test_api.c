@@ -150,6 +150,8 @@ static void test_null_arguments_are_errors(void) {
     CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_step_context_set_output(NULL, "k", "v", &err), err);
     CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_step_context_set_output_json(NULL, "k", "1", &err),
                err);
+    CHECK_CODE(KICI_RESULT_NULL_ARGUMENT,
+               kici_step_context_set_secret_output(NULL, "k", "v", &err), err);
     CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_step_context_set_failure(NULL, "m", &err), err);
     CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_step_context_workspace(NULL, &text, &err), err);
     CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_step_context_env(NULL, "PATH", &text, &err), err);

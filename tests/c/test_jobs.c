@@ -16,6 +16,7 @@
 #include "harness.h"
 
 #define SECRET "hunter2-c-secret-value"
+#define SECRET_OUTPUT "https://signed.example/c-output-5e1d"
 
 /* What the callbacks saw; they run on agent threads, so everything is atomic. */
 typedef struct executor_state {
@@ -99,6 +100,13 @@ static int greet(void *user_data, const char *job_json, const char *step_json,
         KICI_RESULT_INVALID_ARGUMENT) {
         return 9;
     }
+    /* Sealed for the run's key; masked from here on, even in this step's own lines. */
+    if (kici_step_context_set_secret_output(context, "SIGNED_URL", SECRET_OUTPUT, &err) !=
+        KICI_RESULT_OK) {
+        kici_error_free(err);
+        return 10;
+    }
+    kici_step_context_write_line(context, "sealed " SECRET_OUTPUT, NULL);
     return 0;
 }
 
@@ -193,6 +201,9 @@ static void test_success_with_log_lines_and_outputs(void) {
         CHECK(strstr(status, "\"greeting\":\"hello\"") != NULL);
         CHECK(strstr(status, "\"count\":3") != NULL);
         CHECK(strstr(status, "\"bad\"") == NULL);
+        CHECK(strstr(status, "\"secretOutputs\":{\"SIGNED_URL\":{\"agentPublicKey\":"
+                             "\"MCowBQYDK2VuAyEA") != NULL);
+        CHECK(strstr(status, "\"encrypted\":\"") != NULL);
     }
     free(status);
     received = mock_received();
@@ -201,6 +212,8 @@ static void test_success_with_log_lines_and_outputs(void) {
         CHECK(strstr(received, "hello from C") != NULL);
         CHECK(strstr(received, "the secret is ***") != NULL);
         CHECK(strstr(received, SECRET) == NULL);
+        CHECK(strstr(received, "sealed ***") != NULL);
+        CHECK(strstr(received, SECRET_OUTPUT) == NULL);
         CHECK(strstr(received, "raw bytes line") != NULL);
         CHECK(strstr(received, "partial end") != NULL);
     }

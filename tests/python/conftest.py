@@ -83,8 +83,10 @@ class MockOrchestrator:
         *,
         job_name: str = "test",
         secrets: dict[str, str] | None = None,
+        run_public_key: bool = True,
     ) -> dict[str, Any]:
-        """Sends a job (no checkout) with these steps (names, or step dicts) to `agent_id`."""
+        """Sends a job (no checkout) with these steps (names, or step dicts) to `agent_id`;
+        `run_public_key=False` leaves out the fixture's `runPublicKey`."""
         dispatch: dict[str, Any] = json.loads(DISPATCH_FIXTURE.read_text())
         dispatch.update(
             messageId=str(uuid.uuid4()),
@@ -99,6 +101,8 @@ class MockOrchestrator:
         ]
         if secrets is not None:
             dispatch["secrets"] = secrets
+        if not run_public_key:
+            del dispatch["runPublicKey"]
         status, body = self.request("POST", "/dispatch", {"agentId": agent_id, "dispatch": dispatch})
         assert status == 200, body
         return dispatch

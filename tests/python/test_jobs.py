@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import threading
 from pathlib import Path
@@ -302,3 +303,51 @@ def test_a_rust_panic_leaving_a_step_is_reported_as_a_panic(
 
     again, _ = run_job(mock, agent, ["ok"])
     assert again.state == "success"
+
+
+def test_a_secret_output_is_sealed_masked_and_refused_without_a_run_key(
+    mock: MockOrchestrator, make_agent: AgentFactory
+) -> None:
+    agent = make_agent(agent_id="rig-secret-out")
+    value = "https://signed.example/py-output-9c2e"
+    errors: list[str] = []
+
+    @agent.step("publish")
+    def publish(step: kici_agent.Step, ctx: kici_agent.StepContext) -> None:
+        try:
+            ctx.set_secret_output("SIGNED_URL", value)
+        except kici_agent.AgentError as e:
+            errors.append(str(e))
+        with pytest.raises(ValueError):
+            ctx.set_secret_output("", "x")
+        ctx.log(f"published {value}")
+
+    @agent.step("sealed-only")
+    def sealed_only(step: kici_agent.Step, ctx: kici_agent.StepContext) -> None:
+        ctx.set_secret_output("SIGNED_URL", value)
+
+    start_registered(agent)
+    # The fixture dispatch carries the real orchestrator's runPublicKey; the Rust suite opens
+    # envelopes with a key it holds (kici-agent-core/tests/secret_outputs.rs).
+    finished, status = run_job(mock, agent, ["publish"], job_name="sealed")
+    # The empty name fails the step even though the exception was caught.
+    assert finished.state == "failed"
+    assert errors == []
+    log = mock.log_text(finished.job_id or "")
+    assert "published ***" in log
+    step_status = mock.wait("step.status", state="failed", job_id=finished.job_id)
+    assert "non-empty name" in step_status["data"]["error"]
+    assert value not in json.dumps(mock.received())
+
+    finished, status = run_job(mock, agent, ["sealed-only"], job_name="sealed-ok")
+    assert finished.state == "success"
+    envelope = status["secretOutputs"]["SIGNED_URL"]
+    assert set(envelope) == {"agentPublicKey", "encrypted"}
+    assert "secretOutputs" not in json.dumps(status.get("data", {}))
+
+    finished, status = run_job(mock, agent, ["sealed-only"], job_name="keyless", run_public_key=False)
+    assert finished.state == "failed" and "secretOutputs" not in status
+    step_status = mock.wait("step.status", state="failed", job_id=finished.job_id)
+    assert "secret output 'SIGNED_URL'" in step_status["data"]["error"]
+    assert "no runPublicKey" in step_status["data"]["error"]
+    assert value not in json.dumps(mock.received())

@@ -93,7 +93,8 @@ impl JobRunner {
             events_tx,
             self.control.cancel.clone(),
             self.control.force.clone(),
-        );
+        )
+        .with_secret_outputs(self.sealer.as_ref().map(|_| ()).map_err(Clone::clone));
         if self.services.settings.sandbox.is_some() {
             // Running it unsandboxed would be worse than refusing.
             let error =
@@ -121,7 +122,7 @@ impl JobRunner {
             .map(str::to_owned)
             .collect();
         let mut open: HashMap<u32, OpenStep> = HashMap::new();
-        let mut job_log = StepLog::new(self.masker.clone(), self.log_cap);
+        let mut job_log = StepLog::new(self.masker.current(), self.log_cap);
         let joined = loop {
             tokio::select! {
                 event = events_rx.recv() => match event {
@@ -219,7 +220,7 @@ impl JobRunner {
                         name: step.name,
                         kind: step.kind,
                         group: step.group,
-                        log: StepLog::new(self.masker.clone(), self.log_cap),
+                        log: StepLog::new(self.masker.current(), self.log_cap),
                     },
                 );
             }
@@ -250,6 +251,21 @@ impl JobRunner {
                 self.forward(index, &mut lines).await;
             }
             JobEvent::Finished(step) => self.finish(step, open, lock_names).await,
+            JobEvent::SecretOutput { index, key, value } => {
+                let mut outputs = super::SecretOutputs::default();
+                outputs.push(key, value.0, &self.masker);
+                // Output not sent yet, of every step, is masked with the value too.
+                let masker = self.masker.current();
+                job_log.set_masker(masker.clone());
+                for step in open.values_mut() {
+                    step.log.set_masker(masker.clone());
+                }
+                if let Some(refusal) = self.seal_secret_outputs(outputs) {
+                    // The runner refuses these itself (it is told whether the run has a key).
+                    self.job_log(format!("[kici] Step {index}: {refusal}"))
+                        .await;
+                }
+            }
         }
     }
 
@@ -317,19 +333,31 @@ impl JobRunner {
             duration_ms: step.duration_ms,
             error: error.clone(),
         });
-        let mut run_state = self.lock();
-        run_state.results.retain(|(index, _)| *index != step.index);
-        run_state.results.push((
-            step.index,
-            crate::protocol::StepResult {
-                name: step.name.clone(),
-                status: step.state,
-                duration_ms: step.duration_ms,
-                error,
-            },
-        ));
+        {
+            let mut run_state = self.lock();
+            run_state.results.retain(|(index, _)| *index != step.index);
+            run_state.results.push((
+                step.index,
+                crate::protocol::StepResult {
+                    name: step.name.clone(),
+                    status: step.state,
+                    duration_ms: step.duration_ms,
+                    error,
+                },
+            ));
+        }
         if let Some(outputs) = step.outputs.filter(|o| !o.is_empty()) {
-            run_state.outputs.insert(step.name, outputs);
+            let mut outputs: Vec<(String, serde_json::Value)> = outputs.into_iter().collect();
+            for key in self.masker.current().mask_outputs(&mut outputs) {
+                self.job_log(format!(
+                    "[kici] Output '{key}' of step '{}' holds a secret; it is sent masked",
+                    step.name
+                ))
+                .await;
+            }
+            self.lock()
+                .outputs
+                .insert(step.name, outputs.into_iter().collect());
         }
     }
 

@@ -354,3 +354,9 @@ class StepContext:
         """Writes raw output to the step log; lines are split at ``\\n``."""
     def set_output(self, key: str, value: _JsonValue) -> None:
         """Sets the step output ``key`` (JSON-compatible data)."""
+    def set_secret_output(self, key: str, value: str) -> None:
+        """Sets the job's secret output ``key``: encrypted for the run's key (the dispatch's
+        ``runPublicKey``) and sent only in ``secretOutputs`` of a successful job, never in
+        plain outputs; masked in every log line of the job from now on. Raises ``ValueError``
+        for an empty key and ``AgentError`` when the run has no usable key; the step then fails
+        with that message (the key, never the value) even if the exception is caught."""

@@ -25,6 +25,7 @@ pub mod control;
 mod messages;
 pub mod proxy;
 mod rate_limit;
+pub mod run_keys;
 mod server;
 mod state;
 mod tls;

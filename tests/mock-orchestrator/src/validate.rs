@@ -609,6 +609,18 @@ pub(crate) fn quality_findings(msg: &Value) -> Vec<String> {
                     "job.status state `{state}` is not one an agent should send (ignored or only logged)"
                 ));
             }
+            if let Some(outputs) = msg.get("secretOutputs").and_then(Value::as_object) {
+                if state != "success" {
+                    findings.push(format!(
+                        "job.status secretOutputs on state `{state}` (the orchestrator reads them only from `success`)"
+                    ));
+                }
+                for (key, envelope) in outputs {
+                    if let Err(e) = crate::run_keys::envelope_shape(envelope) {
+                        findings.push(format!("job.status secretOutputs.{key}: {e}"));
+                    }
+                }
+            }
         }
         Some("auth.request") => {
             findings.push("auth.request after registration (the orchestrator ignores it)".into());
@@ -741,6 +753,22 @@ mod tests {
         assert_eq!(quality_findings(&msg).len(), 1);
         let msg = json!({"type":"auth.request","token":"t","protocolVersion":1});
         assert_eq!(quality_findings(&msg).len(), 1);
+        let pair = crate::run_keys::RunKeyPair::generate();
+        let envelope = json!({"agentPublicKey": pair.public_key_base64(),
+                              "encrypted": "MzMzMzMzMzMzMzMzS/h69nx9a+wUMKB1A1Noy6FaANKoFa22cRuBbw=="});
+        let msg = json!({"type":"job.status","messageId":"m","runId":"r","jobId":"j","state":"success",
+                         "timestamp":1,"secretOutputs":{"TOKEN": envelope.clone()}});
+        assert_eq!(quality_findings(&msg), Vec::<String>::new());
+        let mut failed = msg.clone();
+        failed["state"] = json!("failed");
+        assert_eq!(quality_findings(&failed).len(), 1);
+        let mut short = msg.clone();
+        short["secretOutputs"]["TOKEN"]["encrypted"] = json!("AAAA");
+        assert_eq!(quality_findings(&short).len(), 1);
+        let mut ed25519 = msg.clone();
+        ed25519["secretOutputs"]["TOKEN"]["agentPublicKey"] =
+            json!("MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=");
+        assert_eq!(quality_findings(&ed25519).len(), 1);
         let msg = json!({"type":"log.chunk","messageId":"m","runId":"r","jobId":"j","stepIndex":-1,"lines":[1],"timestamp":1});
         assert_eq!(check_union_member(&msg), Ok(()));
         assert_eq!(quality_findings(&msg).len(), 1);
