@@ -500,7 +500,7 @@ impl AgentConfigBuilder {
         if self.scaler_job_count.is_none() {
             let shown = match value {
                 SettingValue::Text(text) => format!("{text:?}"),
-                SettingValue::Integer(integer) => format!("\"{integer}\""),
+                SettingValue::Integer(integer) => integer.to_string(),
                 other => other.describe().to_owned(),
             };
             self.warnings.push(format!(
