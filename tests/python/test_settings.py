@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import kici_agent
+from conftest import AgentFactory, MockOrchestrator, start_registered
 
 REPO = Path(__file__).resolve().parents[2]
 STUB = REPO / "kici-agent-py" / "python" / "kici_agent" / "_native.pyi"
@@ -126,3 +127,14 @@ def test_every_kind_takes_its_python_value(tmp_path: Path) -> None:
         warnings.simplefilter("always")
         kici_agent.Agent(URL, port=0, max_concurrent_jobs=0).shutdown(wait=True)
     assert any("KICI_MAX_CONCURRENT_JOBS" in str(w.message) for w in caught)
+
+
+def test_a_setting_python_had_no_keyword_for_reaches_the_orchestrator(
+    mock: MockOrchestrator, make_agent: AgentFactory
+) -> None:
+    # KICI_MAX_CONCURRENT_JOBS had no keyword before the table: it now feeds max concurrency.
+    agent = start_registered(make_agent(max_concurrent_jobs=3, labels=["py-e2e"]))
+    register = mock.wait("agent.register")
+    assert register["maxConcurrency"] == 3, register
+    assert "py-e2e" in register["labels"]
+    agent.shutdown(wait=True)

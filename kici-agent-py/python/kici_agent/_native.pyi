@@ -24,6 +24,7 @@ __all__ = [
     "Step",
     "StepContext",
     "enable_logging",
+    "settings",
 ]
 
 #: JSON-compatible data: what ``StepContext.set_output`` accepts.
