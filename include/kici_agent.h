@@ -116,13 +116,13 @@ typedef uint32_t kici_result;
 typedef struct kici_agent kici_agent;
 
 /**
- * An agent configuration: every option of the `KICI_*` environment, with labels as a list.
- * Opaque.
+ * An agent configuration: every setting of the `KICI_*` environment. Opaque.
  *
- * Create it with `kici_config_new` (defaults) or `kici_config_from_env`, change it with the
- * `kici_config_set_*` functions, pass it to `kici_agent_new` (which copies it) and free it with
- * `kici_config_free`. Setters only store values; `kici_config_validate` and `kici_agent_new`
- * check them all together.
+ * Create it with `kici_config_new` (defaults, no orchestrator URL) or `kici_config_from_env`,
+ * change it with `kici_config_set` (any setting by name) and the list helpers
+ * `kici_config_set_labels` and `kici_config_set_property`, pass it to `kici_agent_new` (which
+ * copies it) and free it with `kici_config_free`. Setters refuse values they cannot read;
+ * `kici_config_validate` and `kici_agent_new` check the settings together.
  *
  * Thread safety: a configuration may move between threads, but a setter must not run while
  * any other call uses the same configuration. Calls taking `const kici_config *` may overlap
@@ -380,8 +380,8 @@ kici_result kici_agent_id(const struct kici_agent *agent,
 void kici_agent_free(struct kici_agent *agent);
 
 /**
- * Creates a configuration with every default (see the `KICI_*` table in the README). The
- * orchestrator URL is empty: set it with `kici_config_set_orchestrator_url`.
+ * Creates a configuration with every default and no orchestrator URL: set
+ * `KICI_ORCHESTRATOR_URL` with `kici_config_set`.
  *
  * Ownership: on success `*out_config` receives a configuration the caller owns and frees with
  * `kici_config_free`. Thread safety: safe from any thread.
@@ -419,7 +419,8 @@ kici_result kici_config_validate(const struct kici_config *config,
                                  struct kici_error **err);
 
 /**
- * The number of warnings `kici_config_from_env` found (0 for `kici_config_new`).
+ * The number of warnings: findings of `kici_config_from_env` and of setters that did not stop
+ * them (an ignored `KICI_MAX_CONCURRENT_JOBS`).
  *
  * Ownership: `config` is borrowed. Thread safety: may overlap other `const` calls.
  */
@@ -428,8 +429,7 @@ kici_result kici_config_warning_count(const struct kici_config *config,
                                       struct kici_error **err);
 
 /**
- * Warning number `index` (from 0) of `kici_config_from_env`; `KICI_RESULT_NOT_FOUND` past the
- * end.
+ * Warning number `index` (from 0), oldest first; `KICI_RESULT_NOT_FOUND` past the end.
  *
  * Ownership: `*out_warning` is borrowed from `config` and lives until `kici_config_free`.
  * Thread safety: may overlap other `const` calls.
@@ -440,29 +440,128 @@ kici_result kici_config_warning(const struct kici_config *config,
                                 struct kici_error **err);
 
 /**
- * Sets the orchestrator WebSocket URL, `ws://` or `wss://` (`KICI_ORCHESTRATOR_URL`,
- * required).
+ * Sets the setting `name`: its `KICI_*` variable or its key (listed below) to `value`, text
+ * read exactly like the environment variable: "" means unset (the default), durations are in
+ * milliseconds, flags are on only when spelt as documented. A value that cannot be read gives
+ * `KICI_RESULT_INVALID_ARGUMENT` and changes nothing; an unknown name gives
+ * `KICI_RESULT_INVALID_ARGUMENT` with the closest known name. Checks across settings (a
+ * readable file, a URL, reserved labels, ...) wait for `kici_config_validate` and
+ * `kici_agent_new`.
  *
- * Ownership: `config` is borrowed; `url` is copied. Thread safety: see `kici_config`.
+ * Keys (variable, key, default: meaning), generated from the core's setting table:
+ * - `KICI_ORCHESTRATOR_URL` (`url`), no default: Required. Orchestrator WebSocket URL, ws:// or
+ *   wss:// (e.g. ws://orchestrator:4000/ws).
+ * - `KICI_AGENT_ID` (`agent_id`), no default: Agent id; unset or empty: `<hostname>-<8 hex>`,
+ *   regenerated on every start (durable hosts should set it).
+ * - `KICI_LABELS` (`labels`), default empty: Comma-separated user labels, verbatim (no trimming,
+ *   empty items dropped); `kici:*` is reserved unless KICI_SCALER_MANAGED=1.
+ * - `KICI_PROPERTIES` (`properties`), default empty: Comma-separated `key=value` host properties;
+ *   `true`/`false` become booleans, decimal numbers numbers, the rest text; later duplicates win.
+ * - `KICI_ROLES` (`roles`), no default: Internal job roles. Unset or empty: none.
+ *   `builder`/`init-runner`/`all` are refused: KiCI TypeScript builder/init jobs need the Node
+ *   agent.
+ * - `KICI_PORT` (`port`), default `8080`: HTTP port for /health, /ready and /metrics; 0 picks an
+ *   ephemeral port.
+ * - `KICI_BIND_ADDRESS` (`bind_address`), default `::`: IP address the HTTP server binds to; `::`
+ *   = all interfaces.
+ * - `KICI_LOG_LEVEL` (`log_level`), default `info`: Agent log level: debug | info | warn | error.
+ * - `KICI_LOG_FORMAT` (`log_format`), default `auto`: Agent log format: auto (JSON unless stdout
+ *   is a TTY) | plain | json.
+ * - `KICI_LOG_DIR` (`log_dir`), no default: Directory of an additional JSON log file
+ *   `agent-<suffix>-YYYY-MM-DD.log`, rotated daily and by size (gzip), old files removed. Unset,
+ *   empty or `undefined`: stdout only.
+ * - `KICI_LOG_MAX_SIZE` (`log_max_size`), default `500m`: Size cap per log file: bytes or a k/m/g
+ *   suffix.
+ * - `KICI_LOG_RETENTION_DAYS` (`log_retention_days`), default `7`: Days of log files kept in
+ *   KICI_LOG_DIR (>= 1); older ones are removed at start and at each day change.
+ * - `KICI_CLUSTER_INSTANCE_ID` (`cluster_instance_id`), no default: Log-file suffix shared with
+ *   other KiCI services; beats KICI_AGENT_ID as the suffix (a generated agent id is never used).
+ * - `KICI_PLATFORM_INSTANCE_ID` (`platform_instance_id`), no default: Log-file suffix of other
+ *   KiCI services; accepted.
+ * - `KICI_AGENT_TOKEN` (`token`), no default: Pre-shared agent token (`kat_...`): authenticate
+ *   before registering. Unset or empty: unauthenticated.
+ * - `KICI_GITHUB_TOKEN` (`github_token`), no default: Lowest-priority HTTPS clone credential, used
+ *   when a dispatch carries none.
+ * - `KICI_MAX_LOG_SIZE_BYTES` (`max_log_size_bytes`), default `10485760`: Per-step log cap in
+ *   bytes (> 0; a step log cannot be switched off); a dispatch's maxLogSizeBytes overrides it.
+ * - `KICI_DEFAULT_STEP_TIMEOUT_MS` (`default_step_timeout`), default `1800000`: Per-step timeout
+ *   in ms when the workflow sets none (> 0).
+ * - `KICI_DOCKER_KEEP_FAILED` (`docker_keep_failed`), default `false`: Exactly `true`: keep the
+ *   containers of jobs that did not succeed.
+ * - `KICI_JOB_HEARTBEAT_INTERVAL_MS` (`job_heartbeat_interval`), default `60000`: Period of
+ *   job.heartbeat messages during a job, in ms (> 0).
+ * - `KICI_HEARTBEAT_INTERVAL_MS` (`heartbeat_interval`), default `30000`: Period of connection
+ *   heartbeats after registration, in ms (> 0 and < 180000: the orchestrator drops an agent after
+ *   180 s without one).
+ * - `KICI_BACKPRESSURE_MODE` (`backpressure_mode`), default `pause`: Log-streaming backpressure:
+ *   pause (slow the step) | drop. This agent always pauses; `drop` is accepted with a warning.
+ * - `KICI_SANDBOX` (`sandbox`), default `false`: Exactly `true`: bare-metal steps run inside a
+ *   bubblewrap sandbox (read-only system, private /tmp, the workspace at /workspace, own pid/ipc
+ *   namespaces); start-up fails when `bwrap` is missing or cannot run.
+ * - `KICI_SANDBOX_NETWORK` (`sandbox_network`), default `isolated`: Network of the bubblewrap
+ *   sandbox: isolated (loopback only) | host.
+ * - `KICI_SCALER_MANAGED` (`scaler_managed`), default `0`: Exactly `1`: ephemeral agent owned by
+ *   the auto-scaler (`kici:*` labels allowed; idle self-shutdown is not implemented yet, a warning
+ *   says so).
+ * - `KICI_SCALER_IDLE_TIMEOUT` (`scaler_idle_timeout`), default `5000`: Scaler-managed idle
+ *   self-shutdown delay in ms, at most 7 days (validated; self-shutdown is not implemented yet).
+ * - `KICI_SCALER_PENDING_DISPATCH_TIMEOUT` (`scaler_pending_dispatch_timeout`), default `60000`:
+ *   Scaler-managed: ms to wait for a pre-bound job announced at registration, at most 7 days; <= 0
+ *   = no wait.
+ * - `KICI_EXECUTION_MODE` (`execution_mode`), no default: Force the execution backend: container |
+ *   bare-metal | firecracker. Unset: automatic.
+ * - `KICI_CONCURRENCY_WAIT_TIMEOUT_MS` (`concurrency_wait_timeout`), default `3600000`: Max wait
+ *   in ms for a concurrency-group `proceed` (>= 1000, at most 7 days).
+ * - `KICI_AGENT_IS_ORCHESTRATOR_HOST` (`is_orchestrator_host`), default `false`: Exactly `true`:
+ *   this host runs the orchestrator, so refuse workflow-requested reboots.
+ * - `KICI_MAX_CONCURRENCY` (`max_concurrency`), default `1`: Jobs run at the same time (>= 1),
+ *   advertised at registration.
+ * - `KICI_MAX_CONCURRENT_JOBS` (`max_concurrent_jobs`), no default: Set by scalers; used as
+ *   KICI_MAX_CONCURRENCY when that is unset and this is an integer >= 1, otherwise ignored with a
+ *   warning.
+ * - `KICI_CANCEL_GRACE_MS` (`cancel_grace`), default `30000`: Longest graceful cancel in ms before
+ *   the job is force-killed (at most 7 days).
+ * - `KICI_SHUTDOWN_GRACE_MS` (`shutdown_grace`), default `10000`: Graceful shutdown: ms to wait
+ *   for the running job before exiting (at most 7 days).
+ * - `KICI_JOB_PIDS_MAX` (`job_pids_max`), default `0`: Most processes a job may have at once (a
+ *   fork bomb stops there), applied through the job's pids cgroup where the agent can make one; 0
+ *   = no limit.
+ * - `KICI_STEP_MAP` (`step_map_file`), no default: JSON file mapping step names to shell commands,
+ *   read by the shell executor; must be readable.
+ * - `KICI_PROCESS_EXECUTOR` (`process_executor`), no default: Program that runs every step instead
+ *   of the built-in executors.
+ * - `KICI_NODE` (`node`), no default: Node.js (>= 20.6) that runs TypeScript jobs; unset: `node`
+ *   on PATH.
+ * - `KICI_CONTAINER_IMAGE` (`default_container_image`), no default: Container image for jobs that
+ *   name none.
+ * - `KICI_DEV` (`dev`), default `false`: Exactly `true`: development mode; unknown KICI_*
+ *   variables only warn.
+ * - `KICI_CACHE` (`cache`), no default: Used by KiCI's cache tooling; accepted and ignored.
+ * - `KICI_RATE_MSGS_PER_SEC` (`rate_msgs_per_sec`), default `80`: Outbound throttle: messages per
+ *   second (the orchestrator allows 100/s).
+ * - `KICI_RATE_MSG_BURST` (`rate_msg_burst`), default `150`: Outbound throttle: message burst (the
+ *   orchestrator allows 200).
+ * - `KICI_RATE_BYTES_PER_SEC` (`rate_bytes_per_sec`), default `450000`: Outbound throttle: bytes
+ *   per second (the orchestrator allows 512000/s).
+ * - `KICI_RATE_BYTE_BURST` (`rate_byte_burst`), default `1500000`: Outbound throttle: byte burst
+ *   (the orchestrator allows 2097152).
+ * - `KICI_TLS_CA_FILE` (`tls_ca_file`), no default: PEM file of extra CA certificates trusted for
+ *   wss:// and git HTTPS clones, besides the system's; unset: NODE_EXTRA_CA_CERTS.
+ *
+ * (End of the generated keys.)
+ *
+ * Ownership: `config` is borrowed; `name` and `value` are copied. Thread safety: see
+ * `kici_config`.
  */
-kici_result kici_config_set_orchestrator_url(struct kici_config *config,
-                                             const char *url,
-                                             struct kici_error **err);
+kici_result kici_config_set(struct kici_config *config,
+                            const char *name,
+                            const char *value,
+                            struct kici_error **err);
 
 /**
- * Sets the agent id (`KICI_AGENT_ID`; default `<hostname>-<8 hex>`, new for every
- * configuration). It must not be empty.
- *
- * Ownership: `config` is borrowed; `agent_id` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_agent_id(struct kici_config *config,
-                                     const char *agent_id,
-                                     struct kici_error **err);
-
-/**
- * Replaces the user labels with `count` labels (`KICI_LABELS` as a list). Labels are kept
- * verbatim; `kici:*` is reserved unless scaler-managed. `labels` may be NULL when `count` is 0.
- * On failure the labels are unchanged.
+ * Replaces the user labels with `count` labels (`KICI_LABELS` as a list, for labels holding a
+ * comma). Labels are kept verbatim; `kici:*` is reserved unless scaler-managed. `labels` may be
+ * NULL when `count` is 0. On failure the labels are unchanged.
  *
  * Ownership: `config` is borrowed; the labels are copied. Thread safety: see `kici_config`.
  */
@@ -472,9 +571,10 @@ kici_result kici_config_set_labels(struct kici_config *config,
                                    struct kici_error **err);
 
 /**
- * Sets host property `key` (`KICI_PROPERTIES`): `value` is typed like the environment's
- * (`true`/`false` become booleans, decimal numbers numbers, the rest text). Setting a key again
- * replaces its value and keeps its position.
+ * Sets host property `key` (`KICI_PROPERTIES` one at a time, for keys or values holding a comma
+ * or `=`): `value` is typed like the environment's (`true`/`false` become booleans, decimal
+ * numbers numbers, the rest text). Setting a key again replaces its value and keeps its
+ * position.
  *
  * Ownership: `config` is borrowed; `key` and `value` are copied. Thread safety: see
  * `kici_config`.
@@ -483,318 +583,6 @@ kici_result kici_config_set_property(struct kici_config *config,
                                      const char *key,
                                      const char *value,
                                      struct kici_error **err);
-
-/**
- * Replaces the internal job roles (`KICI_ROLES` as a list: `builder`, `init-runner`, `all`).
- * Validation refuses every role: this agent cannot run KiCI's TypeScript builder/init jobs.
- *
- * Ownership: `config` is borrowed; the roles are copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_roles(struct kici_config *config,
-                                  const char *const *roles,
-                                  size_t count,
-                                  struct kici_error **err);
-
-/**
- * Sets the HTTP port of `/health`, `/ready` and `/metrics` (`KICI_PORT`, 8080; 0 picks a free
- * port, see `kici_agent_http_port`).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_port(struct kici_config *config,
-                                 uint16_t port,
-                                 struct kici_error **err);
-
-/**
- * Sets the IP address the HTTP server binds to (`KICI_BIND_ADDRESS`, `::`).
- *
- * Ownership: `config` is borrowed; `address` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_bind_address(struct kici_config *config,
-                                         const char *address,
-                                         struct kici_error **err);
-
-/**
- * Sets the agent log level, `debug` | `info` | `warn` | `error` (`KICI_LOG_LEVEL`, info). The
- * library installs no logger; the level is kept for hosts that read it back.
- *
- * Ownership: `config` is borrowed; `level` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_log_level(struct kici_config *config,
-                                      const char *level,
-                                      struct kici_error **err);
-
-/**
- * Sets the agent log format, `auto` | `plain` | `json` (`KICI_LOG_FORMAT`, auto).
- *
- * Ownership: `config` is borrowed; `format` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_log_format(struct kici_config *config,
-                                       const char *format,
-                                       struct kici_error **err);
-
-/**
- * Sets the agent token `kat_...` (`KICI_AGENT_TOKEN`); "" removes it (unauthenticated).
- *
- * Ownership: `config` is borrowed; `token` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_token(struct kici_config *config,
-                                  const char *token,
-                                  struct kici_error **err);
-
-/**
- * Sets the fallback HTTPS clone token (`KICI_GITHUB_TOKEN`); "" removes it.
- *
- * Ownership: `config` is borrowed; `token` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_github_token(struct kici_config *config,
-                                         const char *token,
-                                         struct kici_error **err);
-
-/**
- * Sets the per-step log cap in bytes, > 0 (`KICI_MAX_LOG_SIZE_BYTES`, 10485760).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_max_log_size_bytes(struct kici_config *config,
-                                               uint64_t bytes,
-                                               struct kici_error **err);
-
-/**
- * Sets the step timeout used when the workflow sets none, in ms, > 0
- * (`KICI_DEFAULT_STEP_TIMEOUT_MS`, 1800000).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_default_step_timeout_ms(struct kici_config *config,
-                                                    uint64_t millis,
-                                                    struct kici_error **err);
-
-/**
- * Keeps the containers of jobs that did not succeed (`KICI_DOCKER_KEEP_FAILED`, false).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_docker_keep_failed(struct kici_config *config,
-                                               bool keep,
-                                               struct kici_error **err);
-
-/**
- * Sets the period of `job.heartbeat` messages in ms, > 0 (`KICI_JOB_HEARTBEAT_INTERVAL_MS`,
- * 60000).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_job_heartbeat_interval_ms(struct kici_config *config,
-                                                      uint64_t millis,
-                                                      struct kici_error **err);
-
-/**
- * Sets the period of connection heartbeats in ms, > 0 and < 180000: the orchestrator drops
- * an agent after 180 s without one (`KICI_HEARTBEAT_INTERVAL_MS`, 30000).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_heartbeat_interval_ms(struct kici_config *config,
-                                                  uint64_t millis,
-                                                  struct kici_error **err);
-
-/**
- * Sets the log-streaming backpressure policy, `pause` | `drop` (`KICI_BACKPRESSURE_MODE`,
- * pause).
- *
- * Ownership: `config` is borrowed; `mode` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_backpressure_mode(struct kici_config *config,
-                                              const char *mode,
-                                              struct kici_error **err);
-
-/**
- * Runs bare-metal steps inside a bubblewrap sandbox (`KICI_SANDBOX`, false): read-only
- * system directories, a private /tmp, the workspace at /workspace, own pid and ipc
- * namespaces. With `true`, `kici_agent_start` fails with `KICI_RESULT_INVALID_CONFIG` when
- * `bwrap` is missing or cannot create the namespaces.
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_sandbox(struct kici_config *config,
-                                    bool sandbox,
-                                    struct kici_error **err);
-
-/**
- * Sets the network of the bubblewrap sandbox, `isolated` | `host` (`KICI_SANDBOX_NETWORK`,
- * isolated).
- *
- * Ownership: `config` is borrowed; `network` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_sandbox_network(struct kici_config *config,
-                                            const char *network,
-                                            struct kici_error **err);
-
-/**
- * Marks the agent as owned by the auto-scaler (`KICI_SCALER_MANAGED=1`, false): idle
- * self-shutdown, `kici:*` labels allowed.
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_scaler_managed(struct kici_config *config,
-                                           bool managed,
-                                           struct kici_error **err);
-
-/**
- * Sets the scaler-managed idle self-shutdown delay in ms, 0 = at once, at most 7 days
- * (`KICI_SCALER_IDLE_TIMEOUT`, 5000).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_scaler_idle_timeout_ms(struct kici_config *config,
-                                                   uint64_t millis,
-                                                   struct kici_error **err);
-
-/**
- * Sets how long a scaler-managed agent waits for a pre-bound job, in ms, 0 = no wait, at
- * most 7 days (`KICI_SCALER_PENDING_DISPATCH_TIMEOUT`, 60000).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_scaler_pending_dispatch_timeout_ms(struct kici_config *config,
-                                                               uint64_t millis,
-                                                               struct kici_error **err);
-
-/**
- * Forces the execution backend, `container` | `bare-metal` | `firecracker`
- * (`KICI_EXECUTION_MODE`); "" means automatic (the default).
- *
- * Ownership: `config` is borrowed; `mode` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_execution_mode(struct kici_config *config,
-                                           const char *mode,
-                                           struct kici_error **err);
-
-/**
- * Sets the longest wait for a concurrency-group `proceed` in ms, >= 1000 and at most 7 days
- * (`KICI_CONCURRENCY_WAIT_TIMEOUT_MS`, 3600000).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_concurrency_wait_timeout_ms(struct kici_config *config,
-                                                        uint64_t millis,
-                                                        struct kici_error **err);
-
-/**
- * Marks this host as running the orchestrator, so workflow reboots are refused
- * (`KICI_AGENT_IS_ORCHESTRATOR_HOST`, false).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_is_orchestrator_host(struct kici_config *config,
-                                                 bool is_orchestrator_host,
-                                                 struct kici_error **err);
-
-/**
- * Sets how many jobs run at the same time, >= 1 (`KICI_MAX_CONCURRENCY`, 1). Above 1, C
- * executor callbacks run concurrently.
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_max_concurrency(struct kici_config *config,
-                                            uint32_t jobs,
-                                            struct kici_error **err);
-
-/**
- * Sets the longest graceful cancel before the job is force-stopped, in ms
- * (`KICI_CANCEL_GRACE_MS`, 30000).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_cancel_grace_ms(struct kici_config *config,
-                                            uint64_t millis,
-                                            struct kici_error **err);
-
-/**
- * Sets how long a shutdown without an explicit grace (and `kici_agent_free`) waits for the
- * running job, in ms (`KICI_SHUTDOWN_GRACE_MS`, 10000).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_shutdown_grace_ms(struct kici_config *config,
-                                              uint64_t millis,
-                                              struct kici_error **err);
-
-/**
- * Sets the JSON step map (step name -> shell command) of the built-in shell executor
- * (`KICI_STEP_MAP`); "" removes it. The file must be readable when validated.
- *
- * Ownership: `config` is borrowed; `path` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_step_map_file(struct kici_config *config,
-                                          const char *path,
-                                          struct kici_error **err);
-
-/**
- * Sets a PEM file of extra CA certificates trusted for `wss://` and git HTTPS clones, on top of
- * the platform's roots (`KICI_TLS_CA_FILE`; `kici_config_from_env` falls back to a readable
- * `NODE_EXTRA_CA_CERTS`); "" removes it. The file must hold a certificate when validated. git's
- * trust is process-wide: once an agent started with it, every agent in the process trusts it
- * for clones.
- *
- * Ownership: `config` is borrowed; `path` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_tls_ca_file(struct kici_config *config,
-                                        const char *path,
-                                        struct kici_error **err);
-
-/**
- * Sets a program that runs every step not taken by a registered executor
- * (`KICI_PROCESS_EXECUTOR`); "" removes it.
- *
- * Ownership: `config` is borrowed; `program` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_process_executor(struct kici_config *config,
-                                             const char *program,
-                                             struct kici_error **err);
-
-/**
- * Sets the Node.js (>= 20.6) that runs TypeScript jobs (`KICI_NODE`); "" removes it (then
- * `node` on PATH is used).
- *
- * Ownership: `config` is borrowed; `path` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_node(struct kici_config *config,
-                                 const char *path,
-                                 struct kici_error **err);
-
-/**
- * Sets the container image for jobs that name none (`KICI_CONTAINER_IMAGE`); "" removes it.
- *
- * Ownership: `config` is borrowed; `image` is copied. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_default_container_image(struct kici_config *config,
-                                                    const char *image,
-                                                    struct kici_error **err);
-
-/**
- * Enables development mode (`KICI_DEV=true`, false).
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_dev(struct kici_config *config,
-                                bool dev,
-                                struct kici_error **err);
-
-/**
- * Sets the outbound throttle (`KICI_RATE_MSGS_PER_SEC` 80, `KICI_RATE_MSG_BURST` 150,
- * `KICI_RATE_BYTES_PER_SEC` 450000, `KICI_RATE_BYTE_BURST` 1500000). Rates must be finite and
- * > 0, bursts finite and >= 1.
- *
- * Ownership: `config` is borrowed. Thread safety: see `kici_config`.
- */
-kici_result kici_config_set_rate_limits(struct kici_config *config,
-                                        double msgs_per_sec,
-                                        double msg_burst,
-                                        double bytes_per_sec,
-                                        double byte_burst,
-                                        struct kici_error **err);
 
 /**
  * The code of an error; `KICI_RESULT_NULL_ARGUMENT` when `error` is NULL.

@@ -5,7 +5,11 @@
 //! variables with [`AgentConfig::from_env`], following the Node agent's rules (agent spec §2, §3).
 //! Both paths share one validation ([`AgentConfig::validate`]).
 //!
-//! Deliberate divergences from the Node agent, all documented on the variables in [`VARIABLES`]:
+//! Every setting is an entry of [`SETTINGS`] (its variable, key, default, kind and
+//! documentation); [`AgentConfigBuilder::set`] sets any of them by name, and the environment
+//! loader is that setter applied to each variable, then validation.
+//!
+//! Deliberate divergences from the Node agent, all documented on the variables in [`SETTINGS`]:
 //! * an empty value of a numeric or enum variable means "unset" (the reference coerces `""` to 0);
 //! * an empty `KICI_AGENT_ID`, `KICI_AGENT_TOKEN` or `KICI_GITHUB_TOKEN` means "unset";
 //! * `KICI_ROLES` unset means **no** roles, and requesting any role is an error: this agent cannot
@@ -17,7 +21,7 @@
 //!   Node runtime honours for the Node agent) takes its place, and like Node an unreadable file
 //!   only warns.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
@@ -27,8 +31,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use crate::connection::ReconnectPolicy;
+pub use settings::{Setting, SettingKind, SettingValue, SETTINGS};
 
-/// Names of the environment variables, shared by [`VARIABLES`] and the loader.
+mod settings;
+
+/// Names of the environment variables, shared by [`SETTINGS`] and the checks.
 mod var {
     pub const ORCHESTRATOR_URL: &str = "KICI_ORCHESTRATOR_URL";
     pub const AGENT_ID: &str = "KICI_AGENT_ID";
@@ -79,82 +86,6 @@ mod var {
     /// Node's own extra-CA variable, honoured for operators coming from the Node agent.
     pub const NODE_EXTRA_CA_CERTS: &str = "NODE_EXTRA_CA_CERTS";
 }
-
-/// Documentation of one known environment variable (the README table is generated from these).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VariableDoc {
-    /// The variable's name.
-    pub name: &'static str,
-    /// A literal value equivalent to leaving the variable unset, or `None` when "unset" has its
-    /// own meaning (explained in `description`).
-    pub default: Option<&'static str>,
-    /// One line for operators.
-    pub description: &'static str,
-}
-
-const fn doc(
-    name: &'static str,
-    default: Option<&'static str>,
-    description: &'static str,
-) -> VariableDoc {
-    VariableDoc {
-        name,
-        default,
-        description,
-    }
-}
-
-/// Every `KICI_*` variable the agent knows. Any other `KICI_*` variable stops startup (see
-/// [`ConfigError::UnknownVariables`]) except names under [`ALLOWED_PREFIXES`] and diagnostic
-/// `*_ENV_PROBE` / `*_ENV_PROBE_*` names.
-pub const VARIABLES: &[VariableDoc] = &[
-    doc(var::ORCHESTRATOR_URL, None, "Required. Orchestrator WebSocket URL, ws:// or wss:// (e.g. ws://orchestrator:4000/ws)."),
-    doc(var::AGENT_ID, None, "Agent id; unset or empty: `<hostname>-<8 hex>`, regenerated on every start (durable hosts should set it)."),
-    doc(var::LABELS, Some(""), "Comma-separated user labels, verbatim (no trimming, empty items dropped); `kici:*` is reserved unless KICI_SCALER_MANAGED=1."),
-    doc(var::PROPERTIES, Some(""), "Comma-separated `key=value` host properties; `true`/`false` become booleans, decimal numbers numbers, the rest text; later duplicates win."),
-    doc(var::ROLES, None, "Internal job roles. Unset or empty: none. `builder`/`init-runner`/`all` are refused: KiCI TypeScript builder/init jobs need the Node agent."),
-    doc(var::PORT, Some("8080"), "HTTP port for /health, /ready and /metrics; 0 picks an ephemeral port."),
-    doc(var::BIND_ADDRESS, Some("::"), "IP address the HTTP server binds to; `::` = all interfaces."),
-    doc(var::LOG_LEVEL, Some("info"), "Agent log level: debug | info | warn | error."),
-    doc(var::LOG_FORMAT, Some("auto"), "Agent log format: auto (JSON unless stdout is a TTY) | plain | json."),
-    doc(var::LOG_DIR, None, "Directory of an additional JSON log file `agent-<suffix>-YYYY-MM-DD.log`, rotated daily and by size (gzip), old files removed. Unset, empty or `undefined`: stdout only."),
-    doc(var::LOG_MAX_SIZE, Some("500m"), "Size cap per log file: bytes or a k/m/g suffix."),
-    doc(var::LOG_RETENTION_DAYS, Some("7"), "Days of log files kept in KICI_LOG_DIR (>= 1); older ones are removed at start and at each day change."),
-    doc(var::CLUSTER_INSTANCE_ID, None, "Log-file suffix shared with other KiCI services; beats KICI_AGENT_ID as the suffix (a generated agent id is never used)."),
-    doc(var::PLATFORM_INSTANCE_ID, None, "Log-file suffix of other KiCI services; accepted."),
-    doc(var::AGENT_TOKEN, None, "Pre-shared agent token (`kat_...`): authenticate before registering. Unset or empty: unauthenticated."),
-    doc(var::GITHUB_TOKEN, None, "Lowest-priority HTTPS clone credential, used when a dispatch carries none."),
-    doc(var::MAX_LOG_SIZE_BYTES, Some("10485760"), "Per-step log cap in bytes (> 0; a step log cannot be switched off); a dispatch's maxLogSizeBytes overrides it."),
-    doc(var::DEFAULT_STEP_TIMEOUT_MS, Some("1800000"), "Per-step timeout in ms when the workflow sets none (> 0)."),
-    doc(var::DOCKER_KEEP_FAILED, Some("false"), "Exactly `true`: keep the containers of jobs that did not succeed."),
-    doc(var::JOB_HEARTBEAT_INTERVAL_MS, Some("60000"), "Period of job.heartbeat messages during a job, in ms (> 0)."),
-    doc(var::HEARTBEAT_INTERVAL_MS, Some("30000"), "Period of connection heartbeats after registration, in ms (> 0 and < 180000: the orchestrator drops an agent after 180 s without one)."),
-    doc(var::BACKPRESSURE_MODE, Some("pause"), "Log-streaming backpressure: pause (slow the step) | drop. This agent always pauses; `drop` is accepted with a warning."),
-    doc(var::SANDBOX, Some("false"), "Exactly `true`: bare-metal steps run inside a bubblewrap sandbox (read-only system, private /tmp, the workspace at /workspace, own pid/ipc namespaces); start-up fails when `bwrap` is missing or cannot run."),
-    doc(var::SANDBOX_NETWORK, Some("isolated"), "Network of the bubblewrap sandbox: isolated (loopback only) | host."),
-    doc(var::SCALER_MANAGED, Some("0"), "Exactly `1`: ephemeral agent owned by the auto-scaler: `kici:*` labels allowed, and the agent shuts itself down (exit 0) once idle (KICI_SCALER_IDLE_TIMEOUT)."),
-    doc(var::SCALER_IDLE_TIMEOUT, Some("5000"), "Scaler-managed: ms idle (no job, registered) before the agent shuts itself down, at most 7 days; <= 0 = at once."),
-    doc(var::SCALER_PENDING_DISPATCH_TIMEOUT, Some("60000"), "Scaler-managed: ms to wait for a pre-bound job announced at registration (`pendingDispatch`) before shutting down, at most 7 days; <= 0 = no longer than KICI_SCALER_IDLE_TIMEOUT."),
-    doc(var::EXECUTION_MODE, None, "Force the execution backend: container | bare-metal | firecracker. Unset: automatic."),
-    doc(var::CONCURRENCY_WAIT_TIMEOUT_MS, Some("3600000"), "Max wait in ms for a concurrency-group `proceed` (>= 1000, at most 7 days)."),
-    doc(var::AGENT_IS_ORCHESTRATOR_HOST, Some("false"), "Exactly `true`: this host runs the orchestrator, so refuse workflow-requested reboots."),
-    doc(var::MAX_CONCURRENCY, Some("1"), "Jobs run at the same time (>= 1), advertised at registration."),
-    doc(var::MAX_CONCURRENT_JOBS, None, "Set by scalers; used as KICI_MAX_CONCURRENCY when that is unset and this is an integer >= 1, otherwise ignored with a warning."),
-    doc(var::CANCEL_GRACE_MS, Some("30000"), "Longest graceful cancel in ms before the job is force-killed (at most 7 days)."),
-    doc(var::SHUTDOWN_GRACE_MS, Some("10000"), "Graceful shutdown: ms to wait for the running job before exiting (at most 7 days)."),
-    doc(var::JOB_PIDS_MAX, Some("0"), "Most processes a job may have at once (a fork bomb stops there), applied through the job's pids cgroup where the agent can make one; 0 = no limit."),
-    doc(var::STEP_MAP, None, "JSON file mapping step names to shell commands, read by the shell executor; must be readable."),
-    doc(var::PROCESS_EXECUTOR, None, "Program that runs every step instead of the built-in executors."),
-    doc(var::NODE, None, "Node.js (>= 20.6) that runs TypeScript jobs; unset: `node` on PATH."),
-    doc(var::CONTAINER_IMAGE, None, "Container image for jobs that name none."),
-    doc(var::DEV, Some("false"), "Exactly `true`: development mode; unknown KICI_* variables only warn."),
-    doc(var::CACHE, None, "Used by KiCI's cache tooling; accepted and ignored."),
-    doc(var::RATE_MSGS_PER_SEC, Some("80"), "Outbound throttle: messages per second (the orchestrator allows 100/s)."),
-    doc(var::RATE_MSG_BURST, Some("150"), "Outbound throttle: message burst (the orchestrator allows 200)."),
-    doc(var::RATE_BYTES_PER_SEC, Some("450000"), "Outbound throttle: bytes per second (the orchestrator allows 512000/s)."),
-    doc(var::RATE_BYTE_BURST, Some("1500000"), "Outbound throttle: byte burst (the orchestrator allows 2097152)."),
-    doc(var::TLS_CA_FILE, None, "PEM file of extra CA certificates trusted for wss:// and git HTTPS clones, besides the system's; unset: NODE_EXTRA_CA_CERTS."),
-];
 
 /// `KICI_*` name prefixes that are always accepted (test harnesses, step environment pass-through).
 pub const ALLOWED_PREFIXES: &[&str] = &["KICI_E2E_", "KICI_AGENT_ENV_"];
@@ -548,6 +479,15 @@ pub struct FromEnv {
     pub warnings: Vec<String>,
 }
 
+impl FromEnv {
+    fn new((builder, config): (AgentConfigBuilder, AgentConfig)) -> Self {
+        Self {
+            config,
+            warnings: builder.warnings,
+        }
+    }
+}
+
 /// One invalid setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigIssue {
@@ -616,6 +556,17 @@ pub enum ConfigError {
         /// The offending labels.
         labels: Vec<String>,
     },
+    /// A setting set by a name that is neither a variable nor a key of [`SETTINGS`].
+    #[error(
+        "unknown setting {name:?}{}",
+        suggestion.map(|known| format!(": did you mean {known}?")).unwrap_or_default()
+    )]
+    UnknownSetting {
+        /// The name as given.
+        name: String,
+        /// The closest known variable, when close enough to be a typo.
+        suggestion: Option<&'static str>,
+    },
     /// `KICI_*` variables the agent does not know (usually typos).
     #[error(
         "Unknown KICI_* environment variable(s), the agent refuses to start (set KICI_DEV=true \
@@ -637,6 +588,10 @@ impl AgentConfig {
     pub fn builder(orchestrator_url: impl Into<String>) -> AgentConfigBuilder {
         AgentConfigBuilder {
             agent_id: None,
+            cluster_instance_id: None,
+            scaler_job_count: None,
+            explicit: BTreeSet::new(),
+            warnings: Vec::new(),
             config: AgentConfig {
                 orchestrator_url: orchestrator_url.into(),
                 agent_id: String::new(),
@@ -687,25 +642,8 @@ impl AgentConfig {
 
     /// Loads and validates the configuration from the process environment (spec §2).
     pub fn from_env() -> Result<FromEnv, ConfigError> {
-        let mut vars = BTreeMap::new();
-        let mut issues = Vec::new();
-        for (name, value) in std::env::vars_os() {
-            // Only KICI_* variables (and Node's extra-CA one) are read or checked; anything else
-            // may hold any bytes.
-            let Some(name) = name
-                .to_str()
-                .filter(|name| name.starts_with("KICI_") || *name == var::NODE_EXTRA_CA_CERTS)
-            else {
-                continue;
-            };
-            match value.into_string() {
-                Ok(value) => {
-                    vars.insert(name.to_owned(), value);
-                }
-                Err(_) => issues.push(ConfigIssue::new(name, "value is not valid UTF-8")),
-            }
-        }
-        load(&vars, issues)
+        let (vars, issues) = environment();
+        load(&vars, issues).map(FromEnv::new)
     }
 
     /// Loads and validates a configuration from the given variables, exactly like
@@ -713,7 +651,7 @@ impl AgentConfig {
     pub fn from_vars(
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<FromEnv, ConfigError> {
-        load(&vars.into_iter().collect(), Vec::new())
+        load(&vars.into_iter().collect(), Vec::new()).map(FromEnv::new)
     }
 
     /// Checks every setting: invalid values (all reported together), then roles, then reserved
@@ -950,6 +888,28 @@ impl AgentConfig {
     }
 }
 
+/// The `KICI_*` variables of the process (and Node's extra-CA one), with an issue for each value
+/// that is not UTF-8. Anything else may hold any bytes and is not read.
+fn environment() -> (BTreeMap<String, String>, Vec<ConfigIssue>) {
+    let mut vars = BTreeMap::new();
+    let mut issues = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name
+            .to_str()
+            .filter(|name| name.starts_with("KICI_") || *name == var::NODE_EXTRA_CA_CERTS)
+        else {
+            continue;
+        };
+        match value.into_string() {
+            Ok(value) => {
+                vars.insert(name.to_owned(), value);
+            }
+            Err(_) => issues.push(ConfigIssue::new(name, "value is not valid UTF-8")),
+        }
+    }
+    (vars, issues)
+}
+
 fn check_orchestrator_url(raw: &str) -> Result<(), String> {
     if raw.is_empty() {
         return Err("required (e.g. ws://orchestrator:4000/ws)".into());
@@ -1009,6 +969,22 @@ pub struct AgentConfigBuilder {
     config: AgentConfig,
     /// Kept apart so that a generated id uses the final host name.
     agent_id: Option<String>,
+    /// `KICI_CLUSTER_INSTANCE_ID`, the preferred file-log suffix.
+    cluster_instance_id: Option<String>,
+    /// `KICI_MAX_CONCURRENT_JOBS`, used when `KICI_MAX_CONCURRENCY` was not set.
+    scaler_job_count: Option<u32>,
+    /// Settings given a value (not blank) by name, so that `build` knows what was left unset.
+    explicit: BTreeSet<&'static str>,
+    /// Findings that do not stop the agent, in order.
+    warnings: Vec<String>,
+}
+
+/// No orchestrator URL yet (`build` refuses it until `KICI_ORCHESTRATOR_URL` is set), every
+/// other setting at its default.
+impl Default for AgentConfigBuilder {
+    fn default() -> Self {
+        AgentConfig::builder("")
+    }
 }
 
 /// Setters that store their argument as is.
@@ -1025,6 +1001,56 @@ macro_rules! plain_setters {
 }
 
 impl AgentConfigBuilder {
+    /// The builder of the process environment's settings, checked exactly like
+    /// [`AgentConfig::from_env`] (its warnings are in [`AgentConfigBuilder::warnings`]), for
+    /// hosts that change settings before building.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let (vars, issues) = environment();
+        load(&vars, issues).map(|(builder, _)| builder)
+    }
+
+    /// Sets the setting named `name_or_key` (`KICI_PORT` or `port`, see [`SETTINGS`]) from text
+    /// read exactly like its environment variable: empty means unset (for numbers and choices
+    /// blank means the default), durations are in milliseconds. A value that cannot be read is
+    /// refused here and leaves the builder unchanged; cross-field checks wait for `build`.
+    pub fn set(&mut self, name_or_key: &str, value: &str) -> Result<(), ConfigError> {
+        self.set_value(name_or_key, SettingValue::from(value))
+    }
+
+    /// [`AgentConfigBuilder::set`] with text or a typed value of the setting's
+    /// [`SettingKind`] (a duration for `KICI_CANCEL_GRACE_MS`, a list for `KICI_LABELS`, ...).
+    pub fn set_value(&mut self, name_or_key: &str, value: SettingValue) -> Result<(), ConfigError> {
+        let setting = Setting::find(name_or_key).ok_or_else(|| ConfigError::UnknownSetting {
+            name: name_or_key.to_owned(),
+            suggestion: Setting::closest(name_or_key).map(|setting| setting.name),
+        })?;
+        let mut changed = self.clone();
+        setting.store(&mut changed, &value).map_err(|message| {
+            ConfigError::Invalid(vec![ConfigIssue::new(setting.name, message)])
+        })?;
+        *self = changed;
+        Ok(())
+    }
+
+    /// Sets host property `key` (`KICI_PROPERTIES`); setting a key again replaces its value and
+    /// keeps its position.
+    pub fn set_property(&mut self, key: impl Into<String>, value: PropertyValue) {
+        upsert_property(&mut self.config.properties, key.into(), value);
+    }
+
+    /// Findings that do not stop the agent: an ignored `KICI_MAX_CONCURRENT_JOBS`, and from the
+    /// environment an unusable `NODE_EXTRA_CA_CERTS` or unknown variables under `KICI_DEV=true`.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Sets how many jobs run at the same time (>= 1).
+    pub fn with_max_concurrency(mut self, max_concurrency: u32) -> Self {
+        self.config.max_concurrency = max_concurrency;
+        self.explicit.insert(var::MAX_CONCURRENCY);
+        self
+    }
+
     /// Sets the agent id (default: `<hostname>-<8 hex>`, generated by `build`).
     pub fn with_agent_id(mut self, agent_id: impl Into<String>) -> Self {
         self.agent_id = Some(agent_id.into());
@@ -1146,8 +1172,6 @@ impl AgentConfigBuilder {
         with_concurrency_wait_timeout(concurrency_wait_timeout: Duration),
         /// Marks this host as running the orchestrator (reboots are refused).
         with_is_orchestrator_host(is_orchestrator_host: bool),
-        /// Sets how many jobs run at the same time (>= 1).
-        with_max_concurrency(max_concurrency: u32),
         /// Sets the longest graceful cancel before force.
         with_cancel_grace(cancel_grace: Duration),
         /// Sets how long graceful shutdown waits for the running job.
@@ -1174,6 +1198,15 @@ impl AgentConfigBuilder {
     /// The configuration, with the agent id generated if none was given; not validated.
     fn finish(self) -> AgentConfig {
         let mut config = self.config;
+        if !self.explicit.contains(var::MAX_CONCURRENCY) {
+            if let Some(jobs) = self.scaler_job_count {
+                config.max_concurrency = jobs;
+            }
+        }
+        // A generated agent id never names the log file.
+        config.log_file_suffix = settings::defined(self.cluster_instance_id)
+            .or_else(|| settings::defined(self.agent_id.clone()))
+            .map(|suffix| crate::file_log::sanitize_suffix(&suffix));
         config.agent_id = self
             .agent_id
             .unwrap_or_else(|| generate_agent_id(&config.hostname));
@@ -1212,99 +1245,6 @@ fn detect_hostname() -> String {
         .unwrap_or_else(|| FALLBACK_HOSTNAME.to_owned())
 }
 
-/// Reads typed values out of the variables, collecting every problem instead of stopping.
-struct EnvReader<'a> {
-    vars: &'a BTreeMap<String, String>,
-    issues: Vec<ConfigIssue>,
-}
-
-impl EnvReader<'_> {
-    /// The value as set, including an empty one.
-    fn raw(&self, name: &str) -> Option<&str> {
-        self.vars.get(name).map(String::as_str)
-    }
-
-    /// The value, with empty meaning unset.
-    fn text(&self, name: &str) -> Option<&str> {
-        self.raw(name).filter(|value| !value.is_empty())
-    }
-
-    /// A typed value, with an empty or blank value meaning unset.
-    fn typed(&self, name: &str) -> Option<&str> {
-        self.raw(name)
-            .map(str::trim)
-            .filter(|value| !value.is_empty())
-    }
-
-    /// True only when the variable is exactly `on`.
-    fn flag(&self, name: &str, on: &str) -> bool {
-        self.raw(name) == Some(on)
-    }
-
-    fn report(&mut self, name: &str, message: String) {
-        self.issues.push(ConfigIssue::new(name, message));
-    }
-
-    /// The parsed integer, or `None` (reported unless unset); `range` describes the accepted
-    /// values.
-    fn parse_integer<T: TryFrom<i128>>(&mut self, name: &str, range: &str) -> Option<T> {
-        let raw = self.typed(name)?;
-        let message = match raw.parse::<i128>() {
-            Ok(wide) => match T::try_from(wide) {
-                Ok(value) => return Some(value),
-                Err(_) => format!("expected an integer {range}, got {raw:?}"),
-            },
-            Err(_) => format!("expected an integer, got {raw:?}"),
-        };
-        self.report(name, message);
-        None
-    }
-
-    /// Overwrites `target` with the parsed integer when the variable is set and valid.
-    fn integer<T: TryFrom<i128>>(&mut self, name: &str, range: &str, target: &mut T) {
-        if let Some(value) = self.parse_integer(name, range) {
-            *target = value;
-        }
-    }
-
-    fn millis(&mut self, name: &str, target: &mut Duration) {
-        if let Some(millis) = self.parse_integer(name, ">= 0") {
-            *target = Duration::from_millis(millis);
-        }
-    }
-
-    /// Milliseconds where zero or less all mean "no delay".
-    fn millis_or_zero(&mut self, name: &str, target: &mut Duration) {
-        if let Some(millis) = self.parse_integer::<i64>(name, "in the 64-bit range") {
-            *target = Duration::from_millis(u64::try_from(millis).unwrap_or(0));
-        }
-    }
-
-    fn number(&mut self, name: &str, target: &mut f64) {
-        let Some(raw) = self.typed(name) else { return };
-        match raw.parse::<f64>() {
-            Ok(value) if value.is_finite() => *target = value,
-            _ => {
-                let message = format!("expected a number, got {raw:?}");
-                self.report(name, message);
-            }
-        }
-    }
-
-    /// An enum value, spelled exactly (a blank value means unset).
-    fn choice<T: FromStr<Err = ParseEnumError>>(&mut self, name: &str) -> Option<T> {
-        self.typed(name)?;
-        let raw = self.raw(name)?;
-        match raw.parse() {
-            Ok(value) => Some(value),
-            Err(error) => {
-                self.report(name, error.to_string());
-                None
-            }
-        }
-    }
-}
-
 /// Splits a comma list, dropping empty items and keeping everything else verbatim.
 fn comma_list(raw: &str) -> impl Iterator<Item = &str> {
     raw.split(',').filter(|item| !item.is_empty())
@@ -1316,160 +1256,50 @@ fn parse_properties(raw: &str) -> Result<Vec<(String, PropertyValue)>, String> {
         let Some((key, value)) = entry.split_once('=').filter(|(key, _)| !key.is_empty()) else {
             return Err(format!("Invalid property '{entry}': expected key=value"));
         };
-        let value = PropertyValue::parse(value);
         // Later duplicates win, keeping the key's first position (like a JS object).
-        match properties.iter_mut().find(|(known, _)| known == key) {
-            Some(slot) => slot.1 = value,
-            None => properties.push((key.to_owned(), value)),
-        }
+        upsert_property(&mut properties, key.to_owned(), PropertyValue::parse(value));
     }
     Ok(properties)
 }
 
-fn parse_roles(raw: &str) -> Result<Vec<Role>, String> {
-    let mut roles = Vec::new();
-    for item in comma_list(raw) {
-        let requested = match item {
-            "all" => vec![Role::Builder, Role::InitRunner],
-            single => match single.parse() {
-                Ok(role) => vec![role],
-                Err(_) => return Err("must contain only: builder, init-runner, all".into()),
-            },
-        };
-        for role in requested {
-            if !roles.contains(&role) {
-                roles.push(role);
-            }
-        }
+/// Replaces the value of `key`, keeping its position, or appends it.
+fn upsert_property(
+    properties: &mut Vec<(String, PropertyValue)>,
+    key: String,
+    value: PropertyValue,
+) {
+    match properties.iter_mut().find(|(known, _)| *known == key) {
+        Some(slot) => slot.1 = value,
+        None => properties.push((key, value)),
     }
-    Ok(roles)
 }
 
-/// The environment loader: parse every variable (collecting issues), validate, then check for
-/// unknown `KICI_*` names.
+/// The environment loader: every known variable through [`Setting::store`] (collecting issues),
+/// `NODE_EXTRA_CA_CERTS`, validation, then the check for unknown `KICI_*` names. Returns the
+/// builder (for hosts that change settings afterwards) and the validated configuration; all
+/// warnings are in the builder.
 fn load(
     vars: &BTreeMap<String, String>,
-    earlier_issues: Vec<ConfigIssue>,
-) -> Result<FromEnv, ConfigError> {
-    let mut env = EnvReader {
-        vars,
-        issues: earlier_issues,
-    };
-    let mut warnings = Vec::new();
-    let mut builder = AgentConfig::builder(env.raw(var::ORCHESTRATOR_URL).unwrap_or_default());
-    builder.agent_id = env.text(var::AGENT_ID).map(str::to_owned);
-    let c = &mut builder.config;
-
-    c.labels = comma_list(env.raw(var::LABELS).unwrap_or_default())
-        .map(str::to_owned)
-        .collect();
-    match parse_properties(env.raw(var::PROPERTIES).unwrap_or_default()) {
-        Ok(properties) => c.properties = properties,
-        Err(message) => env.report(var::PROPERTIES, message),
-    }
-    match parse_roles(env.raw(var::ROLES).unwrap_or_default()) {
-        Ok(roles) => c.roles = roles,
-        Err(message) => env.report(var::ROLES, message),
-    }
-    env.integer(var::PORT, "from 0 to 65535", &mut c.port);
-    if let Some(raw) = env.typed(var::BIND_ADDRESS) {
-        match raw.parse() {
-            Ok(address) => c.bind_address = address,
-            Err(_) => {
-                let message = format!("expected an IP address, got {raw:?}");
-                env.report(var::BIND_ADDRESS, message);
+    mut issues: Vec<ConfigIssue>,
+) -> Result<(AgentConfigBuilder, AgentConfig), ConfigError> {
+    let mut builder = AgentConfigBuilder::default();
+    for setting in SETTINGS {
+        if let Some(value) = vars.get(setting.name) {
+            if let Err(message) = setting.store(&mut builder, &SettingValue::from(value.as_str())) {
+                issues.push(ConfigIssue::new(setting.name, message));
             }
         }
     }
-    if let Some(level) = env.choice(var::LOG_LEVEL) {
-        c.log_level = level;
-    }
-    if let Some(format) = env.choice(var::LOG_FORMAT) {
-        c.log_format = format;
-    }
-    // The Node agent's logger reads `undefined` (a JS template's unset value) as unset.
-    let set = |name| env.text(name).filter(|value| *value != "undefined");
-    c.log_dir = set(var::LOG_DIR).map(PathBuf::from);
-    c.log_file_suffix = set(var::CLUSTER_INSTANCE_ID)
-        .or(set(var::AGENT_ID))
-        .map(crate::file_log::sanitize_suffix);
-    if let Some(raw) = env.typed(var::LOG_MAX_SIZE) {
-        match crate::file_log::parse_size(raw) {
-            Ok(bytes) => c.log_max_size = bytes,
-            Err(message) => env.report(var::LOG_MAX_SIZE, message),
-        }
-    }
-    env.integer(
-        var::LOG_RETENTION_DAYS,
-        "from 1 to 4294967295",
-        &mut c.log_retention_days,
-    );
-    c.token = env.text(var::AGENT_TOKEN).map(Secret::new);
-    c.github_token = env.text(var::GITHUB_TOKEN).map(Secret::new);
-    env.integer(var::MAX_LOG_SIZE_BYTES, "> 0", &mut c.max_log_size_bytes);
-    env.millis(var::DEFAULT_STEP_TIMEOUT_MS, &mut c.default_step_timeout);
-    c.docker_keep_failed = env.flag(var::DOCKER_KEEP_FAILED, "true");
-    env.millis(
-        var::JOB_HEARTBEAT_INTERVAL_MS,
-        &mut c.job_heartbeat_interval,
-    );
-    env.millis(var::HEARTBEAT_INTERVAL_MS, &mut c.heartbeat_interval);
-    if let Some(mode) = env.choice(var::BACKPRESSURE_MODE) {
-        c.backpressure_mode = mode;
-    }
-    c.sandbox = env.flag(var::SANDBOX, "true");
-    if let Some(network) = env.choice(var::SANDBOX_NETWORK) {
-        c.sandbox_network = network;
-    }
-    c.scaler_managed = env.flag(var::SCALER_MANAGED, "1");
-    env.millis_or_zero(var::SCALER_IDLE_TIMEOUT, &mut c.scaler_idle_timeout);
-    env.millis_or_zero(
-        var::SCALER_PENDING_DISPATCH_TIMEOUT,
-        &mut c.scaler_pending_dispatch_timeout,
-    );
-    c.execution_mode = env.choice(var::EXECUTION_MODE);
-    env.millis(
-        var::CONCURRENCY_WAIT_TIMEOUT_MS,
-        &mut c.concurrency_wait_timeout,
-    );
-    c.is_orchestrator_host = env.flag(var::AGENT_IS_ORCHESTRATOR_HOST, "true");
-    if env.typed(var::MAX_CONCURRENCY).is_some() {
-        env.integer(
-            var::MAX_CONCURRENCY,
-            "from 1 to 4294967295",
-            &mut c.max_concurrency,
-        );
-    } else if let Some(raw) = env.typed(var::MAX_CONCURRENT_JOBS) {
-        // A scaler's job count: a hint, never a reason to refuse starting.
-        match raw.parse::<u32>() {
-            Ok(jobs) if jobs >= 1 => c.max_concurrency = jobs,
-            _ => warnings.push(format!(
-                "{}={raw:?} is not an integer >= 1; ignored, max concurrency stays {}",
-                var::MAX_CONCURRENT_JOBS,
-                c.max_concurrency
-            )),
-        }
-    }
-    env.millis(var::CANCEL_GRACE_MS, &mut c.cancel_grace);
-    env.millis(var::SHUTDOWN_GRACE_MS, &mut c.shutdown_grace);
-    env.integer(var::JOB_PIDS_MAX, ">= 0", &mut c.job_pids_max);
-    c.step_map_file = env.text(var::STEP_MAP).map(PathBuf::from);
-    c.process_executor = env.text(var::PROCESS_EXECUTOR).map(str::to_owned);
-    c.node = env.text(var::NODE).map(PathBuf::from);
-    c.default_container_image = env.text(var::CONTAINER_IMAGE).map(str::to_owned);
-    c.dev = env.flag(var::DEV, "true");
-    env.number(var::RATE_MSGS_PER_SEC, &mut c.rate_limits.msgs_per_sec);
-    env.number(var::RATE_MSG_BURST, &mut c.rate_limits.msg_burst);
-    env.number(var::RATE_BYTES_PER_SEC, &mut c.rate_limits.bytes_per_sec);
-    env.number(var::RATE_BYTE_BURST, &mut c.rate_limits.byte_burst);
-    c.tls_ca_file = env.text(var::TLS_CA_FILE).map(PathBuf::from);
-    if c.tls_ca_file.is_none() {
-        if let Some(raw) = env.text(var::NODE_EXTRA_CA_CERTS) {
+    if builder.config.tls_ca_file.is_none() {
+        if let Some(raw) = vars
+            .get(var::NODE_EXTRA_CA_CERTS)
+            .filter(|raw| !raw.is_empty())
+        {
             // Node's semantics: a file it cannot load is reported and skipped, not fatal.
             let path = PathBuf::from(raw);
             match crate::tls::read_ca_file(&path) {
-                Ok(_) => c.tls_ca_file = Some(path),
-                Err(reason) => warnings.push(format!(
+                Ok(_) => builder.config.tls_ca_file = Some(path),
+                Err(reason) => builder.warnings.push(format!(
                     "{}: ignoring the extra CA certificates: {reason}",
                     var::NODE_EXTRA_CA_CERTS
                 )),
@@ -1477,8 +1307,8 @@ fn load(
         }
     }
 
-    let config = builder.finish();
-    config.validate_after(env.issues)?;
+    let config = builder.clone().finish();
+    config.validate_after(issues)?;
 
     let unknown = unknown_variables(vars.keys().map(String::as_str));
     if !unknown.is_empty() {
@@ -1486,9 +1316,9 @@ fn load(
         if !config.dev {
             return Err(error);
         }
-        warnings.push(error.to_string());
+        builder.warnings.push(error.to_string());
     }
-    Ok(FromEnv { config, warnings })
+    Ok((builder, config))
 }
 
 /// The `KICI_*` names among `names` that are not known, each with its likely intended name.
@@ -1497,7 +1327,7 @@ fn unknown_variables<'a>(names: impl Iterator<Item = &'a str>) -> Vec<UnknownVar
         .filter(|name| name.starts_with("KICI_") && !is_known_variable(name))
         .map(|name| UnknownVariable {
             name: name.to_owned(),
-            suggestion: closest_known_variable(name),
+            suggestion: Setting::closest(name).map(|setting| setting.name),
         })
         .collect();
     unknown.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1505,39 +1335,12 @@ fn unknown_variables<'a>(names: impl Iterator<Item = &'a str>) -> Vec<UnknownVar
 }
 
 fn is_known_variable(name: &str) -> bool {
-    VARIABLES.iter().any(|known| known.name == name)
+    SETTINGS.iter().any(|known| known.name == name)
         || ALLOWED_PREFIXES
             .iter()
             .any(|prefix| name.starts_with(prefix))
         || name.ends_with("_ENV_PROBE")
         || name.contains("_ENV_PROBE_")
-}
-
-/// The known name within typo distance (max(2, len/4) edits) of `name`, if any.
-fn closest_known_variable(name: &str) -> Option<&'static str> {
-    let limit = (name.chars().count() / 4).max(2);
-    VARIABLES
-        .iter()
-        .map(|known| (levenshtein(name, known.name), known.name))
-        .filter(|(distance, _)| *distance <= limit)
-        .min_by_key(|(distance, _)| *distance)
-        .map(|(_, known)| known)
-}
-
-/// Edit distance (insertions, deletions, substitutions) between two strings, by characters.
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    let mut current = vec![0; b.len() + 1];
-    for (i, a_char) in a.chars().enumerate() {
-        current[0] = i + 1;
-        for (j, b_char) in b.iter().enumerate() {
-            let substitution = previous[j] + usize::from(a_char != *b_char);
-            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
-        }
-        std::mem::swap(&mut previous, &mut current);
-    }
-    previous[b.len()]
 }
 
 #[cfg(test)]
@@ -1640,21 +1443,16 @@ mod tests {
         assert_eq!(c.rate_limits.byte_burst, 1_500_000.0);
         assert!(!c.hostname.is_empty());
         let built = AgentConfig::builder(URL).with_agent_id("agent-1").build();
-        // The file-log suffix comes from the environment's KICI_AGENT_ID only.
-        let from_env = AgentConfig {
-            log_file_suffix: None,
-            ..default_config()
-        };
-        assert_eq!(built.ok(), Some(from_env));
+        assert_eq!(built.ok(), Some(default_config()));
     }
 
     #[test]
     fn documented_defaults_equal_the_real_defaults() {
         let mut pairs = vec![(var::AGENT_ID, "agent-1")];
         pairs.extend(
-            VARIABLES
+            SETTINGS
                 .iter()
-                .filter_map(|doc| doc.default.map(|value| (doc.name, value))),
+                .filter_map(|setting| setting.default.map(|value| (setting.name, value))),
         );
         assert_eq!(config(&pairs), default_config());
     }
@@ -2154,6 +1952,7 @@ mod tests {
             Err(ConfigError::UnsupportedRole { .. }) => "role",
             Err(ConfigError::ReservedLabels { .. }) => "labels",
             Err(ConfigError::UnknownVariables { .. }) => "unknown",
+            Err(ConfigError::UnknownSetting { .. }) => "setting",
             Ok(_) => "ok",
         };
         assert_eq!(stage(&all), "invalid");
@@ -2497,23 +2296,232 @@ mod tests {
     }
 
     #[test]
-    fn levenshtein_counts_edits() {
-        assert_eq!(levenshtein("", ""), 0);
-        assert_eq!(levenshtein("abc", ""), 3);
-        assert_eq!(levenshtein("kitten", "sitting"), 3);
-        assert_eq!(levenshtein("KICI_PROT", "KICI_PORT"), 2);
-        assert_eq!(closest_known_variable("KICI_LABEL"), Some(var::LABELS));
-        assert_eq!(closest_known_variable("KICI_COMPLETELY_DIFFERENT"), None);
+    fn misspelt_names_get_the_closest_setting() {
+        let closest = |name| Setting::closest(name).map(|setting| setting.name);
+        assert_eq!(closest("KICI_PROT"), Some(var::PORT));
+        assert_eq!(closest("KICI_LABEL"), Some(var::LABELS));
+        assert_eq!(closest("job_pid_max"), Some(var::JOB_PIDS_MAX));
+        assert_eq!(closest("KICI_COMPLETELY_DIFFERENT"), None);
     }
 
     #[test]
-    fn the_variable_table_has_unique_documented_names() {
-        let mut names = std::collections::HashSet::new();
-        for doc in VARIABLES {
-            assert!(doc.name.starts_with("KICI_"), "{}", doc.name);
-            assert!(names.insert(doc.name), "duplicate {}", doc.name);
-            assert!(!doc.description.is_empty(), "{}", doc.name);
+    fn the_setting_table_has_unique_documented_names_and_keys() {
+        let mut spellings = std::collections::HashSet::new();
+        for setting in SETTINGS {
+            assert!(setting.name.starts_with("KICI_"), "{}", setting.name);
+            assert!(
+                setting
+                    .key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{}",
+                setting.key
+            );
+            assert!(spellings.insert(setting.name), "duplicate {}", setting.name);
+            assert!(spellings.insert(setting.key), "duplicate {}", setting.key);
+            assert!(!setting.description.is_empty(), "{}", setting.name);
         }
+    }
+
+    /// A builder with a valid URL and a fixed agent id.
+    fn builder() -> AgentConfigBuilder {
+        AgentConfig::builder(URL).with_agent_id("agent-1")
+    }
+
+    #[test]
+    fn set_by_name_or_key_reads_text_like_the_environment() {
+        let pairs = [
+            (var::PORT, "0"),
+            (var::LABELS, "gpu,,x y"),
+            (var::PROPERTIES, "cores=8,ssd=true"),
+            (var::LOG_LEVEL, "debug"),
+            (var::LOG_MAX_SIZE, "2m"),
+            (var::CANCEL_GRACE_MS, " 250 "),
+            (var::SCALER_MANAGED, "1"),
+            (var::EXECUTION_MODE, "bare-metal"),
+            (var::JOB_PIDS_MAX, "64"),
+            (var::NODE, "/opt/node/bin/node"),
+            (var::LOG_DIR, "/var/log/kici"),
+            (var::RATE_MSG_BURST, "20.5"),
+            (var::AGENT_TOKEN, TOKEN),
+        ];
+        let mut by_name = builder();
+        let mut by_key = builder();
+        for (name, value) in pairs {
+            by_name.set(name, value).unwrap();
+            let key = Setting::find(name).map(|setting| setting.key).unwrap();
+            by_key.set(key, value).unwrap();
+        }
+        let from_env = config(
+            &[(var::AGENT_ID, "agent-1")]
+                .into_iter()
+                .chain(pairs)
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(by_name.build().unwrap(), from_env);
+        assert_eq!(by_key.build().unwrap(), from_env);
+        assert_eq!(from_env.job_pids_max, 64);
+        assert_eq!(from_env.log_max_size, 2 << 20);
+    }
+
+    #[test]
+    fn set_refuses_unknown_names_and_bad_values_and_changes_nothing_then() {
+        let mut b = builder();
+        b.set(var::PORT, "9000").unwrap();
+        let error = b.set("KICI_PROT", "1").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "unknown setting \"KICI_PROT\": did you mean KICI_PORT?"
+        );
+        let error = b.set(var::PORT, "70000").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "Configuration validation failed:\n  - KICI_PORT: expected an integer from 0 to 65535, got \"70000\""
+        );
+        let error = b.set(var::LOG_FORMAT, "yaml").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("expected one of auto, plain, json"),
+            "{error}"
+        );
+        let error = b
+            .set_value(var::LABELS, SettingValue::Flag(true))
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("KICI_LABELS: expected a list, got a flag"),
+            "{error}"
+        );
+        assert!(b.set(var::PROPERTIES, "novalue").is_err());
+        let c = b.build().unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.log_format, LogFormat::Auto);
+        assert!(c.labels.is_empty() && c.properties.is_empty());
+    }
+
+    #[test]
+    fn blank_text_puts_a_setting_back_to_its_default() {
+        let mut b = builder();
+        for (name, value) in [
+            (var::PORT, "1"),
+            (var::LOG_LEVEL, "error"),
+            (var::CANCEL_GRACE_MS, "5"),
+            (var::EXECUTION_MODE, "container"),
+            (var::NODE, "/usr/bin/node"),
+            (var::AGENT_TOKEN, TOKEN),
+            (var::DEV, "true"),
+        ] {
+            b.set(name, value).unwrap();
+            b.set(name, if name == var::PORT { " " } else { "" })
+                .unwrap();
+        }
+        assert_eq!(b.build().unwrap(), default_config());
+    }
+
+    #[test]
+    fn every_setting_takes_a_typed_value_of_its_kind() {
+        let ca = ca_file();
+        let ca_path = ca.path().to_str().unwrap().to_owned();
+        for setting in SETTINGS {
+            let value = match setting.kind {
+                SettingKind::Text if setting.name == var::ORCHESTRATOR_URL => {
+                    SettingValue::from(URL)
+                }
+                SettingKind::Text | SettingKind::Secret | SettingKind::Ignored => {
+                    SettingValue::from("x")
+                }
+                SettingKind::Path if setting.name == var::LOG_DIR || setting.name == var::NODE => {
+                    SettingValue::from("/tmp")
+                }
+                SettingKind::Path => SettingValue::Text(ca_path.clone()),
+                SettingKind::Flag => SettingValue::Flag(true),
+                SettingKind::Integer | SettingKind::Size => SettingValue::Integer(2),
+                SettingKind::Millis => SettingValue::Duration(Duration::from_secs(2)),
+                SettingKind::Number => SettingValue::Number(2.5),
+                SettingKind::Choice(names) => SettingValue::from(names[0]),
+                SettingKind::IpAddress => SettingValue::from("127.0.0.1"),
+                SettingKind::List if setting.name == var::ROLES => SettingValue::List(Vec::new()),
+                SettingKind::List => SettingValue::List(vec!["a,b".into(), "c".into()]),
+                SettingKind::Properties => {
+                    SettingValue::Properties(vec![("v".into(), PropertyValue::Text("1".into()))])
+                }
+            };
+            let mut b = builder();
+            b.set_value(setting.key, value)
+                .unwrap_or_else(|e| panic!("{}: {e}", setting.name));
+        }
+        let mut b = builder();
+        b.set_value(
+            var::CANCEL_GRACE_MS,
+            SettingValue::Duration(Duration::from_micros(1500)),
+        )
+        .unwrap();
+        b.set_value(var::LABELS, SettingValue::List(vec!["a,b".into()]))
+            .unwrap();
+        b.set_value(var::SCALER_MANAGED, SettingValue::Flag(true))
+            .unwrap();
+        let c = b.build().unwrap();
+        assert_eq!(c.cancel_grace, Duration::from_micros(1500));
+        assert_eq!(c.labels, ["a,b"], "a typed list is kept verbatim");
+        assert!(c.scaler_managed);
+    }
+
+    #[test]
+    fn the_scaler_job_count_applies_whatever_the_order_of_setting() {
+        let mut first = builder();
+        first.set(var::MAX_CONCURRENCY, "2").unwrap();
+        first.set(var::MAX_CONCURRENT_JOBS, "4").unwrap();
+        assert_eq!(first.build().unwrap().max_concurrency, 2);
+        let mut unset_again = builder();
+        unset_again.set(var::MAX_CONCURRENT_JOBS, "4").unwrap();
+        unset_again.set(var::MAX_CONCURRENCY, "2").unwrap();
+        unset_again.set(var::MAX_CONCURRENCY, "").unwrap();
+        assert_eq!(unset_again.build().unwrap().max_concurrency, 4);
+        let mut bad = builder();
+        bad.set(var::MAX_CONCURRENT_JOBS, "many").unwrap();
+        assert_eq!(bad.warnings().len(), 1);
+        assert_eq!(bad.build().unwrap().max_concurrency, 1);
+    }
+
+    /// The README's configuration table, as generated from [`SETTINGS`].
+    fn readme_table() -> String {
+        let mut table = String::from("| variable | default | meaning |\n|---|---|---|\n");
+        for setting in SETTINGS {
+            let default = match setting.default {
+                None => "—".to_owned(),
+                Some("") => "(empty)".to_owned(),
+                Some(value) => format!("`{value}`"),
+            };
+            let meaning = setting.description.replace('|', "\\|");
+            table.push_str(&format!("| `{}` | {default} | {meaning} |\n", setting.name));
+        }
+        table
+    }
+
+    /// The README's table is the setting table; `KICI_UPDATE_DOCS=1` rewrites it.
+    #[test]
+    fn the_readme_configuration_table_is_generated_from_the_settings() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+        let readme = std::fs::read_to_string(path).unwrap();
+        let start = readme
+            .find("| variable | default | meaning |")
+            .expect("the table header");
+        let end = readme[start..]
+            .find("\n\n")
+            .map_or(readme.len(), |offset| start + offset + 1);
+        let expected = readme_table();
+        if std::env::var_os("KICI_UPDATE_DOCS").is_some() {
+            let updated = format!("{}{expected}{}", &readme[..start], &readme[end..]);
+            std::fs::write(path, updated).unwrap();
+            return;
+        }
+        assert!(
+            readme[start..end] == expected,
+            "README.md's configuration table differs from SETTINGS; regenerate it with \
+             KICI_UPDATE_DOCS=1 cargo test -p kici-agent-core --lib readme"
+        );
     }
 
     /// A PEM file holding the certificate of a freshly generated test CA.

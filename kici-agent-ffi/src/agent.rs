@@ -162,10 +162,7 @@ pub unsafe extern "C" fn kici_agent_new(
     guard(err, || {
         // SAFETY: the caller passes NULL or live, writable pointers.
         let (config, slot) = unsafe { (object(config, "config")?, out(out_agent, "out_agent")?) };
-        let config = config.agent_config().clone();
-        config
-            .validate()
-            .map_err(|e| Failure::new(kici_result::InvalidConfig, e.to_string()))?;
+        let config = config.agent_config()?;
         let agent = kici_agent {
             agent_id: c_string_lossy(config.agent_id.clone()),
             phase: Mutex::new(Phase::Created {
@@ -495,9 +492,7 @@ pub unsafe extern "C" fn kici_agent_free(agent: *mut kici_agent) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{
-        kici_config_free, kici_config_new, kici_config_set_orchestrator_url, kici_config_set_port,
-    };
+    use crate::config::{kici_config_free, kici_config_new, kici_config_set};
     use std::ptr;
 
     fn new_agent() -> *mut kici_agent {
@@ -508,15 +503,15 @@ mod tests {
                 kici_config_new(&mut config, ptr::null_mut()),
                 kici_result::Ok
             );
-            let url = c"ws://127.0.0.1:9/ws".as_ptr();
-            assert_eq!(
-                kici_config_set_orchestrator_url(config, url, ptr::null_mut()),
-                kici_result::Ok
-            );
-            assert_eq!(
-                kici_config_set_port(config, 0, ptr::null_mut()),
-                kici_result::Ok
-            );
+            for (name, value) in [
+                (c"KICI_ORCHESTRATOR_URL", c"ws://127.0.0.1:9/ws"),
+                (c"KICI_PORT", c"0"),
+            ] {
+                assert_eq!(
+                    kici_config_set(config, name.as_ptr(), value.as_ptr(), ptr::null_mut()),
+                    kici_result::Ok
+                );
+            }
             let mut agent = ptr::null_mut();
             assert_eq!(
                 kici_agent_new(config, &mut agent, ptr::null_mut()),

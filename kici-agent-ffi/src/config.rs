@@ -1,96 +1,91 @@
-//! `kici_config`: an agent configuration, built option by option or loaded from the `KICI_*`
-//! environment, validated by the core.
+//! `kici_config`: an agent configuration, built setting by setting (`kici_config_set`, by the
+//! names of the core's setting table) or loaded from the `KICI_*` environment, validated by the
+//! core. Only conversions live here.
 
 use std::ffi::{c_char, CString};
-use std::path::PathBuf;
-use std::str::FromStr;
-use std::time::Duration;
 
-use kici_agent_core::config::{
-    AgentConfig, BackpressureMode, ExecutionMode, LogFormat, LogLevel, ParseEnumError,
-    PropertyValue, RateLimits, Role, SandboxNetwork, Secret,
-};
+use kici_agent_core::config::{AgentConfigBuilder, ConfigError, PropertyValue, SettingValue};
+use kici_agent_core::AgentConfig;
 
 use crate::boundary::{guard, guard_infallible, object, object_mut, out, text};
 use crate::error::{kici_error, kici_result, Failure, FfiResult};
 use crate::string::c_string_lossy;
 
-/// Stands in for the URL while building the defaults; replaced by "" right after, so a
-/// configuration whose URL was never set fails validation.
-const PLACEHOLDER_URL: &str = "ws://127.0.0.1/ws";
-
-/// An agent configuration: every option of the `KICI_*` environment, with labels as a list.
-/// Opaque.
+/// An agent configuration: every setting of the `KICI_*` environment. Opaque.
 ///
-/// Create it with `kici_config_new` (defaults) or `kici_config_from_env`, change it with the
-/// `kici_config_set_*` functions, pass it to `kici_agent_new` (which copies it) and free it with
-/// `kici_config_free`. Setters only store values; `kici_config_validate` and `kici_agent_new`
-/// check them all together.
+/// Create it with `kici_config_new` (defaults, no orchestrator URL) or `kici_config_from_env`,
+/// change it with `kici_config_set` (any setting by name) and the list helpers
+/// `kici_config_set_labels` and `kici_config_set_property`, pass it to `kici_agent_new` (which
+/// copies it) and free it with `kici_config_free`. Setters refuse values they cannot read;
+/// `kici_config_validate` and `kici_agent_new` check the settings together.
 ///
 /// Thread safety: a configuration may move between threads, but a setter must not run while
 /// any other call uses the same configuration. Calls taking `const kici_config *` may overlap
 /// each other.
 pub struct kici_config {
-    config: AgentConfig,
-    /// Findings of `kici_config_from_env` that did not stop loading.
+    builder: AgentConfigBuilder,
+    /// The builder's warnings as C strings; only ever appended to, so that pointers handed out
+    /// stay valid until `kici_config_free`.
     warnings: Vec<CString>,
 }
 
 impl kici_config {
-    /// The configuration as the core sees it.
-    pub(crate) fn agent_config(&self) -> &AgentConfig {
-        &self.config
+    fn new(builder: AgentConfigBuilder) -> Self {
+        let mut config = Self {
+            builder,
+            warnings: Vec::new(),
+        };
+        config.sync_warnings();
+        config
+    }
+
+    /// The validated configuration as the core sees it (`KICI_RESULT_INVALID_CONFIG` lists
+    /// every problem).
+    pub(crate) fn agent_config(&self) -> FfiResult<AgentConfig> {
+        self.builder.clone().build().map_err(config_failure)
+    }
+
+    fn sync_warnings(&mut self) {
+        let new = &self.builder.warnings()[self.warnings.len()..];
+        self.warnings
+            .extend(new.iter().map(|warning| c_string_lossy(warning.as_str())));
     }
 }
 
-fn config_failure(error: kici_agent_core::ConfigError) -> Failure {
+fn config_failure(error: ConfigError) -> Failure {
     Failure::new(kici_result::InvalidConfig, error.to_string())
 }
 
-fn parse_choice<T: FromStr<Err = ParseEnumError>>(option: &str, value: &str) -> FfiResult<T> {
-    value
-        .parse()
-        .map_err(|e: ParseEnumError| Failure::invalid(format!("`{option}`: {e}")))
+/// A value a setter refused: `KICI_RESULT_INVALID_ARGUMENT`, one line per problem.
+fn setter_failure(error: ConfigError) -> Failure {
+    match error {
+        ConfigError::Invalid(issues) => Failure::invalid(
+            issues
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        other => Failure::invalid(other.to_string()),
+    }
 }
 
-fn optional_text(value: &str) -> Option<String> {
-    (!value.is_empty()).then(|| value.to_owned())
-}
-
-/// Runs `change` on the configuration behind `config`.
+/// Runs `change` on the builder behind `config`.
 ///
 /// # Safety
 /// `config` must be NULL or a live configuration no other thread uses.
 unsafe fn update(
     config: *mut kici_config,
     err: *mut *mut kici_error,
-    change: impl FnOnce(&mut AgentConfig) -> FfiResult,
+    change: impl FnOnce(&mut AgentConfigBuilder) -> FfiResult,
 ) -> kici_result {
     guard(err, || {
         // SAFETY: guaranteed by the caller.
         let config = unsafe { object_mut(config, "config") }?;
-        change(&mut config.config)
+        change(&mut config.builder)?;
+        config.sync_warnings();
+        Ok(())
     })
-}
-
-/// Runs `change` with a text argument named `name`.
-///
-/// # Safety
-/// As [`update`]; `value` must be NULL or a NUL-terminated string.
-unsafe fn update_text(
-    config: *mut kici_config,
-    value: *const c_char,
-    name: &'static str,
-    err: *mut *mut kici_error,
-    change: impl FnOnce(&mut AgentConfig, &str) -> FfiResult,
-) -> kici_result {
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        update(config, err, |config| {
-            let value = text(value, name)?;
-            change(config, value)
-        })
-    }
 }
 
 /// Reads a list of `count` strings; `items` may be NULL only when `count` is 0.
@@ -118,8 +113,8 @@ unsafe fn text_list<'a>(
         .collect()
 }
 
-/// Creates a configuration with every default (see the `KICI_*` table in the README). The
-/// orchestrator URL is empty: set it with `kici_config_set_orchestrator_url`.
+/// Creates a configuration with every default and no orchestrator URL: set
+/// `KICI_ORCHESTRATOR_URL` with `kici_config_set`.
 ///
 /// Ownership: on success `*out_config` receives a configuration the caller owns and frees with
 /// `kici_config_free`. Thread safety: safe from any thread.
@@ -131,14 +126,7 @@ pub unsafe extern "C" fn kici_config_new(
     guard(err, || {
         // SAFETY: the caller passes NULL or writable storage.
         let slot = unsafe { out(out_config, "out_config") }?;
-        let mut config = AgentConfig::builder(PLACEHOLDER_URL)
-            .build()
-            .map_err(config_failure)?;
-        config.orchestrator_url = String::new();
-        let config = Box::new(kici_config {
-            config,
-            warnings: Vec::new(),
-        });
+        let config = Box::new(kici_config::new(AgentConfigBuilder::default()));
         slot.write(Box::into_raw(config));
         Ok(())
     })
@@ -160,12 +148,8 @@ pub unsafe extern "C" fn kici_config_from_env(
     guard(err, || {
         // SAFETY: the caller passes NULL or writable storage.
         let slot = unsafe { out(out_config, "out_config") }?;
-        let loaded = AgentConfig::from_env().map_err(config_failure)?;
-        let config = Box::new(kici_config {
-            config: loaded.config,
-            warnings: loaded.warnings.into_iter().map(c_string_lossy).collect(),
-        });
-        slot.write(Box::into_raw(config));
+        let builder = AgentConfigBuilder::from_env().map_err(config_failure)?;
+        slot.write(Box::into_raw(Box::new(kici_config::new(builder))));
         Ok(())
     })
 }
@@ -195,11 +179,12 @@ pub unsafe extern "C" fn kici_config_validate(
     guard(err, || {
         // SAFETY: the caller passes NULL or a live configuration.
         let config = unsafe { object(config, "config") }?;
-        config.config.validate().map_err(config_failure)
+        config.agent_config().map(drop)
     })
 }
 
-/// The number of warnings `kici_config_from_env` found (0 for `kici_config_new`).
+/// The number of warnings: findings of `kici_config_from_env` and of setters that did not stop
+/// them (an ignored `KICI_MAX_CONCURRENT_JOBS`).
 ///
 /// Ownership: `config` is borrowed. Thread safety: may overlap other `const` calls.
 #[no_mangle]
@@ -216,8 +201,7 @@ pub unsafe extern "C" fn kici_config_warning_count(
     })
 }
 
-/// Warning number `index` (from 0) of `kici_config_from_env`; `KICI_RESULT_NOT_FOUND` past the
-/// end.
+/// Warning number `index` (from 0), oldest first; `KICI_RESULT_NOT_FOUND` past the end.
 ///
 /// Ownership: `*out_warning` is borrowed from `config` and lives until `kici_config_free`.
 /// Thread safety: may overlap other `const` calls.
@@ -246,47 +230,137 @@ pub unsafe extern "C" fn kici_config_warning(
     })
 }
 
-/// Sets the orchestrator WebSocket URL, `ws://` or `wss://` (`KICI_ORCHESTRATOR_URL`,
-/// required).
+/// Sets the setting `name`: its `KICI_*` variable or its key (listed below) to `value`, text
+/// read exactly like the environment variable: "" means unset (the default), durations are in
+/// milliseconds, flags are on only when spelt as documented. A value that cannot be read gives
+/// `KICI_RESULT_INVALID_ARGUMENT` and changes nothing; an unknown name gives
+/// `KICI_RESULT_INVALID_ARGUMENT` with the closest known name. Checks across settings (a
+/// readable file, a URL, reserved labels, ...) wait for `kici_config_validate` and
+/// `kici_agent_new`.
 ///
-/// Ownership: `config` is borrowed; `url` is copied. Thread safety: see `kici_config`.
+/// Keys (variable, key, default: meaning), generated from the core's setting table:
+/// - `KICI_ORCHESTRATOR_URL` (`url`), no default: Required. Orchestrator WebSocket URL, ws:// or
+///   wss:// (e.g. ws://orchestrator:4000/ws).
+/// - `KICI_AGENT_ID` (`agent_id`), no default: Agent id; unset or empty: `<hostname>-<8 hex>`,
+///   regenerated on every start (durable hosts should set it).
+/// - `KICI_LABELS` (`labels`), default empty: Comma-separated user labels, verbatim (no trimming,
+///   empty items dropped); `kici:*` is reserved unless KICI_SCALER_MANAGED=1.
+/// - `KICI_PROPERTIES` (`properties`), default empty: Comma-separated `key=value` host properties;
+///   `true`/`false` become booleans, decimal numbers numbers, the rest text; later duplicates win.
+/// - `KICI_ROLES` (`roles`), no default: Internal job roles. Unset or empty: none.
+///   `builder`/`init-runner`/`all` are refused: KiCI TypeScript builder/init jobs need the Node
+///   agent.
+/// - `KICI_PORT` (`port`), default `8080`: HTTP port for /health, /ready and /metrics; 0 picks an
+///   ephemeral port.
+/// - `KICI_BIND_ADDRESS` (`bind_address`), default `::`: IP address the HTTP server binds to; `::`
+///   = all interfaces.
+/// - `KICI_LOG_LEVEL` (`log_level`), default `info`: Agent log level: debug | info | warn | error.
+/// - `KICI_LOG_FORMAT` (`log_format`), default `auto`: Agent log format: auto (JSON unless stdout
+///   is a TTY) | plain | json.
+/// - `KICI_LOG_DIR` (`log_dir`), no default: Directory of an additional JSON log file
+///   `agent-<suffix>-YYYY-MM-DD.log`, rotated daily and by size (gzip), old files removed. Unset,
+///   empty or `undefined`: stdout only.
+/// - `KICI_LOG_MAX_SIZE` (`log_max_size`), default `500m`: Size cap per log file: bytes or a k/m/g
+///   suffix.
+/// - `KICI_LOG_RETENTION_DAYS` (`log_retention_days`), default `7`: Days of log files kept in
+///   KICI_LOG_DIR (>= 1); older ones are removed at start and at each day change.
+/// - `KICI_CLUSTER_INSTANCE_ID` (`cluster_instance_id`), no default: Log-file suffix shared with
+///   other KiCI services; beats KICI_AGENT_ID as the suffix (a generated agent id is never used).
+/// - `KICI_PLATFORM_INSTANCE_ID` (`platform_instance_id`), no default: Log-file suffix of other
+///   KiCI services; accepted.
+/// - `KICI_AGENT_TOKEN` (`token`), no default: Pre-shared agent token (`kat_...`): authenticate
+///   before registering. Unset or empty: unauthenticated.
+/// - `KICI_GITHUB_TOKEN` (`github_token`), no default: Lowest-priority HTTPS clone credential, used
+///   when a dispatch carries none.
+/// - `KICI_MAX_LOG_SIZE_BYTES` (`max_log_size_bytes`), default `10485760`: Per-step log cap in
+///   bytes (> 0; a step log cannot be switched off); a dispatch's maxLogSizeBytes overrides it.
+/// - `KICI_DEFAULT_STEP_TIMEOUT_MS` (`default_step_timeout`), default `1800000`: Per-step timeout
+///   in ms when the workflow sets none (> 0).
+/// - `KICI_DOCKER_KEEP_FAILED` (`docker_keep_failed`), default `false`: Exactly `true`: keep the
+///   containers of jobs that did not succeed.
+/// - `KICI_JOB_HEARTBEAT_INTERVAL_MS` (`job_heartbeat_interval`), default `60000`: Period of
+///   job.heartbeat messages during a job, in ms (> 0).
+/// - `KICI_HEARTBEAT_INTERVAL_MS` (`heartbeat_interval`), default `30000`: Period of connection
+///   heartbeats after registration, in ms (> 0 and < 180000: the orchestrator drops an agent after
+///   180 s without one).
+/// - `KICI_BACKPRESSURE_MODE` (`backpressure_mode`), default `pause`: Log-streaming backpressure:
+///   pause (slow the step) | drop. This agent always pauses; `drop` is accepted with a warning.
+/// - `KICI_SANDBOX` (`sandbox`), default `false`: Exactly `true`: bare-metal steps run inside a
+///   bubblewrap sandbox (read-only system, private /tmp, the workspace at /workspace, own pid/ipc
+///   namespaces); start-up fails when `bwrap` is missing or cannot run.
+/// - `KICI_SANDBOX_NETWORK` (`sandbox_network`), default `isolated`: Network of the bubblewrap
+///   sandbox: isolated (loopback only) | host.
+/// - `KICI_SCALER_MANAGED` (`scaler_managed`), default `0`: Exactly `1`: ephemeral agent owned by
+///   the auto-scaler (`kici:*` labels allowed; idle self-shutdown is not implemented yet, a warning
+///   says so).
+/// - `KICI_SCALER_IDLE_TIMEOUT` (`scaler_idle_timeout`), default `5000`: Scaler-managed idle
+///   self-shutdown delay in ms, at most 7 days (validated; self-shutdown is not implemented yet).
+/// - `KICI_SCALER_PENDING_DISPATCH_TIMEOUT` (`scaler_pending_dispatch_timeout`), default `60000`:
+///   Scaler-managed: ms to wait for a pre-bound job announced at registration, at most 7 days; <= 0
+///   = no wait.
+/// - `KICI_EXECUTION_MODE` (`execution_mode`), no default: Force the execution backend: container |
+///   bare-metal | firecracker. Unset: automatic.
+/// - `KICI_CONCURRENCY_WAIT_TIMEOUT_MS` (`concurrency_wait_timeout`), default `3600000`: Max wait
+///   in ms for a concurrency-group `proceed` (>= 1000, at most 7 days).
+/// - `KICI_AGENT_IS_ORCHESTRATOR_HOST` (`is_orchestrator_host`), default `false`: Exactly `true`:
+///   this host runs the orchestrator, so refuse workflow-requested reboots.
+/// - `KICI_MAX_CONCURRENCY` (`max_concurrency`), default `1`: Jobs run at the same time (>= 1),
+///   advertised at registration.
+/// - `KICI_MAX_CONCURRENT_JOBS` (`max_concurrent_jobs`), no default: Set by scalers; used as
+///   KICI_MAX_CONCURRENCY when that is unset and this is an integer >= 1, otherwise ignored with a
+///   warning.
+/// - `KICI_CANCEL_GRACE_MS` (`cancel_grace`), default `30000`: Longest graceful cancel in ms before
+///   the job is force-killed (at most 7 days).
+/// - `KICI_SHUTDOWN_GRACE_MS` (`shutdown_grace`), default `10000`: Graceful shutdown: ms to wait
+///   for the running job before exiting (at most 7 days).
+/// - `KICI_JOB_PIDS_MAX` (`job_pids_max`), default `0`: Most processes a job may have at once (a
+///   fork bomb stops there), applied through the job's pids cgroup where the agent can make one; 0
+///   = no limit.
+/// - `KICI_STEP_MAP` (`step_map_file`), no default: JSON file mapping step names to shell commands,
+///   read by the shell executor; must be readable.
+/// - `KICI_PROCESS_EXECUTOR` (`process_executor`), no default: Program that runs every step instead
+///   of the built-in executors.
+/// - `KICI_NODE` (`node`), no default: Node.js (>= 20.6) that runs TypeScript jobs; unset: `node`
+///   on PATH.
+/// - `KICI_CONTAINER_IMAGE` (`default_container_image`), no default: Container image for jobs that
+///   name none.
+/// - `KICI_DEV` (`dev`), default `false`: Exactly `true`: development mode; unknown KICI_*
+///   variables only warn.
+/// - `KICI_CACHE` (`cache`), no default: Used by KiCI's cache tooling; accepted and ignored.
+/// - `KICI_RATE_MSGS_PER_SEC` (`rate_msgs_per_sec`), default `80`: Outbound throttle: messages per
+///   second (the orchestrator allows 100/s).
+/// - `KICI_RATE_MSG_BURST` (`rate_msg_burst`), default `150`: Outbound throttle: message burst (the
+///   orchestrator allows 200).
+/// - `KICI_RATE_BYTES_PER_SEC` (`rate_bytes_per_sec`), default `450000`: Outbound throttle: bytes
+///   per second (the orchestrator allows 512000/s).
+/// - `KICI_RATE_BYTE_BURST` (`rate_byte_burst`), default `1500000`: Outbound throttle: byte burst
+///   (the orchestrator allows 2097152).
+/// - `KICI_TLS_CA_FILE` (`tls_ca_file`), no default: PEM file of extra CA certificates trusted for
+///   wss:// and git HTTPS clones, besides the system's; unset: NODE_EXTRA_CA_CERTS.
+///
+/// (End of the generated keys.)
+///
+/// Ownership: `config` is borrowed; `name` and `value` are copied. Thread safety: see
+/// `kici_config`.
 #[no_mangle]
-pub unsafe extern "C" fn kici_config_set_orchestrator_url(
+pub unsafe extern "C" fn kici_config_set(
     config: *mut kici_config,
-    url: *const c_char,
+    name: *const c_char,
+    value: *const c_char,
     err: *mut *mut kici_error,
 ) -> kici_result {
     // SAFETY: forwarded caller contract.
     unsafe {
-        update_text(config, url, "url", err, |config, url| {
-            config.orchestrator_url = url.to_owned();
-            Ok(())
+        update(config, err, |builder| {
+            let (name, value) = (text(name, "name")?, text(value, "value")?);
+            builder.set(name, value).map_err(setter_failure)
         })
     }
 }
 
-/// Sets the agent id (`KICI_AGENT_ID`; default `<hostname>-<8 hex>`, new for every
-/// configuration). It must not be empty.
-///
-/// Ownership: `config` is borrowed; `agent_id` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_agent_id(
-    config: *mut kici_config,
-    agent_id: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, agent_id, "agent_id", err, |config, agent_id| {
-            config.agent_id = agent_id.to_owned();
-            Ok(())
-        })
-    }
-}
-
-/// Replaces the user labels with `count` labels (`KICI_LABELS` as a list). Labels are kept
-/// verbatim; `kici:*` is reserved unless scaler-managed. `labels` may be NULL when `count` is 0.
-/// On failure the labels are unchanged.
+/// Replaces the user labels with `count` labels (`KICI_LABELS` as a list, for labels holding a
+/// comma). Labels are kept verbatim; `kici:*` is reserved unless scaler-managed. `labels` may be
+/// NULL when `count` is 0. On failure the labels are unchanged.
 ///
 /// Ownership: `config` is borrowed; the labels are copied. Thread safety: see `kici_config`.
 #[no_mangle]
@@ -298,17 +372,20 @@ pub unsafe extern "C" fn kici_config_set_labels(
 ) -> kici_result {
     // SAFETY: forwarded caller contract.
     unsafe {
-        update(config, err, |config| {
+        update(config, err, |builder| {
             let labels = text_list(labels, count, "labels")?;
-            config.labels = labels.into_iter().map(str::to_owned).collect();
-            Ok(())
+            let labels = SettingValue::List(labels.into_iter().map(str::to_owned).collect());
+            builder
+                .set_value("KICI_LABELS", labels)
+                .map_err(setter_failure)
         })
     }
 }
 
-/// Sets host property `key` (`KICI_PROPERTIES`): `value` is typed like the environment's
-/// (`true`/`false` become booleans, decimal numbers numbers, the rest text). Setting a key again
-/// replaces its value and keeps its position.
+/// Sets host property `key` (`KICI_PROPERTIES` one at a time, for keys or values holding a comma
+/// or `=`): `value` is typed like the environment's (`true`/`false` become booleans, decimal
+/// numbers numbers, the rest text). Setting a key again replaces its value and keeps its
+/// position.
 ///
 /// Ownership: `config` is borrowed; `key` and `value` are copied. Thread safety: see
 /// `kici_config`.
@@ -321,628 +398,9 @@ pub unsafe extern "C" fn kici_config_set_property(
 ) -> kici_result {
     // SAFETY: forwarded caller contract.
     unsafe {
-        update(config, err, |config| {
+        update(config, err, |builder| {
             let (key, value) = (text(key, "key")?, text(value, "value")?);
-            let value = PropertyValue::parse(value);
-            match config.properties.iter_mut().find(|(known, _)| known == key) {
-                Some(slot) => slot.1 = value,
-                None => config.properties.push((key.to_owned(), value)),
-            }
-            Ok(())
-        })
-    }
-}
-
-/// Replaces the internal job roles (`KICI_ROLES` as a list: `builder`, `init-runner`, `all`).
-/// Validation refuses every role: this agent cannot run KiCI's TypeScript builder/init jobs.
-///
-/// Ownership: `config` is borrowed; the roles are copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_roles(
-    config: *mut kici_config,
-    roles: *const *const c_char,
-    count: usize,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            let mut parsed = Vec::new();
-            for role in text_list(roles, count, "roles")? {
-                let requested = match role {
-                    "all" => vec![Role::Builder, Role::InitRunner],
-                    single => vec![parse_choice::<Role>("roles", single)?],
-                };
-                for role in requested {
-                    if !parsed.contains(&role) {
-                        parsed.push(role);
-                    }
-                }
-            }
-            config.roles = parsed;
-            Ok(())
-        })
-    }
-}
-
-/// Sets the HTTP port of `/health`, `/ready` and `/metrics` (`KICI_PORT`, 8080; 0 picks a free
-/// port, see `kici_agent_http_port`).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_port(
-    config: *mut kici_config,
-    port: u16,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.port = port;
-            Ok(())
-        })
-    }
-}
-
-/// Sets the IP address the HTTP server binds to (`KICI_BIND_ADDRESS`, `::`).
-///
-/// Ownership: `config` is borrowed; `address` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_bind_address(
-    config: *mut kici_config,
-    address: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, address, "address", err, |config, address| {
-            config.bind_address = address.parse().map_err(|_| {
-                Failure::invalid(format!(
-                    "`address`: expected an IP address, got {address:?}"
-                ))
-            })?;
-            Ok(())
-        })
-    }
-}
-
-/// Sets the agent log level, `debug` | `info` | `warn` | `error` (`KICI_LOG_LEVEL`, info). The
-/// library installs no logger; the level is kept for hosts that read it back.
-///
-/// Ownership: `config` is borrowed; `level` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_log_level(
-    config: *mut kici_config,
-    level: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, level, "level", err, |config, level| {
-            config.log_level = parse_choice::<LogLevel>("level", level)?;
-            Ok(())
-        })
-    }
-}
-
-/// Sets the agent log format, `auto` | `plain` | `json` (`KICI_LOG_FORMAT`, auto).
-///
-/// Ownership: `config` is borrowed; `format` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_log_format(
-    config: *mut kici_config,
-    format: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, format, "format", err, |config, format| {
-            config.log_format = parse_choice::<LogFormat>("format", format)?;
-            Ok(())
-        })
-    }
-}
-
-/// Sets the agent token `kat_...` (`KICI_AGENT_TOKEN`); "" removes it (unauthenticated).
-///
-/// Ownership: `config` is borrowed; `token` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_token(
-    config: *mut kici_config,
-    token: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, token, "token", err, |config, token| {
-            config.token = optional_text(token).map(Secret::new);
-            Ok(())
-        })
-    }
-}
-
-/// Sets the fallback HTTPS clone token (`KICI_GITHUB_TOKEN`); "" removes it.
-///
-/// Ownership: `config` is borrowed; `token` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_github_token(
-    config: *mut kici_config,
-    token: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, token, "token", err, |config, token| {
-            config.github_token = optional_text(token).map(Secret::new);
-            Ok(())
-        })
-    }
-}
-
-/// Sets the per-step log cap in bytes, > 0 (`KICI_MAX_LOG_SIZE_BYTES`, 10485760).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_max_log_size_bytes(
-    config: *mut kici_config,
-    bytes: u64,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.max_log_size_bytes = bytes;
-            Ok(())
-        })
-    }
-}
-
-/// Sets the step timeout used when the workflow sets none, in ms, > 0
-/// (`KICI_DEFAULT_STEP_TIMEOUT_MS`, 1800000).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_default_step_timeout_ms(
-    config: *mut kici_config,
-    millis: u64,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.default_step_timeout = Duration::from_millis(millis);
-            Ok(())
-        })
-    }
-}
-
-/// Keeps the containers of jobs that did not succeed (`KICI_DOCKER_KEEP_FAILED`, false).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_docker_keep_failed(
-    config: *mut kici_config,
-    keep: bool,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.docker_keep_failed = keep;
-            Ok(())
-        })
-    }
-}
-
-/// Sets the period of `job.heartbeat` messages in ms, > 0 (`KICI_JOB_HEARTBEAT_INTERVAL_MS`,
-/// 60000).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_job_heartbeat_interval_ms(
-    config: *mut kici_config,
-    millis: u64,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.job_heartbeat_interval = Duration::from_millis(millis);
-            Ok(())
-        })
-    }
-}
-
-/// Sets the period of connection heartbeats in ms, > 0 and < 180000: the orchestrator drops
-/// an agent after 180 s without one (`KICI_HEARTBEAT_INTERVAL_MS`, 30000).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_heartbeat_interval_ms(
-    config: *mut kici_config,
-    millis: u64,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.heartbeat_interval = Duration::from_millis(millis);
-            Ok(())
-        })
-    }
-}
-
-/// Sets the log-streaming backpressure policy, `pause` | `drop` (`KICI_BACKPRESSURE_MODE`,
-/// pause).
-///
-/// Ownership: `config` is borrowed; `mode` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_backpressure_mode(
-    config: *mut kici_config,
-    mode: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, mode, "mode", err, |config, mode| {
-            config.backpressure_mode = parse_choice::<BackpressureMode>("mode", mode)?;
-            Ok(())
-        })
-    }
-}
-
-/// Runs bare-metal steps inside a bubblewrap sandbox (`KICI_SANDBOX`, false): read-only
-/// system directories, a private /tmp, the workspace at /workspace, own pid and ipc
-/// namespaces. With `true`, `kici_agent_start` fails with `KICI_RESULT_INVALID_CONFIG` when
-/// `bwrap` is missing or cannot create the namespaces.
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_sandbox(
-    config: *mut kici_config,
-    sandbox: bool,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.sandbox = sandbox;
-            Ok(())
-        })
-    }
-}
-
-/// Sets the network of the bubblewrap sandbox, `isolated` | `host` (`KICI_SANDBOX_NETWORK`,
-/// isolated).
-///
-/// Ownership: `config` is borrowed; `network` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_sandbox_network(
-    config: *mut kici_config,
-    network: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, network, "network", err, |config, network| {
-            config.sandbox_network = parse_choice::<SandboxNetwork>("network", network)?;
-            Ok(())
-        })
-    }
-}
-
-/// Marks the agent as owned by the auto-scaler (`KICI_SCALER_MANAGED=1`, false): idle
-/// self-shutdown, `kici:*` labels allowed.
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_scaler_managed(
-    config: *mut kici_config,
-    managed: bool,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.scaler_managed = managed;
-            Ok(())
-        })
-    }
-}
-
-/// Sets the scaler-managed idle self-shutdown delay in ms, 0 = at once, at most 7 days
-/// (`KICI_SCALER_IDLE_TIMEOUT`, 5000).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_scaler_idle_timeout_ms(
-    config: *mut kici_config,
-    millis: u64,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.scaler_idle_timeout = Duration::from_millis(millis);
-            Ok(())
-        })
-    }
-}
-
-/// Sets how long a scaler-managed agent waits for a pre-bound job, in ms, 0 = no wait, at
-/// most 7 days (`KICI_SCALER_PENDING_DISPATCH_TIMEOUT`, 60000).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_scaler_pending_dispatch_timeout_ms(
-    config: *mut kici_config,
-    millis: u64,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.scaler_pending_dispatch_timeout = Duration::from_millis(millis);
-            Ok(())
-        })
-    }
-}
-
-/// Forces the execution backend, `container` | `bare-metal` | `firecracker`
-/// (`KICI_EXECUTION_MODE`); "" means automatic (the default).
-///
-/// Ownership: `config` is borrowed; `mode` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_execution_mode(
-    config: *mut kici_config,
-    mode: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, mode, "mode", err, |config, mode| {
-            config.execution_mode = match mode {
-                "" => None,
-                mode => Some(parse_choice::<ExecutionMode>("mode", mode)?),
-            };
-            Ok(())
-        })
-    }
-}
-
-/// Sets the longest wait for a concurrency-group `proceed` in ms, >= 1000 and at most 7 days
-/// (`KICI_CONCURRENCY_WAIT_TIMEOUT_MS`, 3600000).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_concurrency_wait_timeout_ms(
-    config: *mut kici_config,
-    millis: u64,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.concurrency_wait_timeout = Duration::from_millis(millis);
-            Ok(())
-        })
-    }
-}
-
-/// Marks this host as running the orchestrator, so workflow reboots are refused
-/// (`KICI_AGENT_IS_ORCHESTRATOR_HOST`, false).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_is_orchestrator_host(
-    config: *mut kici_config,
-    is_orchestrator_host: bool,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.is_orchestrator_host = is_orchestrator_host;
-            Ok(())
-        })
-    }
-}
-
-/// Sets how many jobs run at the same time, >= 1 (`KICI_MAX_CONCURRENCY`, 1). Above 1, C
-/// executor callbacks run concurrently.
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_max_concurrency(
-    config: *mut kici_config,
-    jobs: u32,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.max_concurrency = jobs;
-            Ok(())
-        })
-    }
-}
-
-/// Sets the longest graceful cancel before the job is force-stopped, in ms
-/// (`KICI_CANCEL_GRACE_MS`, 30000).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_cancel_grace_ms(
-    config: *mut kici_config,
-    millis: u64,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.cancel_grace = Duration::from_millis(millis);
-            Ok(())
-        })
-    }
-}
-
-/// Sets how long a shutdown without an explicit grace (and `kici_agent_free`) waits for the
-/// running job, in ms (`KICI_SHUTDOWN_GRACE_MS`, 10000).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_shutdown_grace_ms(
-    config: *mut kici_config,
-    millis: u64,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.shutdown_grace = Duration::from_millis(millis);
-            Ok(())
-        })
-    }
-}
-
-/// Sets the JSON step map (step name -> shell command) of the built-in shell executor
-/// (`KICI_STEP_MAP`); "" removes it. The file must be readable when validated.
-///
-/// Ownership: `config` is borrowed; `path` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_step_map_file(
-    config: *mut kici_config,
-    path: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, path, "path", err, |config, path| {
-            config.step_map_file = optional_text(path).map(PathBuf::from);
-            Ok(())
-        })
-    }
-}
-
-/// Sets a PEM file of extra CA certificates trusted for `wss://` and git HTTPS clones, on top of
-/// the platform's roots (`KICI_TLS_CA_FILE`; `kici_config_from_env` falls back to a readable
-/// `NODE_EXTRA_CA_CERTS`); "" removes it. The file must hold a certificate when validated. git's
-/// trust is process-wide: once an agent started with it, every agent in the process trusts it
-/// for clones.
-///
-/// Ownership: `config` is borrowed; `path` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_tls_ca_file(
-    config: *mut kici_config,
-    path: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, path, "path", err, |config, path| {
-            config.tls_ca_file = optional_text(path).map(PathBuf::from);
-            Ok(())
-        })
-    }
-}
-
-/// Sets a program that runs every step not taken by a registered executor
-/// (`KICI_PROCESS_EXECUTOR`); "" removes it.
-///
-/// Ownership: `config` is borrowed; `program` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_process_executor(
-    config: *mut kici_config,
-    program: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, program, "program", err, |config, program| {
-            config.process_executor = optional_text(program);
-            Ok(())
-        })
-    }
-}
-
-/// Sets the Node.js (>= 20.6) that runs TypeScript jobs (`KICI_NODE`); "" removes it (then
-/// `node` on PATH is used).
-///
-/// Ownership: `config` is borrowed; `path` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_node(
-    config: *mut kici_config,
-    path: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, path, "path", err, |config, path| {
-            config.node = optional_text(path).map(PathBuf::from);
-            Ok(())
-        })
-    }
-}
-
-/// Sets the container image for jobs that name none (`KICI_CONTAINER_IMAGE`); "" removes it.
-///
-/// Ownership: `config` is borrowed; `image` is copied. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_default_container_image(
-    config: *mut kici_config,
-    image: *const c_char,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update_text(config, image, "image", err, |config, image| {
-            config.default_container_image = optional_text(image);
-            Ok(())
-        })
-    }
-}
-
-/// Enables development mode (`KICI_DEV=true`, false).
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_dev(
-    config: *mut kici_config,
-    dev: bool,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.dev = dev;
-            Ok(())
-        })
-    }
-}
-
-/// Sets the outbound throttle (`KICI_RATE_MSGS_PER_SEC` 80, `KICI_RATE_MSG_BURST` 150,
-/// `KICI_RATE_BYTES_PER_SEC` 450000, `KICI_RATE_BYTE_BURST` 1500000). Rates must be finite and
-/// > 0, bursts finite and >= 1.
-///
-/// Ownership: `config` is borrowed. Thread safety: see `kici_config`.
-#[no_mangle]
-pub unsafe extern "C" fn kici_config_set_rate_limits(
-    config: *mut kici_config,
-    msgs_per_sec: f64,
-    msg_burst: f64,
-    bytes_per_sec: f64,
-    byte_burst: f64,
-    err: *mut *mut kici_error,
-) -> kici_result {
-    // SAFETY: forwarded caller contract.
-    unsafe {
-        update(config, err, |config| {
-            config.rate_limits = RateLimits {
-                msgs_per_sec,
-                msg_burst,
-                bytes_per_sec,
-                byte_burst,
-            };
+            builder.set_property(key, PropertyValue::parse(value));
             Ok(())
         })
     }
@@ -951,7 +409,10 @@ pub unsafe extern "C" fn kici_config_set_rate_limits(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kici_agent_core::config::{ExecutionMode, LogLevel, SETTINGS};
+    use std::ffi::CStr;
     use std::ptr;
+    use std::time::Duration;
 
     fn new_config() -> *mut kici_config {
         let mut config = ptr::null_mut();
@@ -961,8 +422,30 @@ mod tests {
         config
     }
 
+    /// `kici_config_set` with Rust strings.
+    ///
+    /// # Safety
+    /// `config` must be live.
+    unsafe fn set(config: *mut kici_config, name: &str, value: &str) -> (kici_result, String) {
+        let (name, value) = (CString::new(name).unwrap(), CString::new(value).unwrap());
+        let mut error = ptr::null_mut();
+        // SAFETY: forwarded caller contract; the strings live until the end of the call.
+        unsafe {
+            let code = kici_config_set(config, name.as_ptr(), value.as_ptr(), &mut error);
+            let message = if error.is_null() {
+                String::new()
+            } else {
+                let message = CStr::from_ptr(crate::error::kici_error_message(error));
+                let message = message.to_string_lossy().into_owned();
+                crate::error::kici_error_free(error);
+                message
+            };
+            (code, message)
+        }
+    }
+
     #[test]
-    fn a_new_configuration_needs_a_url_and_setters_reach_the_core_config() {
+    fn a_new_configuration_needs_a_url_and_settings_reach_the_core_config() {
         let config = new_config();
         // SAFETY: `config` is live until the free at the end; every other pointer is a live
         // local or a C string literal.
@@ -971,70 +454,41 @@ mod tests {
                 kici_config_validate(config, ptr::null_mut()),
                 kici_result::InvalidConfig
             );
-            let set = |code: kici_result| assert_eq!(code, kici_result::Ok);
-            set(kici_config_set_orchestrator_url(
-                config,
-                c"ws://127.0.0.1:9/ws".as_ptr(),
-                ptr::null_mut(),
-            ));
-            set(kici_config_set_agent_id(
-                config,
-                c"runner-7".as_ptr(),
-                ptr::null_mut(),
-            ));
-            let labels = [c"gpu".as_ptr(), c" Linux ".as_ptr()];
-            set(kici_config_set_labels(
-                config,
-                labels.as_ptr(),
-                labels.len(),
-                ptr::null_mut(),
-            ));
-            set(kici_config_set_property(
-                config,
-                c"cores".as_ptr(),
-                c"8".as_ptr(),
-                ptr::null_mut(),
-            ));
-            set(kici_config_set_property(
-                config,
-                c"cores".as_ptr(),
-                c"16".as_ptr(),
-                ptr::null_mut(),
-            ));
-            set(kici_config_set_port(config, 0, ptr::null_mut()));
-            set(kici_config_set_log_level(
-                config,
-                c"debug".as_ptr(),
-                ptr::null_mut(),
-            ));
-            set(kici_config_set_token(
-                config,
-                c"kat_x".as_ptr(),
-                ptr::null_mut(),
-            ));
-            set(kici_config_set_execution_mode(
-                config,
-                c"bare-metal".as_ptr(),
-                ptr::null_mut(),
-            ));
-            set(kici_config_set_max_concurrency(config, 3, ptr::null_mut()));
-            set(kici_config_set_cancel_grace_ms(
-                config,
-                250,
-                ptr::null_mut(),
-            ));
-            set(kici_config_set_node(
-                config,
-                c"/opt/node/bin/node".as_ptr(),
-                ptr::null_mut(),
-            ));
+            for (name, value) in [
+                ("KICI_ORCHESTRATOR_URL", "ws://127.0.0.1:9/ws"),
+                ("agent_id", "runner-7"),
+                ("KICI_PORT", "0"),
+                ("log_level", "debug"),
+                ("KICI_AGENT_TOKEN", "kat_x"),
+                ("KICI_EXECUTION_MODE", "bare-metal"),
+                ("KICI_MAX_CONCURRENCY", "3"),
+                ("KICI_CANCEL_GRACE_MS", "250"),
+                ("KICI_NODE", "/opt/node/bin/node"),
+                ("KICI_JOB_PIDS_MAX", "128"),
+                ("KICI_LOG_DIR", "/var/log/kici"),
+                ("KICI_LOG_RETENTION_DAYS", "3"),
+            ] {
+                assert_eq!(set(config, name, value), (kici_result::Ok, String::new()));
+            }
+            let labels = [c"gpu".as_ptr(), c"a,b".as_ptr()];
+            let code = kici_config_set_labels(config, labels.as_ptr(), 2, ptr::null_mut());
+            assert_eq!(code, kici_result::Ok);
+            for value in [c"8", c"16"] {
+                let code = kici_config_set_property(
+                    config,
+                    c"cores".as_ptr(),
+                    value.as_ptr(),
+                    ptr::null_mut(),
+                );
+                assert_eq!(code, kici_result::Ok);
+            }
             assert_eq!(
                 kici_config_validate(config, ptr::null_mut()),
                 kici_result::Ok
             );
-            let core = (*config).agent_config();
+            let core = (*config).agent_config().unwrap();
             assert_eq!(core.agent_id, "runner-7");
-            assert_eq!(core.labels, vec!["gpu", " Linux "]);
+            assert_eq!(core.labels, vec!["gpu", "a,b"]);
             assert_eq!(
                 core.properties,
                 vec![("cores".to_string(), PropertyValue::Number(16.into()))]
@@ -1043,19 +497,50 @@ mod tests {
             assert_eq!(core.log_level, LogLevel::Debug);
             assert_eq!(core.execution_mode, Some(ExecutionMode::BareMetal));
             assert_eq!(core.cancel_grace, Duration::from_millis(250));
+            assert_eq!(core.job_pids_max, 128);
+            assert_eq!(core.log_retention_days, 3);
             assert_eq!(
                 core.node.as_deref(),
                 Some(std::path::Path::new("/opt/node/bin/node"))
             );
-            set(kici_config_set_token(config, c"".as_ptr(), ptr::null_mut()));
-            set(kici_config_set_node(config, c"".as_ptr(), ptr::null_mut()));
-            set(kici_config_set_execution_mode(
-                config,
-                c"".as_ptr(),
-                ptr::null_mut(),
-            ));
-            let core = (*config).agent_config();
+            assert_eq!(
+                core.log_dir.as_deref(),
+                Some(std::path::Path::new("/var/log/kici"))
+            );
+            for name in [
+                "KICI_AGENT_TOKEN",
+                "node",
+                "KICI_EXECUTION_MODE",
+                "KICI_PORT",
+            ] {
+                assert_eq!(set(config, name, "").0, kici_result::Ok);
+            }
+            let core = (*config).agent_config().unwrap();
             assert!(core.token.is_none() && core.execution_mode.is_none() && core.node.is_none());
+            assert_eq!(core.port, 8080);
+            kici_config_free(config);
+        }
+    }
+
+    #[test]
+    fn every_setting_of_the_core_table_is_a_c_key_by_name_and_by_key() {
+        let config = new_config();
+        // SAFETY: `config` is live until the free at the end.
+        unsafe {
+            for setting in SETTINGS {
+                assert_eq!(
+                    set(config, setting.name, "").0,
+                    kici_result::Ok,
+                    "{}",
+                    setting.name
+                );
+                assert_eq!(
+                    set(config, setting.key, "").0,
+                    kici_result::Ok,
+                    "{}",
+                    setting.key
+                );
+            }
             kici_config_free(config);
         }
     }
@@ -1065,30 +550,54 @@ mod tests {
         let config = new_config();
         // SAFETY: `config` is live until the free at the end.
         unsafe {
-            let mut error = ptr::null_mut();
-            let code = kici_config_set_log_format(config, c"yaml".as_ptr(), &mut error);
-            assert_eq!(code, kici_result::InvalidArgument);
-            let message = std::ffi::CStr::from_ptr(crate::error::kici_error_message(error));
-            assert!(message.to_string_lossy().contains("plain"), "{message:?}");
-            crate::error::kici_error_free(error);
-            let labels = [c"ok".as_ptr(), ptr::null()];
-            let code = kici_config_set_labels(config, labels.as_ptr(), 2, ptr::null_mut());
-            assert_eq!(code, kici_result::NullArgument);
-            assert!((*config).agent_config().labels.is_empty());
-            let code = kici_config_set_bind_address(config, c"not-an-ip".as_ptr(), ptr::null_mut());
-            assert_eq!(code, kici_result::InvalidArgument);
-            let roles = [c"all".as_ptr()];
             assert_eq!(
-                kici_config_set_roles(config, roles.as_ptr(), 1, ptr::null_mut()),
+                set(config, "KICI_ORCHESTRATOR_URL", "ws://127.0.0.1:9/ws").0,
                 kici_result::Ok
             );
             assert_eq!(
-                (*config).agent_config().roles,
-                vec![Role::Builder, Role::InitRunner]
+                set(config, "KICI_PROT", "1"),
+                (
+                    kici_result::InvalidArgument,
+                    "unknown setting \"KICI_PROT\": did you mean KICI_PORT?".to_string()
+                )
             );
-            set_url_and_expect(config, kici_result::InvalidConfig);
+            let (code, message) = set(config, "KICI_LOG_FORMAT", "yaml");
+            assert_eq!(code, kici_result::InvalidArgument);
             assert_eq!(
-                kici_config_set_port(ptr::null_mut(), 1, ptr::null_mut()),
+                message,
+                "KICI_LOG_FORMAT: expected one of auto, plain, json, got \"yaml\""
+            );
+            assert_eq!(
+                set(config, "KICI_BIND_ADDRESS", "not-an-ip").0,
+                kici_result::InvalidArgument
+            );
+            assert_eq!(
+                set(config, "KICI_JOB_PIDS_MAX", "-1").0,
+                kici_result::InvalidArgument
+            );
+            let labels = [c"ok".as_ptr(), ptr::null()];
+            let code = kici_config_set_labels(config, labels.as_ptr(), 2, ptr::null_mut());
+            assert_eq!(code, kici_result::NullArgument);
+            let core = (*config).agent_config().unwrap();
+            assert!(core.labels.is_empty());
+            assert_eq!(core.log_format, Default::default());
+            assert_eq!(core.job_pids_max, 0);
+            assert_eq!(set(config, "KICI_ROLES", "all").0, kici_result::Ok);
+            assert_eq!(
+                kici_config_validate(config, ptr::null_mut()),
+                kici_result::InvalidConfig
+            );
+            assert_eq!(
+                kici_config_set(
+                    ptr::null_mut(),
+                    c"KICI_PORT".as_ptr(),
+                    c"1".as_ptr(),
+                    ptr::null_mut()
+                ),
+                kici_result::NullArgument
+            );
+            assert_eq!(
+                kici_config_set(config, c"KICI_PORT".as_ptr(), ptr::null(), ptr::null_mut()),
                 kici_result::NullArgument
             );
             assert_eq!(
@@ -1099,6 +608,15 @@ mod tests {
                 kici_config_from_env(ptr::null_mut(), ptr::null_mut()),
                 kici_result::NullArgument
             );
+            kici_config_free(config);
+        }
+    }
+
+    #[test]
+    fn setter_warnings_are_counted_and_stay_readable() {
+        let config = new_config();
+        // SAFETY: `config` is live until the free at the end.
+        unsafe {
             let mut count = 9;
             assert_eq!(
                 kici_config_warning_count(config, &mut count, ptr::null_mut()),
@@ -1111,20 +629,26 @@ mod tests {
                 kici_result::NotFound
             );
             assert!(warning.is_null());
-            kici_config_free(config);
-        }
-    }
-
-    /// Sets a valid URL and checks what validation says then.
-    unsafe fn set_url_and_expect(config: *mut kici_config, expected: kici_result) {
-        // SAFETY: forwarded caller contract.
-        unsafe {
-            kici_config_set_orchestrator_url(
-                config,
-                c"ws://127.0.0.1:9/ws".as_ptr(),
-                ptr::null_mut(),
+            assert_eq!(
+                set(config, "KICI_MAX_CONCURRENT_JOBS", "many").0,
+                kici_result::Ok
             );
-            assert_eq!(kici_config_validate(config, ptr::null_mut()), expected);
+            assert_eq!(
+                kici_config_warning(config, 0, &mut warning, ptr::null_mut()),
+                kici_result::Ok
+            );
+            assert_eq!(
+                set(config, "KICI_MAX_CONCURRENT_JOBS", "0").0,
+                kici_result::Ok
+            );
+            kici_config_warning_count(config, &mut count, ptr::null_mut());
+            assert_eq!(count, 2);
+            let first = CStr::from_ptr(warning).to_string_lossy();
+            assert!(
+                first.starts_with("KICI_MAX_CONCURRENT_JOBS=\"many\""),
+                "{first}"
+            );
+            kici_config_free(config);
         }
     }
 }

@@ -1,7 +1,9 @@
-//! The checked-in C header is exactly what the pinned cbindgen generates from this crate, and
-//! its version macros match Cargo.toml.
+//! The checked-in C header is exactly what the pinned cbindgen generates from this crate, its
+//! version macros match Cargo.toml, and the key list on `kici_config_set` is generated from the
+//! core's setting table.
 //!
-//! Regenerate the header with `KICI_UPDATE_HEADER=1 cargo test -p kici-agent-ffi --test header`.
+//! Regenerate the key list and the header with
+//! `KICI_UPDATE_HEADER=1 cargo test -p kici-agent-ffi --test header`.
 
 use std::ffi::CStr;
 use std::path::{Path, PathBuf};
@@ -27,11 +29,74 @@ fn generate(crate_dir: &Path) -> Vec<u8> {
     header
 }
 
+const KEYS_BEGIN: &str =
+    "/// Keys (variable, key, default: meaning), generated from the core's setting table:\n";
+const KEYS_END: &str = "///\n/// (End of the generated keys.)\n";
+
+/// The doc-comment lines listing every setting of `SETTINGS`, wrapped at 100 columns.
+fn key_docs() -> String {
+    let mut docs = String::new();
+    for setting in kici_agent_core::config::SETTINGS {
+        let default = match setting.default {
+            None => "no default".to_owned(),
+            Some("") => "default empty".to_owned(),
+            Some(value) => format!("default `{value}`"),
+        };
+        let entry = format!(
+            "- `{}` (`{}`), {default}: {}",
+            setting.name, setting.key, setting.description
+        );
+        let mut line = String::from("///");
+        for word in entry.split(' ') {
+            if line.len() + 1 + word.len() > 100 && line.len() > "///   ".len() {
+                docs.push_str(&line);
+                docs.push('\n');
+                line = String::from("///  ");
+            }
+            line.push(' ');
+            line.push_str(word);
+        }
+        docs.push_str(&line);
+        docs.push('\n');
+    }
+    docs
+}
+
+/// Puts the generated key list into `src/config.rs`, between the markers; true when it changed.
+fn sync_key_docs(write: bool) -> bool {
+    let path = crate_dir().join("src/config.rs");
+    let source = std::fs::read_to_string(&path).expect("src/config.rs is readable");
+    let start = source
+        .find(KEYS_BEGIN)
+        .expect("the key list's first marker")
+        + KEYS_BEGIN.len();
+    let end = start
+        + source[start..]
+            .find(KEYS_END)
+            .expect("the key list's last marker");
+    let docs = key_docs();
+    if source[start..end] == docs {
+        return false;
+    }
+    if write {
+        let updated = format!("{}{docs}{}", &source[..start], &source[end..]);
+        std::fs::write(&path, updated).expect("src/config.rs is writable");
+    }
+    true
+}
+
 #[test]
 fn the_checked_in_header_is_what_cbindgen_generates() {
+    let update = std::env::var_os("KICI_UPDATE_HEADER").is_some();
+    // The key list first: the header is generated from the source that holds it.
+    assert!(
+        !sync_key_docs(update) || update,
+        "the key list of kici_config_set in src/config.rs differs from the core's setting table; \
+         regenerate it with KICI_UPDATE_HEADER=1 cargo test -p kici-agent-ffi --test header"
+    );
     let generated = generate(&crate_dir());
     let path = header_path();
-    if std::env::var_os("KICI_UPDATE_HEADER").is_some() {
+    if update {
         std::fs::write(&path, &generated)
             .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
         return;

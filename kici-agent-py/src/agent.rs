@@ -14,7 +14,6 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyType};
 
 use crate::blocking::wait_interruptibly;
-use crate::config::{parse_properties, Options};
 use crate::convert::{json_to_py, Seconds};
 use crate::executor::{Route, Router, StepFunction};
 use crate::{AgentError, ConfigError};
@@ -95,107 +94,14 @@ fn agent_error(error: CoreAgentError) -> PyErr {
 #[pymethods]
 impl Agent {
     /// Creates an agent for the orchestrator at `url` (`ws://` or `wss://`). Every keyword
-    /// argument is an agent setting; `None` keeps the default (the `KICI_*` variable of the same
-    /// name documents it). Durations are seconds (`int`/`float`) or `datetime.timedelta`.
-    /// `tls_ca_file` (`KICI_TLS_CA_FILE`) adds a PEM file of CA certificates to the system's
-    /// roots for `wss://` and git HTTPS clones (git's trust is process-wide).
-    /// Raises `ConfigError` listing every invalid setting.
+    /// argument is an agent setting, named by the key of the core's setting table (see
+    /// `settings()` and `_native.pyi`); `None` keeps the default. Durations are seconds
+    /// (`int`/`float`) or `datetime.timedelta`. Raises `ConfigError` listing every invalid
+    /// setting, `TypeError` for an unknown keyword or a value of the wrong type.
     #[new]
-    #[pyo3(signature = (
-        url, *, agent_id=None, labels=None, properties=None, roles=None, token=None,
-        github_token=None, port=None, bind_address=None, log_level=None, log_format=None,
-        max_log_size_bytes=None, default_step_timeout=None, docker_keep_failed=false,
-        job_heartbeat_interval=None, heartbeat_interval=None, backpressure_mode=None,
-        sandbox=false, sandbox_network=None, scaler_managed=false, scaler_idle_timeout=None,
-        scaler_pending_dispatch_timeout=None, execution_mode=None, concurrency_wait_timeout=None,
-        is_orchestrator_host=false, max_concurrency=None, cancel_grace=None, shutdown_grace=None,
-        step_map_file=None, process_executor=None, default_container_image=None,
-        tls_ca_file=None, dev=false,
-        rate_msgs_per_sec=None, rate_msg_burst=None, rate_bytes_per_sec=None,
-        rate_byte_burst=None, hostname=None
-    ))]
-    // One argument per setting is the Python API: keyword arguments.
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        url: String,
-        agent_id: Option<String>,
-        labels: Option<Vec<String>>,
-        properties: Option<Bound<'_, PyDict>>,
-        roles: Option<Vec<String>>,
-        token: Option<String>,
-        github_token: Option<String>,
-        port: Option<u16>,
-        bind_address: Option<String>,
-        log_level: Option<String>,
-        log_format: Option<String>,
-        max_log_size_bytes: Option<u64>,
-        default_step_timeout: Option<Seconds>,
-        docker_keep_failed: bool,
-        job_heartbeat_interval: Option<Seconds>,
-        heartbeat_interval: Option<Seconds>,
-        backpressure_mode: Option<String>,
-        sandbox: bool,
-        sandbox_network: Option<String>,
-        scaler_managed: bool,
-        scaler_idle_timeout: Option<Seconds>,
-        scaler_pending_dispatch_timeout: Option<Seconds>,
-        execution_mode: Option<String>,
-        concurrency_wait_timeout: Option<Seconds>,
-        is_orchestrator_host: bool,
-        max_concurrency: Option<u32>,
-        cancel_grace: Option<Seconds>,
-        shutdown_grace: Option<Seconds>,
-        step_map_file: Option<std::path::PathBuf>,
-        process_executor: Option<String>,
-        default_container_image: Option<String>,
-        tls_ca_file: Option<std::path::PathBuf>,
-        dev: bool,
-        rate_msgs_per_sec: Option<f64>,
-        rate_msg_burst: Option<f64>,
-        rate_bytes_per_sec: Option<f64>,
-        rate_byte_burst: Option<f64>,
-        hostname: Option<String>,
-    ) -> PyResult<Self> {
-        let options = Options {
-            agent_id,
-            labels,
-            properties: properties.as_ref().map(parse_properties).transpose()?,
-            roles,
-            token,
-            github_token,
-            port,
-            bind_address,
-            log_level,
-            log_format,
-            max_log_size_bytes,
-            default_step_timeout,
-            docker_keep_failed,
-            job_heartbeat_interval,
-            heartbeat_interval,
-            backpressure_mode,
-            sandbox,
-            sandbox_network,
-            scaler_managed,
-            scaler_idle_timeout,
-            scaler_pending_dispatch_timeout,
-            execution_mode,
-            concurrency_wait_timeout,
-            is_orchestrator_host,
-            max_concurrency,
-            cancel_grace,
-            shutdown_grace,
-            step_map_file,
-            process_executor,
-            default_container_image,
-            tls_ca_file,
-            dev,
-            rate_msgs_per_sec,
-            rate_msg_burst,
-            rate_bytes_per_sec,
-            rate_byte_burst,
-            hostname,
-        };
-        Agent::from_config(options.into_config(url)?)
+    #[pyo3(signature = (url, **settings))]
+    fn new(py: Python<'_>, url: String, settings: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        Agent::from_config(crate::config::from_keywords(py, url, settings)?)
     }
 
     /// Creates an agent configured by `KICI_*` environment variables, exactly like the

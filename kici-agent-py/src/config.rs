@@ -1,208 +1,208 @@
-//! The keyword arguments of `Agent(...)`, turned into the core's [`AgentConfig`].
+//! The keyword arguments of `Agent(...)`: each is the key of a setting of the core's table
+//! (`kici_agent_core::config::SETTINGS`), its Python value converted by the setting's kind.
+//! Nothing here knows a particular setting; `settings()` shows the table to Python (the stub test
+//! checks `_native.pyi` against it).
 
-use std::net::IpAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 
-use kici_agent_core::config::ConfigError as CoreConfigError;
-use kici_agent_core::config::{PropertyValue, RateLimits};
+use kici_agent_core::config::{
+    AgentConfigBuilder, ConfigError as CoreConfigError, PropertyValue, Setting, SettingKind,
+    SettingValue, SETTINGS,
+};
 use kici_agent_core::AgentConfig;
+use pyo3::exceptions::{PyTypeError, PyUserWarning};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
 
 use crate::convert::{type_name, Seconds};
 use crate::ConfigError;
 
-/// Every option of `Agent(...)` but the URL; each field is the keyword argument of the same name
-/// (documented in `_native.pyi`). `None` (or `false`) keeps the core's default.
-#[derive(Default)]
-pub struct Options {
-    pub agent_id: Option<String>,
-    pub labels: Option<Vec<String>>,
-    pub properties: Option<Vec<(String, PropertyValue)>>,
-    pub roles: Option<Vec<String>>,
-    pub token: Option<String>,
-    pub github_token: Option<String>,
-    pub port: Option<u16>,
-    pub bind_address: Option<String>,
-    pub log_level: Option<String>,
-    pub log_format: Option<String>,
-    pub max_log_size_bytes: Option<u64>,
-    pub default_step_timeout: Option<Seconds>,
-    pub docker_keep_failed: bool,
-    pub job_heartbeat_interval: Option<Seconds>,
-    pub heartbeat_interval: Option<Seconds>,
-    pub backpressure_mode: Option<String>,
-    pub sandbox: bool,
-    pub sandbox_network: Option<String>,
-    pub scaler_managed: bool,
-    pub scaler_idle_timeout: Option<Seconds>,
-    pub scaler_pending_dispatch_timeout: Option<Seconds>,
-    pub execution_mode: Option<String>,
-    pub concurrency_wait_timeout: Option<Seconds>,
-    pub is_orchestrator_host: bool,
-    pub max_concurrency: Option<u32>,
-    pub cancel_grace: Option<Seconds>,
-    pub shutdown_grace: Option<Seconds>,
-    pub step_map_file: Option<PathBuf>,
-    pub process_executor: Option<String>,
-    pub default_container_image: Option<String>,
-    pub tls_ca_file: Option<PathBuf>,
-    pub dev: bool,
-    pub rate_msgs_per_sec: Option<f64>,
-    pub rate_msg_burst: Option<f64>,
-    pub rate_bytes_per_sec: Option<f64>,
-    pub rate_byte_burst: Option<f64>,
-    pub hostname: Option<String>,
-}
+/// The keyword argument that is no setting of the table: it overrides the detected host name.
+const HOSTNAME: &str = "hostname";
 
-/// Parses one of the core's text enums, naming the keyword argument on failure.
-fn parse<T>(argument: &str, text: &str) -> PyResult<T>
-where
-    T: FromStr,
-    T::Err: std::fmt::Display,
-{
-    T::from_str(text).map_err(|e| ConfigError::new_err(format!("{argument}: {e}")))
-}
-
-impl Options {
-    /// The validated configuration (`ConfigError` lists every invalid setting).
-    pub fn into_config(self, url: String) -> PyResult<AgentConfig> {
-        let mut builder = AgentConfig::builder(url)
-            .with_docker_keep_failed(self.docker_keep_failed)
-            .with_sandbox(self.sandbox)
-            .with_scaler_managed(self.scaler_managed)
-            .with_is_orchestrator_host(self.is_orchestrator_host)
-            .with_dev(self.dev);
+/// The validated configuration of `Agent(url, **keywords)`; a keyword set to `None` keeps the
+/// default. Unknown keywords are a `TypeError` (with the closest key), values of the wrong type
+/// a `TypeError`, invalid values a `ConfigError` listing every problem. Warnings become
+/// `UserWarning`s.
+pub fn from_keywords(
+    py: Python<'_>,
+    url: String,
+    keywords: Option<&Bound<'_, PyDict>>,
+) -> PyResult<AgentConfig> {
+    let mut builder = AgentConfig::builder(url);
+    let mut settings = Vec::new();
+    for (key, value) in keywords.into_iter().flat_map(|keywords| keywords.iter()) {
+        let key: String = key.extract()?;
+        if value.is_none() {
+            continue;
+        }
         // The host name first: a generated agent id is derived from it.
-        if let Some(hostname) = self.hostname {
-            builder = builder.with_hostname(hostname);
+        if key == HOSTNAME {
+            builder = builder.with_hostname(value.extract::<String>()?);
+            continue;
         }
-        if let Some(agent_id) = self.agent_id {
-            builder = builder.with_agent_id(agent_id);
+        settings.push((key, value));
+    }
+    for (key, value) in settings {
+        let setting = Setting::find(&key)
+            .filter(|setting| setting.key == key)
+            .ok_or_else(|| unknown_keyword(&key))?;
+        let value = setting_value(setting, &value)?;
+        builder
+            .set_value(setting.key, value)
+            .map_err(config_error)?;
+    }
+    warn(py, &builder)?;
+    builder.build().map_err(config_error)
+}
+
+fn unknown_keyword(key: &str) -> PyErr {
+    let hint = Setting::closest(key)
+        .map(|setting| format!(" (did you mean '{}'?)", setting.key))
+        .unwrap_or_default();
+    PyTypeError::new_err(format!(
+        "Agent() got an unexpected keyword argument '{key}'{hint}"
+    ))
+}
+
+fn warn(py: Python<'_>, builder: &AgentConfigBuilder) -> PyResult<()> {
+    for warning in builder.warnings() {
+        let message = std::ffi::CString::new(warning.replace('\0', " "))?;
+        PyErr::warn(py, &py.get_type::<PyUserWarning>(), &message, 1)?;
+    }
+    Ok(())
+}
+
+/// The Python value of a keyword as the setting's kind takes it.
+fn setting_value(setting: &Setting, value: &Bound<'_, PyAny>) -> PyResult<SettingValue> {
+    let wrong_type = |expected: &str| {
+        PyTypeError::new_err(format!(
+            "{}: expected {expected}, got {}",
+            setting.key,
+            type_name(value)
+        ))
+    };
+    let text = || -> PyResult<SettingValue> {
+        match value.cast::<PyString>() {
+            Ok(text) => Ok(SettingValue::Text(text.to_str()?.to_owned())),
+            Err(_) => Err(wrong_type("str")),
         }
-        if let Some(labels) = self.labels {
-            builder = builder.with_labels(labels);
+    };
+    // `bool` is a subclass of `int`: refuse it where a number is meant.
+    let is_int = value.is_instance_of::<PyInt>() && !value.is_instance_of::<PyBool>();
+    let integer = || -> PyResult<SettingValue> {
+        value
+            .extract::<i64>()
+            .map(SettingValue::Integer)
+            .map_err(|_| {
+                ConfigError::new_err(format!("{}: {value} does not fit in 64 bits", setting.key))
+            })
+    };
+    match setting.kind {
+        SettingKind::Text
+        | SettingKind::Secret
+        | SettingKind::Choice(_)
+        | SettingKind::IpAddress
+        | SettingKind::Ignored => text(),
+        SettingKind::Path => {
+            let path: PathBuf = value
+                .extract()
+                .map_err(|_| wrong_type("str or os.PathLike"))?;
+            path.into_os_string()
+                .into_string()
+                .map(SettingValue::Text)
+                .map_err(|_| {
+                    ConfigError::new_err(format!("{}: the path is not valid UTF-8", setting.key))
+                })
         }
-        if let Some(properties) = self.properties {
-            builder = builder.with_properties(properties);
-        }
-        if let Some(roles) = self.roles {
-            let roles = roles
-                .iter()
-                .map(|role| parse("roles", role))
-                .collect::<PyResult<Vec<_>>>()?;
-            builder = builder.with_roles(roles);
-        }
-        if let Some(token) = self.token {
-            builder = builder.with_token(token);
-        }
-        if let Some(token) = self.github_token {
-            builder = builder.with_github_token(token);
-        }
-        if let Some(port) = self.port {
-            builder = builder.with_port(port);
-        }
-        if let Some(address) = self.bind_address {
-            builder = builder.with_bind_address(parse::<IpAddr>("bind_address", &address)?);
-        }
-        if let Some(level) = self.log_level {
-            builder = builder.with_log_level(parse("log_level", &level)?);
-        }
-        if let Some(format) = self.log_format {
-            builder = builder.with_log_format(parse("log_format", &format)?);
-        }
-        if let Some(bytes) = self.max_log_size_bytes {
-            builder = builder.with_max_log_size_bytes(bytes);
-        }
-        if let Some(Seconds(timeout)) = self.default_step_timeout {
-            builder = builder.with_default_step_timeout(timeout);
-        }
-        if let Some(Seconds(interval)) = self.job_heartbeat_interval {
-            builder = builder.with_job_heartbeat_interval(interval);
-        }
-        if let Some(Seconds(interval)) = self.heartbeat_interval {
-            builder = builder.with_heartbeat_interval(interval);
-        }
-        if let Some(mode) = self.backpressure_mode {
-            builder = builder.with_backpressure_mode(parse("backpressure_mode", &mode)?);
-        }
-        if let Some(network) = self.sandbox_network {
-            builder = builder.with_sandbox_network(parse("sandbox_network", &network)?);
-        }
-        if let Some(Seconds(timeout)) = self.scaler_idle_timeout {
-            builder = builder.with_scaler_idle_timeout(timeout);
-        }
-        if let Some(Seconds(timeout)) = self.scaler_pending_dispatch_timeout {
-            builder = builder.with_scaler_pending_dispatch_timeout(timeout);
-        }
-        if let Some(mode) = self.execution_mode {
-            builder = builder.with_execution_mode(parse("execution_mode", &mode)?);
-        }
-        if let Some(Seconds(timeout)) = self.concurrency_wait_timeout {
-            builder = builder.with_concurrency_wait_timeout(timeout);
-        }
-        if let Some(jobs) = self.max_concurrency {
-            builder = builder.with_max_concurrency(jobs);
-        }
-        if let Some(Seconds(grace)) = self.cancel_grace {
-            builder = builder.with_cancel_grace(grace);
-        }
-        if let Some(Seconds(grace)) = self.shutdown_grace {
-            builder = builder.with_shutdown_grace(grace);
-        }
-        if let Some(path) = self.step_map_file {
-            builder = builder.with_step_map_file(path);
-        }
-        if let Some(program) = self.process_executor {
-            builder = builder.with_process_executor(program);
-        }
-        if let Some(image) = self.default_container_image {
-            builder = builder.with_default_container_image(image);
-        }
-        if let Some(path) = self.tls_ca_file {
-            builder = builder.with_tls_ca_file(path);
-        }
-        let defaults = RateLimits::default();
-        builder = builder.with_rate_limits(RateLimits {
-            msgs_per_sec: self.rate_msgs_per_sec.unwrap_or(defaults.msgs_per_sec),
-            msg_burst: self.rate_msg_burst.unwrap_or(defaults.msg_burst),
-            bytes_per_sec: self.rate_bytes_per_sec.unwrap_or(defaults.bytes_per_sec),
-            byte_burst: self.rate_byte_burst.unwrap_or(defaults.byte_burst),
-        });
-        builder.build().map_err(|error| match error {
-            CoreConfigError::Invalid(issues) => ConfigError::new_err(format!(
-                "invalid agent settings:{}",
-                issues
-                    .iter()
-                    .map(|issue| format!(
-                        "\n  - {}: {}",
-                        argument_name(&issue.setting),
-                        issue.message
-                    ))
-                    .collect::<String>()
-            )),
-            other => ConfigError::new_err(other.to_string()),
-        })
+        SettingKind::Flag => match value.cast::<PyBool>() {
+            Ok(flag) => Ok(SettingValue::Flag(flag.is_true())),
+            Err(_) => Err(wrong_type("bool")),
+        },
+        SettingKind::Integer if is_int => integer(),
+        SettingKind::Integer => Err(wrong_type("int")),
+        SettingKind::Size if is_int => integer(),
+        SettingKind::Size => text().map_err(|_| wrong_type("int or str")),
+        SettingKind::Millis => Ok(SettingValue::Duration(value.extract::<Seconds>()?.0)),
+        SettingKind::Number if is_int => integer(),
+        SettingKind::Number => match value.cast::<PyFloat>() {
+            Ok(number) => Ok(SettingValue::Number(number.value())),
+            Err(_) => Err(wrong_type("float")),
+        },
+        SettingKind::List => value
+            .extract::<Vec<String>>()
+            .map(SettingValue::List)
+            .map_err(|_| wrong_type("list of str")),
+        SettingKind::Properties => match value.cast::<PyDict>() {
+            Ok(dict) => parse_properties(dict).map(SettingValue::Properties),
+            Err(_) => Err(wrong_type("dict")),
+        },
     }
 }
 
-/// Keyword arguments whose name is not their variable's name without `KICI_` and `_MS`.
-const RENAMED: &[(&str, &str)] = &[
-    ("KICI_ORCHESTRATOR_URL", "url"),
-    ("KICI_AGENT_TOKEN", "token"),
-    ("KICI_STEP_MAP", "step_map_file"),
-    ("KICI_CONTAINER_IMAGE", "default_container_image"),
-    ("KICI_AGENT_IS_ORCHESTRATOR_HOST", "is_orchestrator_host"),
-];
-
-/// The keyword argument of a setting the core names by its environment variable.
-fn argument_name(setting: &str) -> String {
-    if let Some((_, argument)) = RENAMED.iter().find(|(variable, _)| *variable == setting) {
-        return (*argument).to_owned();
+/// A core configuration error, settings named by their keyword argument.
+fn config_error(error: CoreConfigError) -> PyErr {
+    match error {
+        CoreConfigError::Invalid(issues) => ConfigError::new_err(format!(
+            "invalid agent settings:{}",
+            issues
+                .iter()
+                .map(|issue| format!("\n  - {}: {}", argument_name(&issue.setting), issue.message))
+                .collect::<String>()
+        )),
+        other => ConfigError::new_err(other.to_string()),
     }
-    let name = setting.strip_prefix("KICI_").unwrap_or(setting);
-    name.strip_suffix("_MS").unwrap_or(name).to_lowercase()
+}
+
+/// The keyword argument of a setting the core names by its environment variable (settings
+/// without one, like `hostname` or `reconnect`, keep their name).
+fn argument_name(setting: &str) -> &str {
+    Setting::find(setting).map_or(setting, |found| found.key)
+}
+
+/// One row of `settings()`: variable, keyword, default, kind, choices, description.
+type SettingRow = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+    &'static [&'static str],
+    &'static str,
+);
+
+/// `settings()`: the core's setting table as `(variable, keyword, default, kind, choices,
+/// description)` tuples, `kind` being the setting's kind in lower case (`"millis"`,
+/// `"choice"`, ...) and `choices` the spellings of a `"choice"`.
+#[pyfunction]
+pub fn settings() -> Vec<SettingRow> {
+    SETTINGS
+        .iter()
+        .map(|setting| {
+            let (kind, choices): (&str, &'static [&'static str]) = match setting.kind {
+                SettingKind::Text => ("text", &[]),
+                SettingKind::Secret => ("secret", &[]),
+                SettingKind::Path => ("path", &[]),
+                SettingKind::Flag => ("flag", &[]),
+                SettingKind::Integer => ("integer", &[]),
+                SettingKind::Size => ("size", &[]),
+                SettingKind::Millis => ("millis", &[]),
+                SettingKind::Number => ("number", &[]),
+                SettingKind::Choice(names) => ("choice", names),
+                SettingKind::IpAddress => ("ip_address", &[]),
+                SettingKind::List => ("list", &[]),
+                SettingKind::Properties => ("properties", &[]),
+                SettingKind::Ignored => ("ignored", &[]),
+            };
+            (
+                setting.name,
+                setting.key,
+                setting.default,
+                kind,
+                choices,
+                setting.description,
+            )
+        })
+        .collect()
 }
 
 /// `properties={...}`: `bool`, `int`, `float` and `str` values, in the dict's order.
@@ -265,18 +265,26 @@ mod tests {
     #[test]
     fn invalid_settings_are_all_reported_by_argument_name() {
         Python::initialize();
-        let options = Options {
-            max_concurrency: Some(0),
-            ..Options::default()
-        };
-        let message = options
-            .into_config("http://x".into())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            message.contains("- url: must be a ws:// or wss:// URL"),
-            "{message}"
-        );
-        assert!(message.contains("- max_concurrency: "), "{message}");
+        Python::attach(|py| {
+            let keywords = PyDict::new(py);
+            keywords.set_item("max_concurrency", 0).unwrap();
+            keywords.set_item("job_pids_max", 12).unwrap();
+            let message = from_keywords(py, "http://x".into(), Some(&keywords))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.contains("- url: must be a ws:// or wss:// URL"),
+                "{message}"
+            );
+            assert!(message.contains("- max_concurrency: "), "{message}");
+            keywords.set_item("max_concurency", 2).unwrap();
+            let message = from_keywords(py, "ws://x".into(), Some(&keywords))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.contains("'max_concurency' (did you mean 'max_concurrency'?)"),
+                "{message}"
+            );
+        });
     }
 }

@@ -80,6 +80,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<context::StepContext>()?;
     m.add_class::<context::Cancellation>()?;
     m.add_function(wrap_pyfunction!(enable_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(config::settings, m)?)?;
     m.py()
         .import("atexit")?
         .call_method1("register", (wrap_pyfunction!(exit::at_exit, m)?,))?;

@@ -358,14 +358,19 @@ kici_config *harness_config(const char *agent_id) {
     kici_config *config = NULL;
     kici_error *err = NULL;
     must(kici_config_new(&config, &err), err, "kici_config_new");
-    must(kici_config_set_orchestrator_url(config, harness_env("KICI_E2E_WS_URL"), &err), err,
-         "set_orchestrator_url");
-    must(kici_config_set_token(config, harness_env("KICI_E2E_TOKEN"), &err), err, "set_token");
-    must(kici_config_set_agent_id(config, agent_id, &err), err, "set_agent_id");
-    must(kici_config_set_port(config, 0, &err), err, "set_port");
-    must(kici_config_set_bind_address(config, "127.0.0.1", &err), err, "set_bind_address");
-    must(kici_config_set_cancel_grace_ms(config, 5000, &err), err, "set_cancel_grace_ms");
-    must(kici_config_set_shutdown_grace_ms(config, 5000, &err), err, "set_shutdown_grace_ms");
+    const char *settings[][2] = {
+        {"KICI_ORCHESTRATOR_URL", harness_env("KICI_E2E_WS_URL")},
+        {"KICI_AGENT_TOKEN", harness_env("KICI_E2E_TOKEN")},
+        {"KICI_AGENT_ID", agent_id},
+        {"KICI_PORT", "0"},
+        {"KICI_BIND_ADDRESS", "127.0.0.1"},
+        {"KICI_CANCEL_GRACE_MS", "5000"},
+        {"KICI_SHUTDOWN_GRACE_MS", "5000"},
+    };
+    size_t i;
+    for (i = 0; i < sizeof settings / sizeof settings[0]; i++) {
+        must(kici_config_set(config, settings[i][0], settings[i][1], &err), err, settings[i][0]);
+    }
     return config;
 }
 

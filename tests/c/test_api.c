@@ -39,10 +39,12 @@ static kici_config *dead_config(void) {
     kici_config *config = NULL;
     kici_error *err = NULL;
     CHECK_CODE(KICI_RESULT_OK, kici_config_new(&config, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_orchestrator_url(config, DEAD_URL, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_port(config, 0, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_bind_address(config, "127.0.0.1", &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_shutdown_grace_ms(config, 500, &err), err);
+    CHECK_CODE(KICI_RESULT_OK, kici_config_set(config, "KICI_ORCHESTRATOR_URL", DEAD_URL, &err),
+               err);
+    CHECK_CODE(KICI_RESULT_OK, kici_config_set(config, "KICI_PORT", "0", &err), err);
+    CHECK_CODE(KICI_RESULT_OK, kici_config_set(config, "KICI_BIND_ADDRESS", "127.0.0.1", &err),
+               err);
+    CHECK_CODE(KICI_RESULT_OK, kici_config_set(config, "KICI_SHUTDOWN_GRACE_MS", "500", &err), err);
     return config;
 }
 
@@ -112,8 +114,10 @@ static void test_null_arguments_are_errors(void) {
     CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_config_new(NULL, &err), err);
     CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_config_from_env(NULL, &err), err);
     CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_config_validate(NULL, &err), err);
-    CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_config_set_port(NULL, 1, &err), err);
-    CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_config_set_orchestrator_url(config, NULL, &err),
+    CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_config_set(NULL, "KICI_PORT", "1", &err), err);
+    CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_config_set(config, NULL, "1", &err), err);
+    CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_config_set(config, "KICI_ORCHESTRATOR_URL", NULL,
+                                                          &err),
                err);
     CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_config_set_labels(config, NULL, 1, &err), err);
     CHECK_CODE(KICI_RESULT_NULL_ARGUMENT, kici_config_set_labels(config, labels, 2, &err), err);
@@ -174,50 +178,53 @@ static void test_configuration_from_code(void) {
     kici_error *err = NULL;
     const char *good_labels[] = {"gpu", "linux-x"};
     const char *reserved_labels[] = {"kici:os:linux"};
-    const char *roles[] = {"builder"};
     const char *id = NULL;
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_agent_id(config, "c-api-agent", &err), err);
+    /* Every setting by its variable or its key, text read like the environment. */
+    const char *settings[][2] = {
+        {"KICI_AGENT_ID", "c-api-agent"},  {"log_level", "debug"},
+        {"KICI_LOG_FORMAT", "json"},       {"token", "kat_x"},
+        {"KICI_GITHUB_TOKEN", ""},         {"KICI_MAX_LOG_SIZE_BYTES", "1048576"},
+        {"default_step_timeout", "60000"}, {"KICI_DOCKER_KEEP_FAILED", "true"},
+        {"KICI_JOB_HEARTBEAT_INTERVAL_MS", "1000"},
+        {"KICI_HEARTBEAT_INTERVAL_MS", "1000"},
+        {"KICI_BACKPRESSURE_MODE", "drop"}, {"KICI_SANDBOX", "false"},
+        {"KICI_SANDBOX_NETWORK", "host"},   {"KICI_SCALER_MANAGED", "0"},
+        {"KICI_SCALER_IDLE_TIMEOUT", "0"},  {"KICI_SCALER_PENDING_DISPATCH_TIMEOUT", "0"},
+        {"KICI_EXECUTION_MODE", "bare-metal"},
+        {"KICI_CONCURRENCY_WAIT_TIMEOUT_MS", "5000"},
+        {"KICI_AGENT_IS_ORCHESTRATOR_HOST", "true"},
+        {"max_concurrency", "2"},          {"KICI_CANCEL_GRACE_MS", "100"},
+        {"KICI_STEP_MAP", ""},             {"KICI_PROCESS_EXECUTOR", ""},
+        {"KICI_CONTAINER_IMAGE", "alpine:3"},
+        {"KICI_DEV", "false"},             {"KICI_JOB_PIDS_MAX", "256"},
+        {"KICI_LOG_DIR", "/tmp"},          {"KICI_LOG_MAX_SIZE", "10m"},
+        {"KICI_LOG_RETENTION_DAYS", "2"},  {"KICI_NODE", "/usr/bin/node"},
+        {"KICI_RATE_MSGS_PER_SEC", "50"},  {"KICI_RATE_MSG_BURST", "100"},
+        {"KICI_RATE_BYTES_PER_SEC", "1e5"}, {"KICI_RATE_BYTE_BURST", "1e6"},
+    };
+    size_t i;
+    for (i = 0; i < sizeof settings / sizeof settings[0]; i++) {
+        CHECK_CODE(KICI_RESULT_OK, kici_config_set(config, settings[i][0], settings[i][1], &err),
+                   err);
+    }
     CHECK_CODE(KICI_RESULT_OK, kici_config_set_labels(config, good_labels, 2, &err), err);
     CHECK_CODE(KICI_RESULT_OK, kici_config_set_property(config, "cores", "8", &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_log_level(config, "debug", &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_log_format(config, "json", &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_token(config, "kat_x", &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_github_token(config, "", &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_max_log_size_bytes(config, 1 << 20, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_default_step_timeout_ms(config, 60000, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_docker_keep_failed(config, true, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_job_heartbeat_interval_ms(config, 1000, &err),
-               err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_heartbeat_interval_ms(config, 1000, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_backpressure_mode(config, "drop", &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_sandbox(config, false, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_sandbox_network(config, "host", &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_scaler_managed(config, false, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_scaler_idle_timeout_ms(config, 0, &err), err);
-    CHECK_CODE(KICI_RESULT_OK,
-               kici_config_set_scaler_pending_dispatch_timeout_ms(config, 0, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_execution_mode(config, "bare-metal", &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_concurrency_wait_timeout_ms(config, 5000, &err),
-               err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_is_orchestrator_host(config, true, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_max_concurrency(config, 2, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_cancel_grace_ms(config, 100, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_step_map_file(config, "", &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_process_executor(config, "", &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_default_container_image(config, "alpine:3", &err),
-               err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_dev(config, false, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_rate_limits(config, 50, 100, 1e5, 1e6, &err), err);
     CHECK_CODE(KICI_RESULT_OK, kici_config_validate(config, &err), err);
 
-    /* Unknown spellings are refused at once, values only by validation. */
-    CHECK_CODE(KICI_RESULT_INVALID_ARGUMENT, kici_config_set_log_level(config, "loud", &err), err);
-    CHECK_CODE(KICI_RESULT_INVALID_ARGUMENT, kici_config_set_bind_address(config, "x", &err), err);
-    CHECK_CODE(KICI_RESULT_INVALID_ARGUMENT, kici_config_set_execution_mode(config, "vm", &err),
+    /* Unknown names and unreadable values are refused at once, the rest by validation. */
+    CHECK(kici_config_set(config, "KICI_PROT", "1", &err) == KICI_RESULT_INVALID_ARGUMENT);
+    CHECK(err != NULL && strstr(kici_error_message(err), "did you mean KICI_PORT?") != NULL);
+    kici_error_free(err);
+    err = NULL;
+    CHECK_CODE(KICI_RESULT_INVALID_ARGUMENT, kici_config_set(config, "KICI_LOG_LEVEL", "loud", &err),
                err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_rate_limits(config, 0, 100, 1e5, 1e6, &err), err);
+    CHECK_CODE(KICI_RESULT_INVALID_ARGUMENT, kici_config_set(config, "bind_address", "x", &err),
+               err);
+    CHECK_CODE(KICI_RESULT_INVALID_ARGUMENT,
+               kici_config_set(config, "KICI_EXECUTION_MODE", "vm", &err), err);
+    CHECK_CODE(KICI_RESULT_OK, kici_config_set(config, "KICI_RATE_MSGS_PER_SEC", "0", &err), err);
     CHECK_CODE(KICI_RESULT_INVALID_CONFIG, kici_config_validate(config, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_rate_limits(config, 50, 100, 1e5, 1e6, &err), err);
+    CHECK_CODE(KICI_RESULT_OK, kici_config_set(config, "KICI_RATE_MSGS_PER_SEC", "50", &err), err);
     CHECK_CODE(KICI_RESULT_OK, kici_config_set_labels(config, reserved_labels, 1, &err), err);
     CHECK(kici_agent_new(config, &agent, &err) == KICI_RESULT_INVALID_CONFIG);
     CHECK(err != NULL && strstr(kici_error_message(err), "kici:os:linux") != NULL);
@@ -225,9 +232,9 @@ static void test_configuration_from_code(void) {
     kici_error_free(err);
     err = NULL;
     CHECK_CODE(KICI_RESULT_OK, kici_config_set_labels(config, good_labels, 2, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_roles(config, roles, 1, &err), err);
+    CHECK_CODE(KICI_RESULT_OK, kici_config_set(config, "KICI_ROLES", "builder", &err), err);
     CHECK_CODE(KICI_RESULT_INVALID_CONFIG, kici_agent_new(config, &agent, &err), err);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_roles(config, NULL, 0, &err), err);
+    CHECK_CODE(KICI_RESULT_OK, kici_config_set(config, "KICI_ROLES", "", &err), err);
     CHECK_CODE(KICI_RESULT_OK, kici_agent_new(config, &agent, &err), err);
     /* The agent copied the configuration. */
     kici_config_free(config);
@@ -261,7 +268,8 @@ static void test_configuration_from_the_environment(void) {
     CHECK(warning != NULL && strstr(warning, "KICI_TYPO_VARIABLE") != NULL);
     CHECK_CODE(KICI_RESULT_NOT_FOUND, kici_config_warning(config, 1, &warning, &err), err);
     /* Setters still apply after loading. */
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_bind_address(config, "127.0.0.1", &err), err);
+    CHECK_CODE(KICI_RESULT_OK, kici_config_set(config, "KICI_BIND_ADDRESS", "127.0.0.1", &err),
+               err);
     CHECK_CODE(KICI_RESULT_OK, kici_agent_new(config, &agent, &err), err);
     CHECK_CODE(KICI_RESULT_OK, kici_agent_id(agent, &id, &err), err);
     CHECK(id != NULL && strcmp(id, "from-env") == 0);
@@ -394,6 +402,7 @@ static void test_a_taken_port_fails_start_and_start_can_be_retried(void) {
     kici_config *config = dead_config();
     kici_agent *agent = NULL;
     kici_error *err = NULL;
+    char port_text[8];
     memset(&address, 0, sizeof address);
     address.sin_family = AF_INET;
     address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
@@ -401,7 +410,8 @@ static void test_a_taken_port_fails_start_and_start_can_be_retried(void) {
     CHECK(bind(holder, (struct sockaddr *)&address, sizeof address) == 0);
     CHECK(listen(holder, 1) == 0);
     CHECK(getsockname(holder, (struct sockaddr *)&address, &length) == 0);
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_port(config, ntohs(address.sin_port), &err), err);
+    snprintf(port_text, sizeof port_text, "%u", (unsigned)ntohs(address.sin_port));
+    CHECK_CODE(KICI_RESULT_OK, kici_config_set(config, "KICI_PORT", port_text, &err), err);
     CHECK_CODE(KICI_RESULT_OK, kici_agent_new(config, &agent, &err), err);
     kici_config_free(config);
     CHECK(kici_agent_start(agent, &err) == KICI_RESULT_IO);

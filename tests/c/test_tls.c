@@ -21,13 +21,14 @@ static void mock_endpoint(char *out, size_t size) {
     snprintf(out, size, "%.*s", (int)length, host);
 }
 
-static void test_wss_registers_with_the_ca_from_the_setter(void) {
+static void test_wss_registers_with_the_ca_from_the_generic_setter(void) {
     kici_config *config = harness_config("c-tls-trusted");
     kici_agent *agent = NULL;
     kici_error *err = NULL;
     char *event;
     CHECK_CODE(KICI_RESULT_OK,
-               kici_config_set_tls_ca_file(config, harness_env("KICI_E2E_TLS_CA_FILE"), &err),
+               kici_config_set(config, "KICI_TLS_CA_FILE", harness_env("KICI_E2E_TLS_CA_FILE"),
+                               &err),
                err);
     CHECK_CODE(KICI_RESULT_OK, kici_config_validate(config, &err), err);
     CHECK_CODE(KICI_RESULT_OK, kici_agent_new(config, &agent, &err), err);
@@ -85,20 +86,20 @@ static void test_an_untrusted_certificate_is_a_clear_health_error(void) {
 static void test_a_ca_file_without_certificates_is_invalid(void) {
     kici_config *config = harness_config("c-tls-invalid");
     kici_error *err = NULL;
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_tls_ca_file(config, "/nonexistent/ca.pem", &err),
-               err);
+    CHECK_CODE(KICI_RESULT_OK,
+               kici_config_set(config, "KICI_TLS_CA_FILE", "/nonexistent/ca.pem", &err), err);
     CHECK(kici_config_validate(config, &err) == KICI_RESULT_INVALID_CONFIG);
     CHECK(err != NULL && strstr(kici_error_message(err), "KICI_TLS_CA_FILE") != NULL);
     kici_error_free(err);
     err = NULL;
     /* "" removes the setting again. */
-    CHECK_CODE(KICI_RESULT_OK, kici_config_set_tls_ca_file(config, "", &err), err);
+    CHECK_CODE(KICI_RESULT_OK, kici_config_set(config, "KICI_TLS_CA_FILE", "", &err), err);
     CHECK_CODE(KICI_RESULT_OK, kici_config_validate(config, &err), err);
     kici_config_free(config);
 }
 
 int main(void) {
-    RUN_TEST(test_wss_registers_with_the_ca_from_the_setter);
+    RUN_TEST(test_wss_registers_with_the_ca_from_the_generic_setter);
     RUN_TEST(test_an_untrusted_certificate_is_a_clear_health_error);
     RUN_TEST(test_a_ca_file_without_certificates_is_invalid);
     return harness_finish("test_tls");

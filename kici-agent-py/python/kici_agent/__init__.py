@@ -32,6 +32,7 @@ from kici_agent._native import (
     StepContext,
     __version__,
     enable_logging,
+    settings,
 )
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "StepContext",
     "__version__",
     "enable_logging",
+    "settings",
 ]

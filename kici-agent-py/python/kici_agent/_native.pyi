@@ -24,6 +24,7 @@ __all__ = [
     "Step",
     "StepContext",
     "enable_logging",
+    "settings",
 ]
 
 #: JSON-compatible data: what ``StepContext.set_output`` accepts.
@@ -49,6 +50,13 @@ class PanicException(BaseException):
     ``BaseException``: ``except Exception`` does not catch it. If it leaves a step function the
     agent reports the step as ``executor 'python' panicked: <message>``."""
 
+def settings() -> list[tuple[str, str, str | None, str, list[str], str]]:
+    """The agent's settings, from the core's table: ``(variable, keyword, default, kind,
+    choices, description)`` per setting, e.g. ``("KICI_PORT", "port", "8080", "integer", [],
+    "HTTP port ...")``. ``default`` is ``None`` when unset has its own meaning; ``kind`` is
+    one of text, secret, path, flag, integer, size, millis (seconds here), number, choice,
+    ip_address, list, properties, ignored."""
+
 def enable_logging(level: str = "info", format: str = "plain") -> bool:
     """Sends the agent's own log to stderr. ``level``: debug | info | warn | error;
     ``format``: plain | json | auto. Applies to every agent in the process; returns ``False``
@@ -68,49 +76,64 @@ class Agent:
         cls,
         url: str,
         *,
+        # BEGIN settings: generated from settings() by tests/python/test_settings.py
         agent_id: str | None = None,
         labels: list[str] | None = None,
         properties: dict[str, bool | int | float | str] | None = None,
         roles: list[str] | None = None,
-        token: str | None = None,
-        github_token: str | None = None,
         port: int | None = None,
         bind_address: str | None = None,
         log_level: Literal["debug", "info", "warn", "error"] | None = None,
         log_format: Literal["auto", "plain", "json"] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        log_max_size: int | str | None = None,
+        log_retention_days: int | None = None,
+        cluster_instance_id: str | None = None,
+        platform_instance_id: str | None = None,
+        token: str | None = None,
+        github_token: str | None = None,
         max_log_size_bytes: int | None = None,
         default_step_timeout: _Seconds | None = None,
-        docker_keep_failed: bool = False,
+        docker_keep_failed: bool | None = None,
         job_heartbeat_interval: _Seconds | None = None,
         heartbeat_interval: _Seconds | None = None,
         backpressure_mode: Literal["pause", "drop"] | None = None,
-        sandbox: bool = False,
+        sandbox: bool | None = None,
         sandbox_network: Literal["isolated", "host"] | None = None,
-        scaler_managed: bool = False,
+        scaler_managed: bool | None = None,
         scaler_idle_timeout: _Seconds | None = None,
         scaler_pending_dispatch_timeout: _Seconds | None = None,
         execution_mode: Literal["container", "bare-metal", "firecracker"] | None = None,
         concurrency_wait_timeout: _Seconds | None = None,
-        is_orchestrator_host: bool = False,
+        is_orchestrator_host: bool | None = None,
         max_concurrency: int | None = None,
+        max_concurrent_jobs: int | None = None,
         cancel_grace: _Seconds | None = None,
         shutdown_grace: _Seconds | None = None,
+        job_pids_max: int | None = None,
         step_map_file: str | os.PathLike[str] | None = None,
         process_executor: str | None = None,
+        node: str | os.PathLike[str] | None = None,
         default_container_image: str | None = None,
-        tls_ca_file: str | os.PathLike[str] | None = None,
-        dev: bool = False,
+        dev: bool | None = None,
+        cache: str | None = None,
         rate_msgs_per_sec: float | None = None,
         rate_msg_burst: float | None = None,
         rate_bytes_per_sec: float | None = None,
         rate_byte_burst: float | None = None,
+        tls_ca_file: str | os.PathLike[str] | None = None,
+        # END settings
         hostname: str | None = None,
     ) -> Self:
         """Creates an agent for the orchestrator at ``url`` (``ws://`` or ``wss://``).
 
-        Every keyword argument is an agent setting; ``None`` keeps the default (documented on
-        the ``KICI_*`` variable of the same name, e.g. ``port`` = ``KICI_PORT`` = 8080, ``0``
-        picks a free port). Raises ``ConfigError`` listing every invalid setting.
+        Every keyword argument is an agent setting, the key of a ``KICI_*`` variable in
+        ``settings()`` (``port`` = ``KICI_PORT`` = 8080, ``0`` picks a free port;
+        ``cancel_grace`` = ``KICI_CANCEL_GRACE_MS``, in seconds here); ``None`` keeps the
+        default. ``hostname`` overrides the detected host name (no variable). Raises
+        ``ConfigError`` listing every invalid setting, ``TypeError`` for an unknown keyword
+        (naming the closest one) or a value of the wrong type. Ignored settings
+        (``max_concurrent_jobs`` below 1) become ``UserWarning``s.
 
         ``tls_ca_file`` (``KICI_TLS_CA_FILE``): a PEM file of extra CA certificates trusted for
         ``wss://`` and git HTTPS clones, on top of the system's roots (``SSL_CERT_FILE`` /
