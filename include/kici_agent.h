@@ -501,13 +501,13 @@ kici_result kici_config_warning(const struct kici_config *config,
  * - `KICI_SANDBOX_NETWORK` (`sandbox_network`), default `isolated`: Network of the bubblewrap
  *   sandbox: isolated (loopback only) | host.
  * - `KICI_SCALER_MANAGED` (`scaler_managed`), default `0`: Exactly `1`: ephemeral agent owned by
- *   the auto-scaler (`kici:*` labels allowed; idle self-shutdown is not implemented yet, a warning
- *   says so).
- * - `KICI_SCALER_IDLE_TIMEOUT` (`scaler_idle_timeout`), default `5000`: Scaler-managed idle
- *   self-shutdown delay in ms, at most 7 days (validated; self-shutdown is not implemented yet).
+ *   the auto-scaler: `kici:*` labels allowed, and the agent shuts itself down (exit 0) once idle
+ *   (KICI_SCALER_IDLE_TIMEOUT).
+ * - `KICI_SCALER_IDLE_TIMEOUT` (`scaler_idle_timeout`), default `5000`: Scaler-managed: ms idle
+ *   (no job, registered) before the agent shuts itself down, at most 7 days; <= 0 = at once.
  * - `KICI_SCALER_PENDING_DISPATCH_TIMEOUT` (`scaler_pending_dispatch_timeout`), default `60000`:
- *   Scaler-managed: ms to wait for a pre-bound job announced at registration, at most 7 days; <= 0
- *   = no wait.
+ *   Scaler-managed: ms to wait for a pre-bound job announced at registration (`pendingDispatch`)
+ *   before shutting down, at most 7 days; <= 0 = no longer than KICI_SCALER_IDLE_TIMEOUT.
  * - `KICI_EXECUTION_MODE` (`execution_mode`), no default: Force the execution backend: container |
  *   bare-metal | firecracker. Unset: automatic.
  * - `KICI_CONCURRENCY_WAIT_TIMEOUT_MS` (`concurrency_wait_timeout`), default `3600000`: Max wait
