@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -17,7 +17,7 @@ use crate::config::{AgentConfig, ExecutionMode};
 use crate::connection::{self, ConnectionSettings, ConnectionState, SessionHandler};
 use crate::container::{ContainerError, ContainerExecutor, ContainerSettings};
 use crate::events::{Event, EventQueue};
-use crate::executor::{builtin_executor, ExecutorRegistry, StepMapError};
+use crate::executor::{BuiltinSettings, Executor, StepMapError};
 use crate::http::{self, HealthView, Readiness};
 use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
@@ -26,6 +26,7 @@ use crate::protocol::{
     new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, FleetLogsRequest, JobAck,
     JobCancel, JobDispatch, JobRef, JobReject, JobState, JobStatusData, Outbound, RejectReason,
 };
+use crate::routing::{Builtins, ExecutorRegistry};
 use crate::telemetry;
 use crate::typescript::TypeScriptExecutor;
 
@@ -58,6 +59,12 @@ pub enum AgentError {
     },
     #[error("the agent was already started")]
     AlreadyStarted,
+    /// [`Agent::shutdown`] or [`Agent::drain`] came before [`Agent::start`].
+    #[error("the agent was stopped before it started")]
+    StoppedBeforeStart,
+    /// Executors are fixed when the agent starts.
+    #[error("executors must be registered before the agent starts")]
+    RegisteredAfterStart,
     #[error("container backend: {0}")]
     Container(#[from] ContainerError),
     /// `KICI_SANDBOX=true` but bubblewrap is missing or cannot make its namespaces here.
@@ -88,6 +95,49 @@ fn container_executor(
             Ok(None)
         }
     }
+}
+
+/// What every job of the agent shares: the host's `executors` with the agent's built-ins, and
+/// the job settings of the configuration.
+fn job_services(shared: &Shared, executors: ExecutorRegistry) -> Result<JobServices, AgentError> {
+    let config = &shared.config;
+    let builtin = BuiltinSettings {
+        process_executor: config.process_executor.clone(),
+        step_map_file: config.step_map_file.clone(),
+        kill_grace: config.cancel_grace,
+    };
+    let default_image = (config.execution_mode == Some(ExecutionMode::Container))
+        .then(|| config.default_container_image.clone())
+        .flatten();
+    let builtins = Builtins {
+        executor: Some(builtin.executor()?),
+        chosen_by_operator: builtin.chosen_by_operator(),
+        container: container_executor(config, default_image.clone())?,
+        default_image,
+        typescript: Some(Arc::new(TypeScriptExecutor::new(
+            config.node.clone(),
+            config.cancel_grace,
+            config.default_step_timeout,
+        ))),
+    };
+    Ok(JobServices {
+        outbox: shared.outbox.clone(),
+        metrics: shared.metrics.clone(),
+        executors: executors.with_builtins(builtins),
+        events: shared.events.clone(),
+        settings: JobSettings {
+            max_log_size_bytes: config.max_log_size_bytes,
+            default_step_timeout: config.default_step_timeout,
+            job_heartbeat_interval: config.job_heartbeat_interval,
+            cancel_grace: config.cancel_grace,
+            github_token: config.github_token.as_ref().map(|t| t.expose().to_owned()),
+            host_env: std::env::vars().collect(),
+            job_pids_max: config.job_pids_max,
+            sandbox: config.sandbox.then_some(config.sandbox_network),
+            running_resends: config.running_resends.clone(),
+            labels: config.wire_labels(),
+        },
+    })
 }
 
 /// Settings the Node agent has that this agent accepts but does not act on yet; each one that
@@ -140,7 +190,8 @@ struct Shared {
     metrics: Metrics,
     outbox: Arc<Outbox>,
     events: Arc<EventQueue>,
-    services: Arc<JobServices>,
+    /// Set by [`Agent::start`], before the connection that brings dispatches opens.
+    services: OnceLock<Arc<JobServices>>,
     status: Mutex<Status>,
     stopped: Condvar,
     /// Woken when the job count changes or a drain or shutdown is requested.
@@ -152,45 +203,36 @@ struct Shared {
     agent_log: Arc<AgentLogBuffer>,
 }
 
-/// One KiCI agent. Create it, register executors (see [`Agent::with_executors`]), `start` it,
-/// and `drain` / `shutdown` / `wait`. Dropping it shuts it down.
+/// One KiCI agent. Create it, register executors ([`Agent::register_step_executor`],
+/// [`Agent::register_job_executor`], [`Agent::set_default_executor`]), `start` it, and
+/// `drain` / `shutdown` / `wait`. Dropping it shuts it down.
+///
+/// Which executor runs a job or step is decided by one rule, in [`crate::routing`]: host
+/// executors registered for the step or the job first, then the job's container, then the
+/// host default, then the built-in executor (`process_executor`, else the shell executor with
+/// `step_map_file`); a TypeScript job nothing claims runs through the TypeScript runner.
 pub struct Agent {
     shared: Arc<Shared>,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     http_addr: Mutex<Option<SocketAddr>>,
     started: Mutex<bool>,
+    /// The host's executors, until `start` fixes them.
+    executors: Mutex<ExecutorRegistry>,
 }
 
 impl Agent {
-    /// An agent with the built-in executors the configuration asks for: the process executor
-    /// (`process_executor`) or else the shell executor with the step map (`step_map_file`);
-    /// TypeScript jobs without either run through the TypeScript runner (`node`).
+    /// An agent with no host executors yet. The built-in ones are added when it starts.
     pub fn new(config: AgentConfig) -> Result<Agent, AgentError> {
         Self::with_executors(config, ExecutorRegistry::new())
     }
 
-    /// An agent with the host's executors. When `executors` has no default, the built-in one
-    /// of [`Agent::new`] becomes the default if the configuration names a step map or a process
-    /// executor, else the fallback (which leaves TypeScript jobs to the TypeScript runner).
+    /// An agent with the host's executors already in a registry; more may be registered
+    /// before it starts.
     pub fn with_executors(
         config: AgentConfig,
-        mut executors: ExecutorRegistry,
+        executors: ExecutorRegistry,
     ) -> Result<Agent, AgentError> {
         config.validate()?;
-        if !executors.has_default() {
-            let builtin = builtin_executor(&config)?;
-            // An operator's step map or process executor is chosen for every step; the bare
-            // shell executor only runs `run` commands and leaves TypeScript jobs to the runner.
-            if config.step_map_file.is_some() || config.process_executor.is_some() {
-                executors.set_default(builtin);
-            } else {
-                executors.set_fallback(builtin);
-            }
-        }
-        let default_container_image = (config.execution_mode == Some(ExecutionMode::Container))
-            .then(|| config.default_container_image.clone())
-            .flatten();
-        let container = container_executor(&config, default_container_image.clone())?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kici-agent")
@@ -198,39 +240,12 @@ impl Agent {
             .build()
             .map_err(AgentError::Runtime)?;
         let metrics = Metrics::new();
-        let outbox = Arc::new(Outbox::new(OutboxLimits::default(), metrics.clone()));
-        let events = Arc::new(EventQueue::new(10_000));
-        let services = Arc::new(JobServices {
-            outbox: outbox.clone(),
-            metrics: metrics.clone(),
-            executors,
-            events: events.clone(),
-            settings: JobSettings {
-                max_log_size_bytes: config.max_log_size_bytes,
-                default_step_timeout: config.default_step_timeout,
-                job_heartbeat_interval: config.job_heartbeat_interval,
-                cancel_grace: config.cancel_grace,
-                github_token: config.github_token.as_ref().map(|t| t.expose().to_owned()),
-                host_env: std::env::vars().collect(),
-                default_container_image: default_container_image.clone(),
-                job_pids_max: config.job_pids_max,
-                sandbox: config.sandbox.then_some(config.sandbox_network),
-                running_resends: config.running_resends.clone(),
-                labels: config.wire_labels(),
-            },
-            container,
-            typescript: Arc::new(TypeScriptExecutor::new(
-                config.node.clone(),
-                config.cancel_grace,
-                config.default_step_timeout,
-            )),
-        });
         let shared = Arc::new(Shared {
             config,
+            outbox: Arc::new(Outbox::new(OutboxLimits::default(), metrics.clone())),
             metrics,
-            outbox,
-            events,
-            services,
+            events: Arc::new(EventQueue::new(10_000)),
+            services: OnceLock::new(),
             status: Mutex::new(Status {
                 connection: ConnectionState::Disconnected,
                 draining: false,
@@ -250,7 +265,51 @@ impl Agent {
             runtime: Mutex::new(Some(runtime)),
             http_addr: Mutex::new(None),
             started: Mutex::new(false),
+            executors: Mutex::new(executors),
         })
+    }
+
+    /// Runs steps named `step` with `executor` (replacing an earlier registration).
+    /// [`AgentError::RegisteredAfterStart`] once started.
+    pub fn register_step_executor(
+        &self,
+        step: impl Into<String>,
+        executor: Arc<dyn Executor>,
+    ) -> Result<(), AgentError> {
+        self.register(|executors| {
+            executors.for_step(step, executor);
+        })
+    }
+
+    /// Runs the steps of jobs named `job` (`jobConfig.name`) with `executor`, unless a step
+    /// executor matches. [`AgentError::RegisteredAfterStart`] once started.
+    pub fn register_job_executor(
+        &self,
+        job: impl Into<String>,
+        executor: Arc<dyn Executor>,
+    ) -> Result<(), AgentError> {
+        self.register(|executors| {
+            executors.for_job(job, executor);
+        })
+    }
+
+    /// Runs every step no step or job executor and no job container takes with `executor`,
+    /// instead of the built-in executor; it also claims TypeScript jobs.
+    /// [`AgentError::RegisteredAfterStart`] once started.
+    pub fn set_default_executor(&self, executor: Arc<dyn Executor>) -> Result<(), AgentError> {
+        self.register(|executors| {
+            executors.set_default(executor);
+        })
+    }
+
+    fn register(&self, add: impl FnOnce(&mut ExecutorRegistry)) -> Result<(), AgentError> {
+        // Held while adding: `start` takes the registry under the same lock.
+        let started = lock(&self.started);
+        if *started {
+            return Err(AgentError::RegisteredAfterStart);
+        }
+        add(&mut lock(&self.executors));
+        Ok(())
     }
 
     /// The agent's id.
@@ -266,11 +325,15 @@ impl Agent {
             return Err(AgentError::AlreadyStarted);
         }
         let shared = self.shared.clone();
+        if shared.state().stopped {
+            return Err(AgentError::StoppedBeforeStart);
+        }
         if shared.config.sandbox {
             // Running unsandboxed when asked for a sandbox would be worse than not starting.
             crate::sandbox::check_available(shared.config.sandbox_network)
                 .map_err(AgentError::Sandbox)?;
         }
+        let services = Arc::new(job_services(&shared, lock(&self.executors).clone())?);
         let addr = SocketAddr::new(shared.config.bind_address, shared.config.port);
         let listener = {
             let _runtime = shared.runtime.enter();
@@ -278,6 +341,8 @@ impl Agent {
         };
         let bound = listener.local_addr().ok();
         *lock(&self.http_addr) = bound;
+        // Set once: an earlier start that failed returned before this point.
+        let _ = shared.services.set(services.clone());
         *started = true;
         tracing::info!(
             agent_id = %shared.config.agent_id,
@@ -297,7 +362,9 @@ impl Agent {
                 tracing::error!(%error, "git HTTPS clones will not trust the extra CA certificates");
             }
         }
-        shared.runtime.spawn(supervise(shared.clone(), listener));
+        shared
+            .runtime
+            .spawn(supervise(shared.clone(), services, listener));
         // Leftovers of a crashed agent; never delays or fails the start.
         shared.runtime.spawn_blocking(|| {
             crate::containment::collect_dead_agents_leftovers();
@@ -396,7 +463,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The agent's life: HTTP, connection, and the drain / shutdown sequence.
-async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
+async fn supervise(
+    shared: Arc<Shared>,
+    services: Arc<JobServices>,
+    listener: tokio::net::TcpListener,
+) {
     let stop_http = CancellationToken::new();
     let stop_connection = CancellationToken::new();
     let http_task = tokio::spawn(http::serve(
@@ -442,7 +513,7 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
     ));
 
     // Leftover job containers of an earlier run (spec §12.3 [Q]); quiet without an engine.
-    if let Some(container) = shared.services.container.clone() {
+    if let Some(container) = services.executors.container().cloned() {
         tokio::spawn(async move {
             match container.remove_all_sandboxes().await {
                 Ok(removed) => tracing::debug!(removed, "start-up sweep of job containers"),
@@ -483,7 +554,7 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
             .wait_idle_until(tokio::time::Instant::now() + Duration::from_secs(10))
             .await;
     }
-    if let Some(container) = &shared.services.container {
+    if let Some(container) = services.executors.container() {
         let sweep = container.remove_all_sandboxes();
         if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), sweep).await {
             tracing::debug!(error = %e, "no shutdown sweep of job containers");
@@ -713,6 +784,11 @@ impl SessionHandler for Shared {
 
     fn on_dispatch(self: Arc<Self>, dispatch: Box<JobDispatch>) {
         let job = dispatch.job_ref();
+        let Some(services) = self.services.get().cloned() else {
+            // Dispatches come over the connection `start` opens after setting the services.
+            self.on_unreadable_dispatch(job, "the agent is not started".into());
+            return;
+        };
         let Some((attempt, control)) = self.admit(&job) else {
             return;
         };
@@ -722,7 +798,6 @@ impl SessionHandler for Shared {
             job_id: job.job_id.clone(),
             name: dispatch.job_config.name.clone(),
         });
-        let services = self.services.clone();
         let shared = self.clone();
         self.runtime.spawn(async move {
             let release = {
