@@ -97,10 +97,9 @@ fn container_executor(
     }
 }
 
-/// What every job of the agent shares: the host's `executors` with the agent's built-ins, and
-/// the job settings of the configuration.
-fn job_services(shared: &Shared, executors: ExecutorRegistry) -> Result<JobServices, AgentError> {
-    let config = &shared.config;
+/// The agent's own executors for `config`: the shell or process executor, the container
+/// executor and the TypeScript runner.
+fn builtins(config: &AgentConfig) -> Result<Builtins, AgentError> {
     let builtin = BuiltinSettings {
         process_executor: config.process_executor.clone(),
         step_map_file: config.step_map_file.clone(),
@@ -109,7 +108,7 @@ fn job_services(shared: &Shared, executors: ExecutorRegistry) -> Result<JobServi
     let default_image = (config.execution_mode == Some(ExecutionMode::Container))
         .then(|| config.default_container_image.clone())
         .flatten();
-    let builtins = Builtins {
+    Ok(Builtins {
         executor: Some(builtin.executor()?),
         chosen_by_operator: builtin.chosen_by_operator(),
         container: container_executor(config, default_image.clone())?,
@@ -119,11 +118,17 @@ fn job_services(shared: &Shared, executors: ExecutorRegistry) -> Result<JobServi
             config.cancel_grace,
             config.default_step_timeout,
         ))),
-    };
-    Ok(JobServices {
+    })
+}
+
+/// What every job of the agent shares: `executors` (the host's and the agent's) and the job
+/// settings of the configuration.
+fn job_services(shared: &Shared, executors: ExecutorRegistry) -> JobServices {
+    let config = &shared.config;
+    JobServices {
         outbox: shared.outbox.clone(),
         metrics: shared.metrics.clone(),
-        executors: executors.with_builtins(builtins),
+        executors,
         events: shared.events.clone(),
         settings: JobSettings {
             max_log_size_bytes: config.max_log_size_bytes,
@@ -137,7 +142,7 @@ fn job_services(shared: &Shared, executors: ExecutorRegistry) -> Result<JobServi
             running_resends: config.running_resends.clone(),
             labels: config.wire_labels(),
         },
-    })
+    }
 }
 
 /// Settings the Node agent has that this agent accepts but does not act on yet; each one that
@@ -218,10 +223,13 @@ pub struct Agent {
     started: Mutex<bool>,
     /// The host's executors, until `start` fixes them.
     executors: Mutex<ExecutorRegistry>,
+    /// The agent's own executors, added to the host's at `start`.
+    builtins: Builtins,
 }
 
 impl Agent {
-    /// An agent with no host executors yet. The built-in ones are added when it starts.
+    /// An agent with no host executors yet. Fails on an invalid configuration, an unreadable
+    /// step map, or an unusable `DOCKER_HOST` in container execution mode.
     pub fn new(config: AgentConfig) -> Result<Agent, AgentError> {
         Self::with_executors(config, ExecutorRegistry::new())
     }
@@ -233,6 +241,7 @@ impl Agent {
         executors: ExecutorRegistry,
     ) -> Result<Agent, AgentError> {
         config.validate()?;
+        let builtins = builtins(&config)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kici-agent")
@@ -266,6 +275,7 @@ impl Agent {
             http_addr: Mutex::new(None),
             started: Mutex::new(false),
             executors: Mutex::new(executors),
+            builtins,
         })
     }
 
@@ -333,7 +343,10 @@ impl Agent {
             crate::sandbox::check_available(shared.config.sandbox_network)
                 .map_err(AgentError::Sandbox)?;
         }
-        let services = Arc::new(job_services(&shared, lock(&self.executors).clone())?);
+        let executors = lock(&self.executors)
+            .clone()
+            .with_builtins(self.builtins.clone());
+        let services = Arc::new(job_services(&shared, executors));
         let addr = SocketAddr::new(shared.config.bind_address, shared.config.port);
         let listener = {
             let _runtime = shared.runtime.enter();
@@ -375,9 +388,15 @@ impl Agent {
 
     /// Stops taking jobs (dispatches are rejected `draining`, `/ready` answers 503) and stops
     /// once idle.
+    /// Before [`Agent::start`] it just marks the agent stopped.
     pub fn drain(&self) {
         lock(&self.shared.status).draining = true;
         self.shared.wake.notify_one();
+        // Held while marking: a `start` running now either finished first or sees `stopped`.
+        let started = lock(&self.started);
+        if !*started {
+            self.shared.mark_stopped();
+        }
     }
 
     /// Stops: no new jobs; running jobs get `grace` to finish, then their processes are killed
@@ -390,9 +409,6 @@ impl Agent {
             *requested = Some(requested.map_or(grace, |g| g.min(grace)));
         }
         self.drain();
-        if !*lock(&self.started) {
-            self.shared.mark_stopped();
-        }
     }
 
     /// Waits until the agent stopped, at most `timeout` (`None` = forever). Returns whether it
