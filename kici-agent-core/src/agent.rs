@@ -203,7 +203,6 @@ struct Shared {
     wake: Notify,
     shutdown_grace: Mutex<Option<Duration>>,
     started_at: Instant,
-    runtime: tokio::runtime::Handle,
     /// This agent's `agent.log` ring, fed by [`crate::agent_log::layer`].
     agent_log: Arc<AgentLogBuffer>,
 }
@@ -242,12 +241,6 @@ impl Agent {
     ) -> Result<Agent, AgentError> {
         config.validate()?;
         let builtins = builtins(&config)?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("kici-agent")
-            .enable_all()
-            .build()
-            .map_err(AgentError::Runtime)?;
         let metrics = Metrics::new();
         let shared = Arc::new(Shared {
             config,
@@ -266,12 +259,11 @@ impl Agent {
             wake: Notify::new(),
             shutdown_grace: Mutex::new(None),
             started_at: Instant::now(),
-            runtime: runtime.handle().clone(),
             agent_log: AgentLogBuffer::register(),
         });
         Ok(Agent {
             shared,
-            runtime: Mutex::new(Some(runtime)),
+            runtime: Mutex::new(None),
             http_addr: Mutex::new(None),
             started: Mutex::new(false),
             executors: Mutex::new(executors),
@@ -347,9 +339,28 @@ impl Agent {
             .clone()
             .with_builtins(self.builtins.clone());
         let services = Arc::new(job_services(&shared, executors));
+        // Created here, not in `new`: no agent thread exists before `start` (a C host blocks
+        // its signals between the two, and threads inherit the mask they were created with).
+        let runtime = {
+            let mut slot = lock(&self.runtime);
+            match &*slot {
+                Some(runtime) => runtime.handle().clone(),
+                None => {
+                    let runtime = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .thread_name("kici-agent")
+                        .enable_all()
+                        .build()
+                        .map_err(AgentError::Runtime)?;
+                    let handle = runtime.handle().clone();
+                    *slot = Some(runtime);
+                    handle
+                }
+            }
+        };
         let addr = SocketAddr::new(shared.config.bind_address, shared.config.port);
         let listener = {
-            let _runtime = shared.runtime.enter();
+            let _runtime = runtime.enter();
             http::bind(addr).map_err(|source| AgentError::Http { addr, source })?
         };
         let bound = listener.local_addr().ok();
@@ -375,11 +386,9 @@ impl Agent {
                 tracing::error!(%error, "git HTTPS clones will not trust the extra CA certificates");
             }
         }
-        shared
-            .runtime
-            .spawn(supervise(shared.clone(), services, listener));
+        runtime.spawn(supervise(shared.clone(), services, listener));
         // Leftovers of a crashed agent; never delays or fails the start.
-        shared.runtime.spawn_blocking(|| {
+        runtime.spawn_blocking(|| {
             crate::containment::collect_dead_agents_leftovers();
             crate::workspace::collect_stale(&std::env::temp_dir(), crate::workspace::STALE_AFTER)
         });
@@ -719,6 +728,7 @@ impl Shared {
     }
 }
 
+/// Called by the connection task, on the agent's runtime (so `tokio::spawn` reaches it).
 impl SessionHandler for Shared {
     fn state_changed(&self, state: ConnectionState) {
         if state != ConnectionState::Registered {
@@ -815,7 +825,7 @@ impl SessionHandler for Shared {
             name: dispatch.job_config.name.clone(),
         });
         let shared = self.clone();
-        self.runtime.spawn(async move {
+        tokio::spawn(async move {
             let release = {
                 let (shared, job) = (shared.clone(), job.clone());
                 move || shared.release_slot(&job)
@@ -872,7 +882,7 @@ impl SessionHandler for Shared {
         let window = Duration::try_from_secs_f64(request.log_window_hours.max(0.0) * 3600.0)
             .unwrap_or(Duration::MAX);
         let max_bytes = request.max_bytes.max(0.0) as u64;
-        self.runtime.spawn(bundle::answer(
+        tokio::spawn(bundle::answer(
             self.outbox.clone(),
             request.request_id,
             window,
@@ -916,7 +926,7 @@ impl SessionHandler for Shared {
         }
         control.cancel.cancel();
         let grace = self.config.cancel_grace;
-        self.runtime.spawn(async move {
+        tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             control.force.cancel();
         });
