@@ -63,6 +63,8 @@ def dispatch(
     message.update(messageId=str(uuid.uuid4()), runId=str(uuid.uuid4()), jobId=job_id, repoUrl="")
     message.update(repo or {})
     config = message["jobConfig"]
+    # The fixture's hash is of the real orchestrator's workflow file, not of these.
+    del config["contentHash"]
     config.update(name=job, baseJobName=job, workflowName=workflow, steps=steps, **job_config)
     config["source"]["file"] = source_file
     status, body = mock.request("POST", "/dispatch", {"agentId": agent.agent_id, "dispatch": message})
@@ -101,7 +103,8 @@ def test_a_typescript_job_no_function_claims_runs_through_the_runner(
         repo=workflow_repo,
     )
 
-    assert finished(agent, job_id).state == "success"
+    done = finished(agent, job_id)
+    assert done.state == "success", done.error
     status = mock.wait("job.status", state="success", job_id=job_id)
     # The steps' return values, as the TypeScript runner reports them.
     assert status["data"]["outputs"] == {"produce": {"version": "1.2.3"}, "options-step": {"value": 42}}
@@ -119,7 +122,8 @@ def test_a_function_registered_for_a_job_that_names_a_container_wins(
     # No container engine is needed: the registered function takes every step.
     job_id = dispatch(mock, agent, job="hil", steps=[{"name": "measure", "hasOutputs": True}], container="debian:12")
 
-    assert finished(agent, job_id).state == "success"
+    done = finished(agent, job_id)
+    assert done.state == "success", done.error
     status = mock.wait("job.status", state="success", job_id=job_id)
     assert status["data"]["outputs"] == {"measure": {"ran": "on the host"}}
     assert (
