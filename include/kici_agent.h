@@ -103,9 +103,16 @@ typedef uint32_t kici_result;
  *
  * Life: `kici_agent_new` -> `kici_agent_register_*_executor` -> `kici_agent_start` (returns at
  * once) -> `kici_agent_drain` or `kici_agent_shutdown` -> `kici_agent_wait` ->
- * `kici_agent_free`. Steps without a registered executor go to the built-in one the
- * configuration selects (`process_executor`, else the shell executor with the step map);
- * TypeScript jobs with neither and no registered executor run through the TypeScript runner.
+ * `kici_agent_free`.
+ *
+ * Which executor runs a step (the core's one rule): the executor registered for the step's
+ * name, else the one registered for its job's name, else the job's container (a job that
+ * names a container image runs its other steps in it), else the default executor, else the
+ * built-in one the configuration selects (`process_executor`, else the shell executor with the
+ * step map). A registered step or job executor wins over the job's container: the step runs on
+ * the host, and the job's log says so. A TypeScript job (`.ts` source) that no registered
+ * executor claims (none for the job, none for any of its steps, no default) and no step map or
+ * process executor claims runs through the TypeScript runner (Node >= 20.6).
  *
  * Thread safety: every function except `kici_agent_free` may be called from any host thread,
  * also at the same time. `kici_agent_free` must be the last call, made when no other call on
@@ -221,7 +228,9 @@ const char *kici_version(void);
 
 /**
  * Creates an agent from `config` (copied and validated: `KICI_RESULT_INVALID_CONFIG` lists
- * every problem). Nothing runs until `kici_agent_start`.
+ * every problem, and names an unreadable step map; `KICI_RESULT_IO` for an unusable
+ * `DOCKER_HOST` in container execution mode). Nothing connects and no job runs until
+ * `kici_agent_start`.
  *
  * Ownership: `config` is borrowed and may be freed right after. On success `*out_agent`
  * receives an agent the caller owns and frees with `kici_agent_free`. Thread safety: safe from
@@ -232,9 +241,10 @@ kici_result kici_agent_new(const struct kici_config *config,
                            struct kici_error **err);
 
 /**
- * Runs the steps named `step_name` with `executor` (a step-name match beats a job-name match,
- * which beats the default). Registering a name again replaces the earlier executor.
- * `KICI_RESULT_INVALID_STATE` after `kici_agent_start`.
+ * Runs the steps named `step_name` with `executor`, in any job: a step-name match beats a
+ * job-name match, the job's container and the default (see `kici_agent` for the whole rule).
+ * Registering a name again replaces the earlier executor. `KICI_RESULT_INVALID_STATE` after
+ * `kici_agent_start`.
  *
  * Ownership: `agent`, `step_name` and `executor` are borrowed; the agent keeps its own
  * reference to the executor. Thread safety: see `kici_agent`.
@@ -246,7 +256,8 @@ kici_result kici_agent_register_step_executor(struct kici_agent *agent,
 
 /**
  * Runs every step of the jobs named `job_name` (`jobConfig.name`) with `executor`, unless a
- * step executor matches. `KICI_RESULT_INVALID_STATE` after `kici_agent_start`.
+ * step executor matches; also when the job names a container image (the steps then run on
+ * the host) or is a TypeScript job. `KICI_RESULT_INVALID_STATE` after `kici_agent_start`.
  *
  * Ownership: `agent`, `job_name` and `executor` are borrowed; the agent keeps its own
  * reference to the executor. Thread safety: see `kici_agent`.
@@ -257,8 +268,9 @@ kici_result kici_agent_register_job_executor(struct kici_agent *agent,
                                              struct kici_error **err);
 
 /**
- * Runs every step no step or job executor takes with `executor`, instead of the built-in
- * executor. `KICI_RESULT_INVALID_STATE` after `kici_agent_start`.
+ * Runs every step no step or job executor and no job container takes with `executor`,
+ * instead of the built-in executor. It also claims TypeScript jobs, which then no longer run
+ * through the TypeScript runner. `KICI_RESULT_INVALID_STATE` after `kici_agent_start`.
  *
  * Ownership: `agent` and `executor` are borrowed; the agent keeps its own reference to the
  * executor. Thread safety: see `kici_agent`.
@@ -272,8 +284,7 @@ kici_result kici_agent_register_default_executor(struct kici_agent *agent,
  * connection to the orchestrator (reconnecting as needed). Returns once the HTTP port is
  * bound, so a port conflict is `KICI_RESULT_IO` here; the agent can then be started again.
  * `KICI_RESULT_INVALID_CONFIG` for a setting this host cannot honour (`sandbox` without a
- * working `bwrap`) or an unreadable step map; `KICI_RESULT_INVALID_STATE` when already started or
- * stopped.
+ * working `bwrap`); `KICI_RESULT_INVALID_STATE` when already started or stopped.
  *
  * Ownership: `agent` is borrowed. Thread safety: see `kici_agent`; not from a callback.
  */

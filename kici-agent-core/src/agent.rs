@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -17,7 +17,7 @@ use crate::config::{AgentConfig, ExecutionMode};
 use crate::connection::{self, ConnectionSettings, ConnectionState, SessionHandler};
 use crate::container::{ContainerError, ContainerExecutor, ContainerSettings};
 use crate::events::{Event, EventQueue};
-use crate::executor::{builtin_executor, ExecutorRegistry, StepMapError};
+use crate::executor::{BuiltinSettings, Executor, StepMapError};
 use crate::http::{self, HealthView, Readiness};
 use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
@@ -27,6 +27,7 @@ use crate::protocol::{
     JobCancel, JobDispatch, JobRef, JobReject, JobState, JobStatusData, Outbound, RegisterAck,
     RejectReason,
 };
+use crate::routing::{Builtins, ExecutorRegistry};
 use crate::scaler::{Armed, IdleTimer, SelfShutdownReason};
 use crate::telemetry;
 use crate::typescript::TypeScriptExecutor;
@@ -60,6 +61,12 @@ pub enum AgentError {
     },
     #[error("the agent was already started")]
     AlreadyStarted,
+    /// [`Agent::shutdown`] or [`Agent::drain`] came before [`Agent::start`].
+    #[error("the agent was stopped before it started")]
+    StoppedBeforeStart,
+    /// Executors are fixed when the agent starts.
+    #[error("executors must be registered before the agent starts")]
+    RegisteredAfterStart,
     #[error("container backend: {0}")]
     Container(#[from] ContainerError),
     /// `KICI_SANDBOX=true` but bubblewrap is missing or cannot make its namespaces here.
@@ -89,6 +96,54 @@ fn container_executor(
             tracing::warn!(error = %e, "container jobs are unavailable");
             Ok(None)
         }
+    }
+}
+
+/// The agent's own executors for `config`: the shell or process executor, the container
+/// executor and the TypeScript runner.
+fn builtins(config: &AgentConfig) -> Result<Builtins, AgentError> {
+    let builtin = BuiltinSettings {
+        process_executor: config.process_executor.clone(),
+        step_map_file: config.step_map_file.clone(),
+        kill_grace: config.cancel_grace,
+    };
+    let default_image = (config.execution_mode == Some(ExecutionMode::Container))
+        .then(|| config.default_container_image.clone())
+        .flatten();
+    Ok(Builtins {
+        executor: Some(builtin.executor()?),
+        chosen_by_operator: builtin.chosen_by_operator(),
+        container: container_executor(config, default_image.clone())?,
+        default_image,
+        typescript: Some(Arc::new(TypeScriptExecutor::new(
+            config.node.clone(),
+            config.cancel_grace,
+            config.default_step_timeout,
+        ))),
+    })
+}
+
+/// What every job of the agent shares: `executors` (the host's and the agent's) and the job
+/// settings of the configuration.
+fn job_services(shared: &Shared, executors: ExecutorRegistry) -> JobServices {
+    let config = &shared.config;
+    JobServices {
+        outbox: shared.outbox.clone(),
+        metrics: shared.metrics.clone(),
+        executors,
+        events: shared.events.clone(),
+        settings: JobSettings {
+            max_log_size_bytes: config.max_log_size_bytes,
+            default_step_timeout: config.default_step_timeout,
+            job_heartbeat_interval: config.job_heartbeat_interval,
+            cancel_grace: config.cancel_grace,
+            github_token: config.github_token.as_ref().map(|t| t.expose().to_owned()),
+            host_env: std::env::vars().collect(),
+            job_pids_max: config.job_pids_max,
+            sandbox: config.sandbox.then_some(config.sandbox_network),
+            running_resends: config.running_resends.clone(),
+            labels: config.wire_labels(),
+        },
     }
 }
 
@@ -141,98 +196,60 @@ struct Shared {
     metrics: Metrics,
     outbox: Arc<Outbox>,
     events: Arc<EventQueue>,
-    services: Arc<JobServices>,
+    /// Set by [`Agent::start`], before the connection that brings dispatches opens.
+    services: OnceLock<Arc<JobServices>>,
     status: Mutex<Status>,
     stopped: Condvar,
     /// Woken when the job count changes or a drain or shutdown is requested.
     wake: Notify,
     shutdown_grace: Mutex<Option<Duration>>,
     started_at: Instant,
-    runtime: tokio::runtime::Handle,
     /// This agent's `agent.log` ring, fed by [`crate::agent_log::layer`].
     agent_log: Arc<AgentLogBuffer>,
     /// Scaler-managed agents only: the idle self-shutdown window (§6.5).
     scaler_idle: Option<IdleTimer>,
 }
 
-/// One KiCI agent. Create it, register executors (see [`Agent::with_executors`]), `start` it,
-/// and `drain` / `shutdown` / `wait`. Dropping it shuts it down.
+/// One KiCI agent. Create it, register executors ([`Agent::register_step_executor`],
+/// [`Agent::register_job_executor`], [`Agent::set_default_executor`]), `start` it, and
+/// `drain` / `shutdown` / `wait`. Dropping it shuts it down.
+///
+/// Which executor runs a job or step is decided by one rule, in [`crate::routing`]: host
+/// executors registered for the step or the job first, then the job's container, then the
+/// host default, then the built-in executor (`process_executor`, else the shell executor with
+/// `step_map_file`); a TypeScript job nothing claims runs through the TypeScript runner.
 pub struct Agent {
     shared: Arc<Shared>,
     runtime: Mutex<Option<tokio::runtime::Runtime>>,
     http_addr: Mutex<Option<SocketAddr>>,
     started: Mutex<bool>,
+    /// The host's executors, until `start` fixes them.
+    executors: Mutex<ExecutorRegistry>,
+    /// The agent's own executors, added to the host's at `start`.
+    builtins: Builtins,
 }
 
 impl Agent {
-    /// An agent with the built-in executors the configuration asks for: the process executor
-    /// (`process_executor`) or else the shell executor with the step map (`step_map_file`);
-    /// TypeScript jobs without either run through the TypeScript runner (`node`).
+    /// An agent with no host executors yet. Fails on an invalid configuration, an unreadable
+    /// step map, or an unusable `DOCKER_HOST` in container execution mode.
     pub fn new(config: AgentConfig) -> Result<Agent, AgentError> {
         Self::with_executors(config, ExecutorRegistry::new())
     }
 
-    /// An agent with the host's executors. When `executors` has no default, the built-in one
-    /// of [`Agent::new`] becomes the default if the configuration names a step map or a process
-    /// executor, else the fallback (which leaves TypeScript jobs to the TypeScript runner).
+    /// An agent with the host's executors already in a registry; more may be registered
+    /// before it starts.
     pub fn with_executors(
         config: AgentConfig,
-        mut executors: ExecutorRegistry,
+        executors: ExecutorRegistry,
     ) -> Result<Agent, AgentError> {
         config.validate()?;
-        if !executors.has_default() {
-            let builtin = builtin_executor(&config)?;
-            // An operator's step map or process executor is chosen for every step; the bare
-            // shell executor only runs `run` commands and leaves TypeScript jobs to the runner.
-            if config.step_map_file.is_some() || config.process_executor.is_some() {
-                executors.set_default(builtin);
-            } else {
-                executors.set_fallback(builtin);
-            }
-        }
-        let default_container_image = (config.execution_mode == Some(ExecutionMode::Container))
-            .then(|| config.default_container_image.clone())
-            .flatten();
-        let container = container_executor(&config, default_container_image.clone())?;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("kici-agent")
-            .enable_all()
-            .build()
-            .map_err(AgentError::Runtime)?;
+        let builtins = builtins(&config)?;
         let metrics = Metrics::new();
-        let outbox = Arc::new(Outbox::new(OutboxLimits::default(), metrics.clone()));
-        let events = Arc::new(EventQueue::new(10_000));
-        let services = Arc::new(JobServices {
-            outbox: outbox.clone(),
-            metrics: metrics.clone(),
-            executors,
-            events: events.clone(),
-            settings: JobSettings {
-                max_log_size_bytes: config.max_log_size_bytes,
-                default_step_timeout: config.default_step_timeout,
-                job_heartbeat_interval: config.job_heartbeat_interval,
-                cancel_grace: config.cancel_grace,
-                github_token: config.github_token.as_ref().map(|t| t.expose().to_owned()),
-                host_env: std::env::vars().collect(),
-                default_container_image: default_container_image.clone(),
-                job_pids_max: config.job_pids_max,
-                sandbox: config.sandbox.then_some(config.sandbox_network),
-                running_resends: config.running_resends.clone(),
-                labels: config.wire_labels(),
-            },
-            container,
-            typescript: Arc::new(TypeScriptExecutor::new(
-                config.node.clone(),
-                config.cancel_grace,
-                config.default_step_timeout,
-            )),
-        });
         let shared = Arc::new(Shared {
+            outbox: Arc::new(Outbox::new(OutboxLimits::default(), metrics.clone())),
             metrics,
-            outbox,
-            events,
-            services,
+            events: Arc::new(EventQueue::new(10_000)),
+            services: OnceLock::new(),
             status: Mutex::new(Status {
                 connection: ConnectionState::Disconnected,
                 draining: false,
@@ -245,7 +262,6 @@ impl Agent {
             wake: Notify::new(),
             shutdown_grace: Mutex::new(None),
             started_at: Instant::now(),
-            runtime: runtime.handle().clone(),
             agent_log: AgentLogBuffer::register(),
             scaler_idle: config.scaler_managed.then(|| {
                 IdleTimer::new(
@@ -257,10 +273,55 @@ impl Agent {
         });
         Ok(Agent {
             shared,
-            runtime: Mutex::new(Some(runtime)),
+            runtime: Mutex::new(None),
             http_addr: Mutex::new(None),
             started: Mutex::new(false),
+            executors: Mutex::new(executors),
+            builtins,
         })
+    }
+
+    /// Runs steps named `step` with `executor` (replacing an earlier registration).
+    /// [`AgentError::RegisteredAfterStart`] once started.
+    pub fn register_step_executor(
+        &self,
+        step: impl Into<String>,
+        executor: Arc<dyn Executor>,
+    ) -> Result<(), AgentError> {
+        self.register(|executors| {
+            executors.for_step(step, executor);
+        })
+    }
+
+    /// Runs the steps of jobs named `job` (`jobConfig.name`) with `executor`, unless a step
+    /// executor matches. [`AgentError::RegisteredAfterStart`] once started.
+    pub fn register_job_executor(
+        &self,
+        job: impl Into<String>,
+        executor: Arc<dyn Executor>,
+    ) -> Result<(), AgentError> {
+        self.register(|executors| {
+            executors.for_job(job, executor);
+        })
+    }
+
+    /// Runs every step no step or job executor and no job container takes with `executor`,
+    /// instead of the built-in executor; it also claims TypeScript jobs.
+    /// [`AgentError::RegisteredAfterStart`] once started.
+    pub fn set_default_executor(&self, executor: Arc<dyn Executor>) -> Result<(), AgentError> {
+        self.register(|executors| {
+            executors.set_default(executor);
+        })
+    }
+
+    fn register(&self, add: impl FnOnce(&mut ExecutorRegistry)) -> Result<(), AgentError> {
+        // Held while adding: `start` takes the registry under the same lock.
+        let started = lock(&self.started);
+        if *started {
+            return Err(AgentError::RegisteredAfterStart);
+        }
+        add(&mut lock(&self.executors));
+        Ok(())
     }
 
     /// The agent's id.
@@ -276,18 +337,46 @@ impl Agent {
             return Err(AgentError::AlreadyStarted);
         }
         let shared = self.shared.clone();
+        if shared.state().stopped {
+            return Err(AgentError::StoppedBeforeStart);
+        }
         if shared.config.sandbox {
             // Running unsandboxed when asked for a sandbox would be worse than not starting.
             crate::sandbox::check_available(shared.config.sandbox_network)
                 .map_err(AgentError::Sandbox)?;
         }
+        let executors = lock(&self.executors)
+            .clone()
+            .with_builtins(self.builtins.clone());
+        let services = Arc::new(job_services(&shared, executors));
+        // Created here, not in `new`: no agent thread exists before `start` (a C host blocks
+        // its signals between the two, and threads inherit the mask they were created with).
+        let runtime = {
+            let mut slot = lock(&self.runtime);
+            match &*slot {
+                Some(runtime) => runtime.handle().clone(),
+                None => {
+                    let runtime = tokio::runtime::Builder::new_multi_thread()
+                        .worker_threads(2)
+                        .thread_name("kici-agent")
+                        .enable_all()
+                        .build()
+                        .map_err(AgentError::Runtime)?;
+                    let handle = runtime.handle().clone();
+                    *slot = Some(runtime);
+                    handle
+                }
+            }
+        };
         let addr = SocketAddr::new(shared.config.bind_address, shared.config.port);
         let listener = {
-            let _runtime = shared.runtime.enter();
+            let _runtime = runtime.enter();
             http::bind(addr).map_err(|source| AgentError::Http { addr, source })?
         };
         let bound = listener.local_addr().ok();
         *lock(&self.http_addr) = bound;
+        // Set once: an earlier start that failed returned before this point.
+        let _ = shared.services.set(services.clone());
         *started = true;
         tracing::info!(
             agent_id = %shared.config.agent_id,
@@ -307,9 +396,9 @@ impl Agent {
                 tracing::error!(%error, "git HTTPS clones will not trust the extra CA certificates");
             }
         }
-        shared.runtime.spawn(supervise(shared.clone(), listener));
+        runtime.spawn(supervise(shared.clone(), services, listener));
         // Leftovers of a crashed agent; never delays or fails the start.
-        shared.runtime.spawn_blocking(|| {
+        runtime.spawn_blocking(|| {
             crate::containment::collect_dead_agents_leftovers();
             crate::workspace::collect_stale(&std::env::temp_dir(), crate::workspace::STALE_AFTER)
         });
@@ -318,18 +407,23 @@ impl Agent {
 
     /// Stops taking jobs (dispatches are rejected `draining`, `/ready` answers 503) and stops
     /// once idle.
+    /// Before [`Agent::start`] it just marks the agent stopped.
     pub fn drain(&self) {
         lock(&self.shared.status).draining = true;
         self.shared.wake.notify_one();
+        // Held while marking: a `start` running now either finished first or sees `stopped`.
+        let started = lock(&self.started);
+        if !*started {
+            self.shared.mark_stopped();
+        }
     }
 
     /// Stops: no new jobs; running jobs get `grace` to finish, then their processes are killed
     /// and they are reported `cancelled`. Returns at once; see [`Agent::wait`].
     pub fn shutdown(&self, grace: Duration) {
         self.shared.request_shutdown(grace);
-        if !*lock(&self.started) {
-            self.shared.mark_stopped();
-        }
+        // Marks an agent that never started as stopped.
+        self.drain();
     }
 
     /// Waits until the agent stopped, at most `timeout` (`None` = forever). Returns whether it
@@ -400,7 +494,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The agent's life: HTTP, connection, and the drain / shutdown sequence.
-async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
+async fn supervise(
+    shared: Arc<Shared>,
+    services: Arc<JobServices>,
+    listener: tokio::net::TcpListener,
+) {
     let stop_http = CancellationToken::new();
     let stop_connection = CancellationToken::new();
     let http_task = tokio::spawn(http::serve(
@@ -449,7 +547,7 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
     ));
 
     // Leftover job containers of an earlier run (spec §12.3 [Q]); quiet without an engine.
-    if let Some(container) = shared.services.container.clone() {
+    if let Some(container) = services.executors.container().cloned() {
         tokio::spawn(async move {
             match container.remove_all_sandboxes().await {
                 Ok(removed) => tracing::debug!(removed, "start-up sweep of job containers"),
@@ -490,7 +588,7 @@ async fn supervise(shared: Arc<Shared>, listener: tokio::net::TcpListener) {
             .wait_idle_until(tokio::time::Instant::now() + Duration::from_secs(10))
             .await;
     }
-    if let Some(container) = &shared.services.container {
+    if let Some(container) = services.executors.container() {
         let sweep = container.remove_all_sandboxes();
         if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(10), sweep).await {
             tracing::debug!(error = %e, "no shutdown sweep of job containers");
@@ -711,6 +809,7 @@ impl Shared {
     }
 }
 
+/// Called by the connection task, on the agent's runtime (so `tokio::spawn` reaches it).
 impl SessionHandler for Shared {
     fn state_changed(&self, state: ConnectionState) {
         if state != ConnectionState::Registered {
@@ -798,6 +897,11 @@ impl SessionHandler for Shared {
 
     fn on_dispatch(self: Arc<Self>, dispatch: Box<JobDispatch>) {
         let job = dispatch.job_ref();
+        let Some(services) = self.services.get().cloned() else {
+            // Dispatches come over the connection `start` opens after setting the services.
+            self.on_unreadable_dispatch(job, "the agent is not started".into());
+            return;
+        };
         let Some((attempt, control)) = self.admit(&job) else {
             return;
         };
@@ -807,9 +911,8 @@ impl SessionHandler for Shared {
             job_id: job.job_id.clone(),
             name: dispatch.job_config.name.clone(),
         });
-        let services = self.services.clone();
         let shared = self.clone();
-        self.runtime.spawn(async move {
+        tokio::spawn(async move {
             let release = {
                 let (shared, job) = (shared.clone(), job.clone());
                 move || shared.release_slot(&job)
@@ -866,7 +969,7 @@ impl SessionHandler for Shared {
         let window = Duration::try_from_secs_f64(request.log_window_hours.max(0.0) * 3600.0)
             .unwrap_or(Duration::MAX);
         let max_bytes = request.max_bytes.max(0.0) as u64;
-        self.runtime.spawn(bundle::answer(
+        tokio::spawn(bundle::answer(
             self.outbox.clone(),
             request.request_id,
             window,
@@ -910,7 +1013,7 @@ impl SessionHandler for Shared {
         }
         control.cancel.cancel();
         let grace = self.config.cancel_grace;
-        self.runtime.spawn(async move {
+        tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             control.force.cancel();
         });

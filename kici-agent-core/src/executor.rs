@@ -1,12 +1,12 @@
 //! Step executors: what a step *does* is decided by the host, per step.
 //!
-//! A real dispatch carries no command for its steps (KiCI step bodies are TypeScript), so an
-//! [`ExecutorRegistry`] resolves an [`Executor`] for each step: by step name, then by job name,
-//! then the default. Built-ins: [`ShellExecutor`] (a `run` field on the step, or an operator
-//! step map) and [`ProcessExecutor`] (an operator program that gets the step as JSON on
-//! stdin). Hosts add their own in Rust, C ([`crate`] users via the FFI) or Python.
+//! A real dispatch carries no command for its steps (KiCI step bodies are TypeScript), so the
+//! [`crate::ExecutorRegistry`] picks an [`Executor`] for each step (see [`crate::routing`] for
+//! the rule). Built-ins: [`ShellExecutor`] (a `run` field on the step, or an operator step map)
+//! and [`ProcessExecutor`] (an operator program that gets the step as JSON on stdin). Hosts add
+//! their own in Rust, C (through the FFI) or Python.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,7 +14,6 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AgentConfig;
 use crate::process::{self, CommandSpec, KillPolicy, Outcome, RunLimits, StepEnv};
 use crate::protocol::{JobConfig, StepSpec};
 use crate::secret_outputs::{RunKeyError, SecretOutputError, SecretValue};
@@ -249,89 +248,37 @@ pub trait Executor: Send + Sync {
     async fn cleanup(&self, _job: &JobContext) {}
 }
 
-/// Resolves the executor of each step: by step name, then job name, then the default, then the
-/// built-in fallback.
-#[derive(Clone, Default)]
-pub struct ExecutorRegistry {
-    by_step: HashMap<String, Arc<dyn Executor>>,
-    by_job: HashMap<String, Arc<dyn Executor>>,
-    default: Option<Arc<dyn Executor>>,
-    /// The agent's own shell executor, used when nothing else matches. Unlike the others it does
-    /// not claim TypeScript jobs: those go to the TypeScript runner (see `job` module).
-    fallback: Option<Arc<dyn Executor>>,
+/// What the agent's built-in executor needs from its configuration.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BuiltinSettings {
+    /// An operator program that runs every step (`KICI_PROCESS_EXECUTOR`).
+    pub process_executor: Option<String>,
+    /// The operator's step map, step name -> shell command (`KICI_STEP_MAP`).
+    pub step_map_file: Option<PathBuf>,
+    /// SIGTERM -> SIGKILL grace of a cancelled step.
+    pub kill_grace: std::time::Duration,
 }
 
-impl ExecutorRegistry {
-    /// An empty registry (every step fails with "no executor").
-    pub fn new() -> Self {
-        Self::default()
+impl BuiltinSettings {
+    /// Whether the operator chose the built-in executor for every step (a process executor or
+    /// a step map), rather than leaving it to run `run` commands only.
+    pub fn chosen_by_operator(&self) -> bool {
+        self.process_executor.is_some() || self.step_map_file.is_some()
     }
 
-    /// Runs steps named `step` with `executor`.
-    pub fn for_step(&mut self, step: impl Into<String>, executor: Arc<dyn Executor>) -> &mut Self {
-        self.by_step.insert(step.into(), executor);
-        self
+    /// The built-in executor: the process executor, else the shell executor with the step map.
+    pub fn executor(&self) -> Result<Arc<dyn Executor>, StepMapError> {
+        Ok(match &self.process_executor {
+            Some(program) => Arc::new(ProcessExecutor::new(program.clone(), self.kill_grace)),
+            None => {
+                let step_map = match &self.step_map_file {
+                    Some(path) => ShellExecutor::load_step_map(path)?,
+                    None => BTreeMap::new(),
+                };
+                Arc::new(ShellExecutor::new(step_map, self.kill_grace))
+            }
+        })
     }
-
-    /// Runs the steps of jobs named `job` with `executor`.
-    pub fn for_job(&mut self, job: impl Into<String>, executor: Arc<dyn Executor>) -> &mut Self {
-        self.by_job.insert(job.into(), executor);
-        self
-    }
-
-    /// Runs every other step with `executor`.
-    pub fn set_default(&mut self, executor: Arc<dyn Executor>) -> &mut Self {
-        self.default = Some(executor);
-        self
-    }
-
-    /// Whether a default executor is set.
-    pub fn has_default(&self) -> bool {
-        self.default.is_some()
-    }
-
-    /// Runs the steps nothing else matches with `executor`, without claiming TypeScript jobs.
-    pub fn set_fallback(&mut self, executor: Arc<dyn Executor>) -> &mut Self {
-        self.fallback = Some(executor);
-        self
-    }
-
-    /// Whether the host registered an executor for job `job_name` or any of `step_names`
-    /// (the fallback does not count).
-    pub fn has_host_executor<'a>(
-        &self,
-        job_name: &str,
-        mut step_names: impl Iterator<Item = &'a str>,
-    ) -> bool {
-        self.default.is_some()
-            || self.by_job.contains_key(job_name)
-            || step_names.any(|step| self.by_step.contains_key(step))
-    }
-
-    /// The executor for a step of a job, if any.
-    pub fn resolve(&self, job_name: &str, step_name: &str) -> Option<Arc<dyn Executor>> {
-        self.by_step
-            .get(step_name)
-            .or_else(|| self.by_job.get(job_name))
-            .or(self.default.as_ref())
-            .or(self.fallback.as_ref())
-            .cloned()
-    }
-}
-
-/// The built-in executor the configuration asks for: the process executor
-/// (`process_executor`), else the shell executor with the step map (`step_map_file`).
-pub fn builtin_executor(config: &AgentConfig) -> Result<Arc<dyn Executor>, StepMapError> {
-    Ok(match &config.process_executor {
-        Some(program) => Arc::new(ProcessExecutor::new(program.clone(), config.cancel_grace)),
-        None => {
-            let step_map = match &config.step_map_file {
-                Some(path) => ShellExecutor::load_step_map(path)?,
-                None => BTreeMap::new(),
-            };
-            Arc::new(ShellExecutor::new(step_map, config.cancel_grace))
-        }
-    })
 }
 
 /// Runs a step's shell command with bash in the workspace. The command is the step's `run`
@@ -485,48 +432,6 @@ pub(crate) async fn run_command(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Named(&'static str);
-
-    #[async_trait::async_trait]
-    impl Executor for Named {
-        fn name(&self) -> &str {
-            self.0
-        }
-        async fn run_step(&self, _: &JobContext, _: &StepContext, _: StepIo) -> StepResult {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn resolution_order_is_step_then_job_then_default() {
-        let mut registry = ExecutorRegistry::new();
-        assert!(registry.resolve("job", "step").is_none());
-        registry
-            .set_default(Arc::new(Named("default")))
-            .for_job("build", Arc::new(Named("job")))
-            .for_step("flash", Arc::new(Named("step")));
-        let name = |job: &str, step: &str| registry.resolve(job, step).unwrap().name().to_owned();
-        assert_eq!(name("build", "flash"), "step");
-        assert_eq!(name("build", "other"), "job");
-        assert_eq!(name("test", "other"), "default");
-    }
-
-    #[test]
-    fn the_fallback_runs_what_nothing_else_claims_but_is_no_host_executor() {
-        let mut registry = ExecutorRegistry::new();
-        registry.set_fallback(Arc::new(Named("fallback")));
-        assert_eq!(registry.resolve("job", "step").unwrap().name(), "fallback");
-        assert!(!registry.has_host_executor("job", ["step"].into_iter()));
-        registry.for_step("flash", Arc::new(Named("step")));
-        assert!(registry.has_host_executor("job", ["build", "flash"].into_iter()));
-        assert!(!registry.has_host_executor("job", ["build"].into_iter()));
-        registry.for_job("job", Arc::new(Named("job")));
-        assert!(registry.has_host_executor("job", [].into_iter()));
-        let mut with_default = ExecutorRegistry::new();
-        with_default.set_default(Arc::new(Named("default")));
-        assert!(with_default.has_host_executor("other", [].into_iter()));
-    }
 
     #[test]
     fn step_map_errors_name_the_file() {

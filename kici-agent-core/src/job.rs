@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checkout::{self, CheckoutRequest, GitCredentials, HostKeyPolicy};
 use crate::containment::JobContainment;
 use crate::events::{Event, EventQueue};
-use crate::executor::{Executor, ExecutorRegistry, JobContext, StepContext, StepEvent, StepIo};
+use crate::executor::{Executor, JobContext, StepContext, StepEvent, StepIo};
 use crate::logs::{MaskerError, SecretMasker, StepLog, MIN_SECRET_CHARS};
 use crate::metrics::Metrics;
 use crate::outbox::{JobAttempt, Outbox};
@@ -24,6 +24,7 @@ use crate::protocol::{
     JobState, JobStatus, JobStatusData, Outbound, SecretOutput, SshHostKeyPolicy, StepEntry,
     StepSpec, StepState, StepStatus, StepStatusData, StepType,
 };
+use crate::routing::{Claim, ExecutorRegistry, JobRoute, StepExecutor};
 use crate::secret_outputs::{RunKeyError, SecretOutputError, SecretOutputSealer};
 use crate::timeline::{ContextFacts, Timeline};
 
@@ -36,13 +37,10 @@ pub const JOB_LOG_INDEX: i64 = -1;
 pub(crate) struct JobServices {
     pub outbox: Arc<Outbox>,
     pub metrics: Metrics,
+    /// The host's executors and the agent's built-ins: who runs each job and step.
     pub executors: ExecutorRegistry,
     pub events: Arc<EventQueue>,
     pub settings: JobSettings,
-    /// Runs every step of container jobs (spec §12.3); `None`: no container engine configured.
-    pub container: Option<Arc<crate::container::ContainerExecutor>>,
-    /// Runs TypeScript jobs that no host executor claims (see `whole`).
-    pub typescript: Arc<crate::typescript::TypeScriptExecutor>,
 }
 
 /// Job-related settings from the agent configuration.
@@ -57,8 +55,6 @@ pub(crate) struct JobSettings {
     pub github_token: Option<String>,
     /// The agent's own environment, filtered into each step's by `StepEnv::from_host`.
     pub host_env: Vec<(String, String)>,
-    /// Image of jobs that name none; set only in container execution mode (spec §12).
-    pub default_container_image: Option<String>,
     /// Most processes a job may have at once, where a pids cgroup is available; 0 = no limit.
     pub job_pids_max: u64,
     /// Bare-metal steps run in a bubblewrap sandbox with this network (`KICI_SANDBOX`).
@@ -337,6 +333,27 @@ pub(crate) fn job_status(job: &JobRef, state: JobState, data: Option<JobStatusDa
 struct PlannedStep {
     index: u32,
     spec: StepSpec,
+}
+
+impl PlannedStep {
+    fn step_ref<'a>(&'a self, group: Option<&'a str>) -> StepRef<'a> {
+        StepRef {
+            index: self.index,
+            name: &self.spec.name,
+            kind: StepType::Step,
+            group,
+        }
+    }
+}
+
+/// Which step (or hook pseudo-step) a `step.status` is about.
+#[derive(Clone, Copy)]
+struct StepRef<'a> {
+    index: u32,
+    name: &'a str,
+    kind: StepType,
+    /// The parallel group of a parallel child.
+    group: Option<&'a str>,
 }
 
 enum Planned {
@@ -634,16 +651,13 @@ impl JobRunner {
             return (JobState::Cancelled, None);
         }
 
-        let default_image = self.services.settings.default_container_image.as_deref();
-        if let Some(image) = crate::container::image_for(config, default_image) {
-            if self.services.container.is_none() {
-                let error = format!(
-                    "the job asks for container image {image}, but this agent has no container engine (DOCKER_HOST)"
-                );
+        let route = match self.services.executors.route_job(config) {
+            Ok(route) => route,
+            Err(error) => {
                 self.job_log(format!("[kici] {error}")).await;
                 return (JobState::Failed, Some(error));
             }
-        }
+        };
         {
             let mut state = self.lock();
             state.env = Some(self.base_env(dispatch, &workspace));
@@ -660,14 +674,17 @@ impl JobRunner {
             workspace,
             secrets: dispatch.secrets.clone().unwrap_or_default(),
         };
-        match self.whole_job_executor(&context).await {
-            Ok(Some(executor)) => return self.run_whole_job(&context, executor).await,
-            Ok(None) => {}
-            Err(error) => {
-                self.job_log(format!("[kici] {error}")).await;
-                return (JobState::Failed, Some(error));
+        let in_container = match route {
+            JobRoute::Steps { image } => image.is_some(),
+            JobRoute::TypeScript(runner) => {
+                if let Err(unavailable) = runner.available().await {
+                    let error = unavailable.to_string();
+                    self.job_log(format!("[kici] {error}")).await;
+                    return (JobState::Failed, Some(error));
+                }
+                return self.run_whole_job(&context, runner).await;
             }
-        }
+        };
 
         let mut failed_step: Option<String> = None;
         let mut stopped = false;
@@ -679,7 +696,7 @@ impl JobRunner {
                 Planned::Single(step) => {
                     let name = step.spec.name.clone();
                     match self
-                        .run_step(&context, step, None, &self.control.cancel)
+                        .run_step(&context, in_container, step, None, &self.control.cancel)
                         .await
                     {
                         StepEnd::Success => {}
@@ -700,7 +717,14 @@ impl JobRunner {
                     children,
                 } => {
                     if let Some(name) = self
-                        .run_group(&context, &id, fail_fast, max_parallel, children)
+                        .run_group(
+                            &context,
+                            in_container,
+                            &id,
+                            fail_fast,
+                            max_parallel,
+                            children,
+                        )
                         .await
                     {
                         failed_step = Some(name);
@@ -740,6 +764,7 @@ impl JobRunner {
     async fn run_group(
         &self,
         context: &JobContext,
+        in_container: bool,
         group_id: &str,
         fail_fast: bool,
         max_parallel: Option<u32>,
@@ -750,12 +775,10 @@ impl JobRunner {
         let stop = self.control.cancel.child_token();
         for child in children.iter().skip(window) {
             self.send_step_status(
-                child.index,
-                &child.spec.name,
+                child.step_ref(Some(group_id)),
                 StepState::Pending,
                 None,
                 None,
-                Some(group_id),
             );
         }
         let runs = children.into_iter().map(|child| {
@@ -764,7 +787,9 @@ impl JobRunner {
             async move {
                 let name = child.spec.name.clone();
                 let _slot = slots.acquire().await;
-                let end = self.run_step(context, child, Some(group_id), &stop).await;
+                let end = self
+                    .run_step(context, in_container, child, Some(group_id), &stop)
+                    .await;
                 if fail_fast
                     && matches!(
                         end,
@@ -791,27 +816,26 @@ impl JobRunner {
             .map(|(name, _)| name)
     }
 
+    /// Queues a `step.status` of `step` (the step loop's and whole-job executors' alike).
     fn send_step_status(
         &self,
-        index: u32,
-        name: &str,
+        step: StepRef<'_>,
         state: StepState,
         data: Option<StepStatusData>,
         log_bytes: Option<u64>,
-        group: Option<&str>,
     ) {
         let message = Outbound::StepStatus(StepStatus {
             message_id: new_message_id(),
             run_id: self.job_ref.run_id.clone(),
             job_id: self.job_ref.job_id.clone(),
-            step_index: index,
-            step_name: name.to_owned(),
+            step_index: step.index,
+            step_name: step.name.to_owned(),
             state,
             timestamp: now_ms(),
             data,
-            step_type: Some(StepType::Step),
-            concurrency_kind: group.map(|_| ConcurrencyKind::ParallelChild),
-            group_id: group.map(str::to_owned),
+            step_type: Some(step.kind),
+            concurrency_kind: step.group.map(|_| ConcurrencyKind::ParallelChild),
+            group_id: step.group.map(str::to_owned),
             log_bytes_streamed: log_bytes,
         });
         self.services
@@ -819,23 +843,34 @@ impl JobRunner {
             .push_status(&self.attempt, message, false);
     }
 
-    /// Container jobs (spec §12.3) run every step in their container; others use the registry.
-    fn executor_for(&self, context: &JobContext, step: &str) -> Option<Arc<dyn Executor>> {
-        let default_image = self.services.settings.default_container_image.as_deref();
-        match &self.services.container {
-            Some(container)
-                if crate::container::image_for(&context.config, default_image).is_some() =>
-            {
-                Some(container.clone())
-            }
-            _ => self.services.executors.resolve(&context.name, step),
+    /// The executor of a step, from the registry's rule; says so in the job log when a host
+    /// executor takes a step out of the job's container.
+    async fn executor_for(
+        &self,
+        context: &JobContext,
+        in_container: bool,
+        step: &str,
+    ) -> Option<StepExecutor> {
+        let picked = self
+            .services
+            .executors
+            .step_executor(&context.name, in_container, step)?;
+        if in_container && matches!(picked.claim, Claim::Step | Claim::Job) {
+            self.job_log(format!(
+                "[kici] Step '{step}' runs on this host with executor '{}' ({}), not in the job's container",
+                picked.executor.name(),
+                picked.claim.describe()
+            ))
+            .await;
         }
+        Some(picked)
     }
 
     /// Runs one step with its retries; reports every attempt.
     async fn run_step(
         &self,
         context: &JobContext,
+        in_container: bool,
         step: PlannedStep,
         group: Option<&str>,
         stop: &CancellationToken,
@@ -843,20 +878,23 @@ impl JobRunner {
         let name = step.spec.name.clone();
         let continue_on_error = step.spec.continue_on_error == Some(true);
         let max_attempts = step.spec.retry.as_ref().map_or(1, |r| r.max_attempts());
-        let executor = self.executor_for(context, &name);
+        let executor = self
+            .executor_for(context, in_container, &name)
+            .await
+            .map(|picked| picked.executor);
         let mut attempt = 1;
         loop {
             let started = Instant::now();
             if stop.is_cancelled() {
                 // Never launched (fail-fast sibling or cancel): running then cancelled, 0 ms.
-                self.send_step_status(step.index, &name, StepState::Running, None, None, group);
+                self.send_step_status(step.step_ref(group), StepState::Running, None, None);
                 self.finish_step(&step, group, StepState::Cancelled, None, None, 0, 0);
                 self.services
                     .metrics
                     .step_finished(StepState::Cancelled, 0.0);
                 return StepEnd::Cancelled;
             }
-            self.send_step_status(step.index, &name, StepState::Running, None, None, group);
+            self.send_step_status(step.step_ref(group), StepState::Running, None, None);
             let (state, failure, log_bytes) = match &executor {
                 None => (
                     StepState::Failed,
@@ -932,14 +970,7 @@ impl JobRunner {
             exit_code,
             step_type: None,
         };
-        self.send_step_status(
-            step.index,
-            &step.spec.name,
-            state,
-            Some(data),
-            Some(log_bytes),
-            group,
-        );
+        self.send_step_status(step.step_ref(group), state, Some(data), Some(log_bytes));
         self.services.events.push(Event::StepFinished {
             run_id: self.job_ref.run_id.clone(),
             job_id: self.job_ref.job_id.clone(),
@@ -1054,7 +1085,7 @@ impl JobRunner {
                         secret_outputs.watch_file(&handoff, &self.masker);
                         self.masker.refresh(&mut log, &mut masker_seen);
                         log.push_bytes(&bytes, &mut lines);
-                        self.forward_lines(step.index, &mut lines).await;
+                        self.forward(i64::from(step.index), &mut lines).await;
                     }
                     Some(StepEvent::Output(key, value)) => outputs.push((key, value)),
                     Some(StepEvent::SecretOutput(key, value)) => {
@@ -1100,7 +1131,7 @@ impl JobRunner {
             }
         }
         log.finish(&mut lines);
-        self.forward_lines(step.index, &mut lines).await;
+        self.forward(i64::from(step.index), &mut lines).await;
         let log_bytes = log.bytes_streamed();
 
         self.apply_handoff(&handoff, name, &mut outputs, &mut secret_outputs)
@@ -1169,7 +1200,8 @@ impl JobRunner {
         }
     }
 
-    async fn forward_lines(&self, step_index: u32, lines: &mut Vec<String>) {
+    /// Queues log lines of step `index` (-1: the job), counting their bytes.
+    async fn forward(&self, index: i64, lines: &mut Vec<String>) {
         if lines.is_empty() {
             return;
         }
@@ -1177,7 +1209,7 @@ impl JobRunner {
         self.services.metrics.log_bytes_total.inc_by(bytes as u64);
         self.services
             .outbox
-            .push_lines(&self.attempt, i64::from(step_index), std::mem::take(lines))
+            .push_lines(&self.attempt, index, std::mem::take(lines))
             .await;
     }
 
@@ -1276,9 +1308,11 @@ impl JobRunner {
         workspace: &std::path::Path,
     ) -> JobContextDetails {
         let env = self.base_env(dispatch, workspace);
-        let default_image = self.services.settings.default_container_image.as_deref();
-        let in_container =
-            crate::container::image_for(&dispatch.job_config, default_image).is_some();
+        let in_container = self
+            .services
+            .executors
+            .container_image(&dispatch.job_config)
+            .is_some();
         ContextFacts {
             env: &env,
             config: &dispatch.job_config,
@@ -1457,19 +1491,171 @@ mod tests {
                 cancel_grace: Duration::from_secs(1),
                 github_token: None,
                 host_env: Vec::new(),
-                default_container_image: None,
                 job_pids_max: 0,
                 sandbox: None,
                 running_resends: Vec::new(),
                 labels: Vec::new(),
             },
-            container: None,
-            typescript: Arc::new(crate::typescript::TypeScriptExecutor::new(
-                None,
-                Duration::from_secs(1),
-                Duration::from_secs(60),
-            )),
         })
+    }
+
+    fn entries(steps: serde_json::Value) -> Vec<StepEntry> {
+        serde_json::from_value(steps).unwrap()
+    }
+
+    /// `(index, name)` of a planned single step, or the group's id, flags and children.
+    fn described(planned: &[Planned]) -> Vec<String> {
+        planned
+            .iter()
+            .map(|p| match p {
+                Planned::Single(step) => format!("{} {}", step.index, step.spec.name),
+                Planned::Group {
+                    id,
+                    fail_fast,
+                    max_parallel,
+                    children,
+                } => format!(
+                    "{id} failFast={fail_fast} maxParallel={max_parallel:?} [{}]",
+                    children
+                        .iter()
+                        .map(|c| format!("{} {}", c.index, c.spec.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plan_steps_numbers_parallel_children_inline_and_groups_take_no_index() {
+        let planned = plan_steps(&entries(serde_json::json!([
+            {"name": "checkout"},
+            {"kind": "parallel", "name": "checks", "children": [{"name": "lint"}, {"name": "unit"}]},
+            {"name": "package"},
+            {"kind": "parallel", "name": "deploy", "failFast": false, "maxParallel": 1,
+             "children": [{"name": "eu"}, {"name": "us"}]}
+        ])));
+        assert_eq!(
+            described(&planned),
+            [
+                "0 checkout",
+                "g0 failFast=true maxParallel=None [1 lint, 2 unit]",
+                "3 package",
+                "g1 failFast=false maxParallel=Some(1) [4 eu, 5 us]",
+            ]
+        );
+    }
+
+    #[test]
+    fn plan_steps_treats_max_parallel_zero_as_no_limit() {
+        let planned = plan_steps(&entries(serde_json::json!([
+            {"kind": "parallel", "name": "g", "maxParallel": 0, "children": [{"name": "a"}]}
+        ])));
+        assert_eq!(
+            described(&planned),
+            ["g0 failFast=true maxParallel=None [0 a]"]
+        );
+        assert!(plan_steps(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_planned_step_reports_as_a_step_of_its_group() {
+        let planned = plan_steps(&entries(serde_json::json!([{"name": "a"}])));
+        let Planned::Single(step) = &planned[0] else {
+            panic!("a single step");
+        };
+        let reported = step.step_ref(Some("g3"));
+        assert_eq!(
+            (reported.index, reported.name, reported.kind, reported.group),
+            (0, "a", StepType::Step, Some("g3"))
+        );
+    }
+
+    fn dispatch(extra: serde_json::Value) -> JobDispatch {
+        let mut value: serde_json::Value = serde_json::from_str(include_str!(
+            "../../tests/fixtures/real-orchestrator/job.dispatch.json"
+        ))
+        .unwrap();
+        for (key, field) in extra.as_object().unwrap() {
+            value[key] = field.clone();
+        }
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn basic(user: &str, secret: &str) -> Option<GitCredentials> {
+        Some(GitCredentials::Basic {
+            user: user.into(),
+            secret: secret.into(),
+        })
+    }
+
+    #[test]
+    fn clone_credentials_prefer_source_auth_then_the_token_then_the_agents_github_token() {
+        let none = dispatch(serde_json::json!({}));
+        assert!(clone_credentials(&none, None).is_none());
+        assert!(
+            clone_credentials(&none, Some("ghp_agent")) == basic("x-access-token", "ghp_agent")
+        );
+        let token = dispatch(serde_json::json!({"token": "ghs_dispatch"}));
+        assert!(
+            clone_credentials(&token, Some("ghp_agent")) == basic("x-access-token", "ghs_dispatch")
+        );
+        let source_auth = dispatch(serde_json::json!({
+            "token": "ghs_dispatch",
+            "sourceAuth": {"kind": "basic", "secret": "from-source-auth"}
+        }));
+        assert!(
+            clone_credentials(&source_auth, Some("ghp_agent"))
+                == basic("x-access-token", "from-source-auth")
+        );
+        let with_user = dispatch(serde_json::json!({
+            "sourceAuth": {"kind": "basic", "user": "bot", "secret": "s3cret"}
+        }));
+        assert!(clone_credentials(&with_user, None) == basic("bot", "s3cret"));
+    }
+
+    #[test]
+    fn ssh_clone_credentials_pin_host_keys_only_when_asked() {
+        let ssh = |policy: serde_json::Value| {
+            let d = dispatch(serde_json::json!({"sourceAuth": {
+                "kind": "ssh", "secret": "KEY", "sshHostKeyPolicy": policy,
+                "sshKnownHostsPem": "example.com ssh-ed25519 AAAA"
+            }}));
+            match clone_credentials(&d, None) {
+                Some(GitCredentials::Ssh { host_key, .. }) => host_key,
+                _ => panic!("SSH credentials"),
+            }
+        };
+        assert_eq!(
+            ssh(serde_json::json!("pinned")),
+            HostKeyPolicy::Pinned {
+                known_hosts: "example.com ssh-ed25519 AAAA".into()
+            }
+        );
+        assert_eq!(
+            ssh(serde_json::json!("accept-new")),
+            HostKeyPolicy::AcceptNew
+        );
+        // Pinned with nothing listed refuses every host rather than trusting any.
+        let unlisted = dispatch(serde_json::json!({"sourceAuth": {
+            "kind": "ssh", "secret": "KEY", "sshHostKeyPolicy": "pinned"
+        }}));
+        match clone_credentials(&unlisted, None) {
+            Some(GitCredentials::Ssh { host_key, .. }) => assert_eq!(
+                host_key,
+                HostKeyPolicy::Pinned {
+                    known_hosts: String::new()
+                }
+            ),
+            _ => panic!("SSH credentials"),
+        }
+    }
+
+    #[test]
+    fn panic_messages_are_read_from_str_and_string_payloads() {
+        assert_eq!(panic_message(Box::new("static")), "static");
+        assert_eq!(panic_message(Box::new(String::from("owned"))), "owned");
+        assert_eq!(panic_message(Box::new(42)), "unknown panic");
     }
 
     #[tokio::test]

@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod process;
 pub mod protocol;
+pub mod routing;
 mod sandbox;
 mod scaler;
 pub mod service_notify;
@@ -55,6 +56,7 @@ pub use connection::ConnectionState;
 pub use containment::become_child_subreaper;
 pub use events::Event;
 pub use executor::{
-    Executor, ExecutorRegistry, JobContext, ProcessExecutor, ShellExecutor, StepContext,
-    StepFailure, StepIo, StepResult,
+    Executor, JobContext, ProcessExecutor, ShellExecutor, StepContext, StepFailure, StepIo,
+    StepResult,
 };
+pub use routing::ExecutorRegistry;

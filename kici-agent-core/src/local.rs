@@ -36,11 +36,12 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::events::EventQueue;
-use crate::executor::{ExecutorRegistry, ShellExecutor};
+use crate::executor::{Executor, ShellExecutor};
 use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxLimits, Pacer};
 use crate::protocol::{ContainerSpec, JobConfig, JobDispatch, JobState, Outbound, StepEntry};
+use crate::routing::{Builtins, ExecutorRegistry};
 use crate::typescript::{TypeScriptExecutor, WorkflowJobs};
 
 /// A job file.
@@ -180,7 +181,8 @@ impl LocalCancel {
 }
 
 /// Runs a job through the engine; every message it produces goes to `on_message`, in order.
-/// Returns the job's terminal state. `executors` defaults to the shell executor.
+/// Returns the job's terminal state. Steps no executor of `executors` takes run with the shell
+/// executor (their `run` commands), or in the job file's `container` (see [`crate::routing`]).
 pub async fn run(
     job: &LocalJob,
     executors: Option<ExecutorRegistry>,
@@ -188,32 +190,24 @@ pub async fn run(
     cancel: LocalCancel,
     on_message: impl FnMut(&Outbound),
 ) -> JobState {
-    let executors = executors.unwrap_or_else(|| {
-        let mut registry = ExecutorRegistry::new();
-        registry.set_default(Arc::new(ShellExecutor::new(
-            BTreeMap::new(),
-            settings.cancel_grace,
-        )));
-        registry
-    });
     // A job file with `container` runs in it, on the engine of DOCKER_HOST.
     let container = job.container.as_ref().and_then(|_| {
         crate::container::ContainerExecutor::new(crate::container::ContainerSettings::default())
             .map(Arc::new)
             .ok()
     });
-    let typescript =
-        TypeScriptExecutor::new(None, settings.cancel_grace, settings.default_step_timeout);
-    run_dispatch(
-        job.to_dispatch(),
-        executors,
+    let shell: Arc<dyn Executor> =
+        Arc::new(ShellExecutor::new(BTreeMap::new(), settings.cancel_grace));
+    let builtins = Builtins {
+        executor: Some(shell),
+        // A job file's steps are commands: it is no TypeScript job.
+        chosen_by_operator: true,
         container,
-        typescript,
-        settings,
-        cancel,
-        on_message,
-    )
-    .await
+        default_image: None,
+        typescript: None,
+    };
+    let executors = executors.unwrap_or_default().with_builtins(builtins);
+    run_dispatch(job.to_dispatch(), executors, settings, cancel, on_message).await
 }
 
 /// A TypeScript workflow file inside a working copy: the directory holding `.kici` and the
@@ -299,23 +293,16 @@ pub async fn run_typescript(
         "source".into(),
         serde_json::json!({ "file": file.source_file }),
     );
-    Ok(run_dispatch(
-        dispatch,
-        ExecutorRegistry::new(),
-        None,
-        typescript,
-        settings,
-        cancel,
-        on_message,
-    )
-    .await)
+    let executors = ExecutorRegistry::new().with_builtins(Builtins {
+        typescript: Some(Arc::new(typescript)),
+        ..Builtins::default()
+    });
+    Ok(run_dispatch(dispatch, executors, settings, cancel, on_message).await)
 }
 
 async fn run_dispatch(
     dispatch: JobDispatch,
     executors: ExecutorRegistry,
-    container: Option<Arc<crate::container::ContainerExecutor>>,
-    typescript: TypeScriptExecutor,
     settings: LocalSettings,
     cancel: LocalCancel,
     mut on_message: impl FnMut(&Outbound),
@@ -335,15 +322,12 @@ async fn run_dispatch(
             cancel_grace: settings.cancel_grace,
             github_token: None,
             host_env: std::env::vars().collect(),
-            default_container_image: None,
             job_pids_max: 0,
             sandbox: None,
             // Nobody arms an ack deadline for a local run.
             running_resends: Vec::new(),
             labels: Vec::new(),
         },
-        container,
-        typescript: Arc::new(typescript),
     });
     let dispatch = Box::new(dispatch);
     let attempt = outbox.begin_attempt(&dispatch.job_ref());

@@ -273,3 +273,91 @@ async fn health_reports_the_commit_the_library_was_built_from() {
         "buildDate: {date}"
     );
 }
+
+/// Sets an output naming who ran the step.
+struct Named(&'static str);
+
+#[async_trait::async_trait]
+impl Executor for Named {
+    fn name(&self) -> &str {
+        self.0
+    }
+    async fn run_step(&self, _: &JobContext, _: &StepContext, io: StepIo) -> StepResult {
+        io.set_output("by", json!(self.0)).await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executors_registered_on_the_agent_route_steps_and_are_refused_after_start() {
+    let mock = kici_mock_orchestrator::MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let config = common::config_for(&mock).build().unwrap();
+    let agent = kici_agent_core::Agent::new(config).unwrap();
+    agent
+        .register_job_executor("hil", Arc::new(Named("job")))
+        .unwrap();
+    agent
+        .register_step_executor("flash", Arc::new(Named("step")))
+        .unwrap();
+    agent
+        .set_default_executor(Arc::new(Named("default")))
+        .unwrap();
+    agent.start().unwrap();
+    let late = agent.register_step_executor("late", Arc::new(Named("late")));
+    assert!(
+        matches!(late, Err(kici_agent_core::AgentError::RegisteredAfterStart)),
+        "{late:?}"
+    );
+    let h = common::Harness { mock, agent };
+    h.registered().await;
+
+    // The host's job executor wins over the job's container image: no engine is needed, and
+    // the job log says where the step ran.
+    h.dispatch_with(
+        "hil-in-container",
+        json!([{"name": "flash", "hasOutputs": true}, {"name": "measure", "hasOutputs": true}]),
+        |d| {
+            d["jobConfig"]["name"] = json!("hil");
+            d["jobConfig"]["container"] = json!("debian:12");
+        },
+    )
+    .await;
+    let done = h.terminal_status("hil-in-container").await;
+    assert_eq!(done["state"], "success", "{done}");
+    assert_eq!(
+        done["data"]["outputs"],
+        json!({"flash": {"by": "step"}, "measure": {"by": "job"}})
+    );
+    let job_log = h.lines("hil-in-container", -1).join("\n");
+    assert!(
+        job_log.contains(
+            "Step 'measure' runs on this host with executor 'job' (registered for the job), not in the job's container"
+        ),
+        "{job_log}"
+    );
+
+    // The host default is a catch-all: it does not take steps out of a container (here the
+    // container executor cannot reach an engine, so the job fails without the default running).
+    h.dispatch_with(
+        "other-in-container",
+        json!([{"name": "build", "hasOutputs": false}]),
+        |d| {
+            d["jobConfig"]["container"] = json!("debian:12");
+        },
+    )
+    .await;
+    let failed = h.terminal_status("other-in-container").await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(failed["data"].get("outputs").is_none(), "{failed}");
+    // Without an image the default takes the step.
+    h.dispatch("plain", json!([{"name": "build", "hasOutputs": true}]))
+        .await;
+    let plain = h.terminal_status("plain").await;
+    assert_eq!(
+        plain["data"]["outputs"],
+        json!({"build": {"by": "default"}})
+    );
+    h.assert_no_violations();
+}

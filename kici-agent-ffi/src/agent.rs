@@ -3,11 +3,10 @@
 //! one process.
 
 use std::ffi::{c_char, CString};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kici_agent_core::config::AgentConfig;
-use kici_agent_core::{Agent, AgentError, Executor, ExecutorRegistry};
+use kici_agent_core::{Agent, AgentError, Executor};
 
 use crate::boundary::{guard, guard_infallible, object, out, text};
 use crate::config::kici_config;
@@ -20,9 +19,16 @@ use crate::KICI_WAIT_FOREVER;
 ///
 /// Life: `kici_agent_new` -> `kici_agent_register_*_executor` -> `kici_agent_start` (returns at
 /// once) -> `kici_agent_drain` or `kici_agent_shutdown` -> `kici_agent_wait` ->
-/// `kici_agent_free`. Steps without a registered executor go to the built-in one the
-/// configuration selects (`process_executor`, else the shell executor with the step map);
-/// TypeScript jobs with neither and no registered executor run through the TypeScript runner.
+/// `kici_agent_free`.
+///
+/// Which executor runs a step (the core's one rule): the executor registered for the step's
+/// name, else the one registered for its job's name, else the job's container (a job that
+/// names a container image runs its other steps in it), else the default executor, else the
+/// built-in one the configuration selects (`process_executor`, else the shell executor with the
+/// step map). A registered step or job executor wins over the job's container: the step runs on
+/// the host, and the job's log says so. A TypeScript job (`.ts` source) that no registered
+/// executor claims (none for the job, none for any of its steps, no default) and no step map or
+/// process executor claims runs through the TypeScript runner (Node >= 20.6).
 ///
 /// Thread safety: every function except `kici_agent_free` may be called from any host thread,
 /// also at the same time. `kici_agent_free` must be the last call, made when no other call on
@@ -31,36 +37,23 @@ use crate::KICI_WAIT_FOREVER;
 /// Forking after `kici_agent_start` is not supported.
 pub struct kici_agent {
     agent_id: CString,
-    phase: Mutex<Phase>,
-    /// The registered C executors, kept alive until the agent is freed. Declared after `phase`
+    core: Agent,
+    /// The registered C executors, kept alive until the agent is freed. Declared after `core`
     /// so that they are released after the core agent stopped (fields drop in order).
     leases: Mutex<Vec<ExecutorLease>>,
 }
 
-enum Phase {
-    /// Collecting executors; nothing runs yet.
-    Created {
-        config: Box<AgentConfig>,
-        executors: ExecutorRegistry,
-    },
-    Started(Arc<Agent>),
-    /// Drained or shut down before it was started: nothing ever ran.
-    Stopped,
-}
-
 impl kici_agent {
-    fn phase(&self) -> MutexGuard<'_, Phase> {
-        self.phase.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The running agent, `None` when it was stopped before it started.
-    fn started(&self) -> FfiResult<Option<Arc<Agent>>> {
-        match &*self.phase() {
-            Phase::Created { .. } => Err(Failure::state(
+    fn started(&self) -> FfiResult<Option<&Agent>> {
+        if self.core.http_addr().is_some() {
+            Ok(Some(&self.core))
+        } else if self.core.state().stopped {
+            Ok(None)
+        } else {
+            Err(Failure::state(
                 "the agent is not started: call kici_agent_start first",
-            )),
-            Phase::Started(agent) => Ok(Some(agent.clone())),
-            Phase::Stopped => Ok(None),
+            ))
         }
     }
 }
@@ -73,7 +66,9 @@ fn agent_failure(error: AgentError) -> Failure {
         AgentError::Runtime(_) | AgentError::Http { .. } | AgentError::Container(_) => {
             kici_result::Io
         }
-        AgentError::AlreadyStarted => kici_result::InvalidState,
+        AgentError::AlreadyStarted
+        | AgentError::StoppedBeforeStart
+        | AgentError::RegisteredAfterStart => kici_result::InvalidState,
     };
     Failure::new(code, error.to_string())
 }
@@ -115,7 +110,7 @@ unsafe fn with_agent(
     })
 }
 
-/// Adds `executor` to the registry of an agent that is not started yet.
+/// Registers `executor` with an agent that is not started yet, through `add`.
 ///
 /// # Safety
 /// `agent` and `executor` must be NULL or live objects of this library.
@@ -123,20 +118,13 @@ unsafe fn register(
     agent: *mut kici_agent,
     executor: *const kici_executor,
     err: *mut *mut kici_error,
-    add: impl FnOnce(&mut ExecutorRegistry, Arc<dyn Executor>) -> FfiResult,
+    add: impl FnOnce(&Agent, Arc<dyn Executor>) -> Result<(), Failure>,
 ) -> kici_result {
     // SAFETY: forwarded caller contract.
     unsafe {
         with_agent(agent, err, |agent| {
             let executor = object(executor, "executor")?;
-            match &mut *agent.phase() {
-                Phase::Created { executors, .. } => add(executors, executor.shared())?,
-                _ => {
-                    return Err(Failure::state(
-                        "executors must be registered before kici_agent_start",
-                    ))
-                }
-            }
+            add(&agent.core, executor.shared())?;
             agent
                 .leases
                 .lock()
@@ -148,7 +136,9 @@ unsafe fn register(
 }
 
 /// Creates an agent from `config` (copied and validated: `KICI_RESULT_INVALID_CONFIG` lists
-/// every problem). Nothing runs until `kici_agent_start`.
+/// every problem, and names an unreadable step map; `KICI_RESULT_IO` for an unusable
+/// `DOCKER_HOST` in container execution mode). Nothing connects and no job runs until
+/// `kici_agent_start`.
 ///
 /// Ownership: `config` is borrowed and may be freed right after. On success `*out_agent`
 /// receives an agent the caller owns and frees with `kici_agent_free`. Thread safety: safe from
@@ -162,13 +152,10 @@ pub unsafe extern "C" fn kici_agent_new(
     guard(err, || {
         // SAFETY: the caller passes NULL or live, writable pointers.
         let (config, slot) = unsafe { (object(config, "config")?, out(out_agent, "out_agent")?) };
-        let config = config.agent_config()?;
+        let core = Agent::new(config.agent_config()?).map_err(agent_failure)?;
         let agent = kici_agent {
-            agent_id: c_string_lossy(config.agent_id.clone()),
-            phase: Mutex::new(Phase::Created {
-                config: Box::new(config),
-                executors: ExecutorRegistry::new(),
-            }),
+            agent_id: c_string_lossy(core.agent_id().to_owned()),
+            core,
             leases: Mutex::new(Vec::new()),
         };
         slot.write(Box::into_raw(Box::new(agent)));
@@ -176,9 +163,10 @@ pub unsafe extern "C" fn kici_agent_new(
     })
 }
 
-/// Runs the steps named `step_name` with `executor` (a step-name match beats a job-name match,
-/// which beats the default). Registering a name again replaces the earlier executor.
-/// `KICI_RESULT_INVALID_STATE` after `kici_agent_start`.
+/// Runs the steps named `step_name` with `executor`, in any job: a step-name match beats a
+/// job-name match, the job's container and the default (see `kici_agent` for the whole rule).
+/// Registering a name again replaces the earlier executor. `KICI_RESULT_INVALID_STATE` after
+/// `kici_agent_start`.
 ///
 /// Ownership: `agent`, `step_name` and `executor` are borrowed; the agent keeps its own
 /// reference to the executor. Thread safety: see `kici_agent`.
@@ -191,15 +179,16 @@ pub unsafe extern "C" fn kici_agent_register_step_executor(
 ) -> kici_result {
     // SAFETY: forwarded caller contract.
     unsafe {
-        register(agent, executor, err, |registry, executor| {
-            registry.for_step(text(step_name, "step_name")?, executor);
-            Ok(())
+        register(agent, executor, err, |core, executor| {
+            core.register_step_executor(text(step_name, "step_name")?, executor)
+                .map_err(agent_failure)
         })
     }
 }
 
 /// Runs every step of the jobs named `job_name` (`jobConfig.name`) with `executor`, unless a
-/// step executor matches. `KICI_RESULT_INVALID_STATE` after `kici_agent_start`.
+/// step executor matches; also when the job names a container image (the steps then run on
+/// the host) or is a TypeScript job. `KICI_RESULT_INVALID_STATE` after `kici_agent_start`.
 ///
 /// Ownership: `agent`, `job_name` and `executor` are borrowed; the agent keeps its own
 /// reference to the executor. Thread safety: see `kici_agent`.
@@ -212,15 +201,16 @@ pub unsafe extern "C" fn kici_agent_register_job_executor(
 ) -> kici_result {
     // SAFETY: forwarded caller contract.
     unsafe {
-        register(agent, executor, err, |registry, executor| {
-            registry.for_job(text(job_name, "job_name")?, executor);
-            Ok(())
+        register(agent, executor, err, |core, executor| {
+            core.register_job_executor(text(job_name, "job_name")?, executor)
+                .map_err(agent_failure)
         })
     }
 }
 
-/// Runs every step no step or job executor takes with `executor`, instead of the built-in
-/// executor. `KICI_RESULT_INVALID_STATE` after `kici_agent_start`.
+/// Runs every step no step or job executor and no job container takes with `executor`,
+/// instead of the built-in executor. It also claims TypeScript jobs, which then no longer run
+/// through the TypeScript runner. `KICI_RESULT_INVALID_STATE` after `kici_agent_start`.
 ///
 /// Ownership: `agent` and `executor` are borrowed; the agent keeps its own reference to the
 /// executor. Thread safety: see `kici_agent`.
@@ -232,9 +222,8 @@ pub unsafe extern "C" fn kici_agent_register_default_executor(
 ) -> kici_result {
     // SAFETY: forwarded caller contract.
     unsafe {
-        register(agent, executor, err, |registry, executor| {
-            registry.set_default(executor);
-            Ok(())
+        register(agent, executor, err, |core, executor| {
+            core.set_default_executor(executor).map_err(agent_failure)
         })
     }
 }
@@ -243,8 +232,7 @@ pub unsafe extern "C" fn kici_agent_register_default_executor(
 /// connection to the orchestrator (reconnecting as needed). Returns once the HTTP port is
 /// bound, so a port conflict is `KICI_RESULT_IO` here; the agent can then be started again.
 /// `KICI_RESULT_INVALID_CONFIG` for a setting this host cannot honour (`sandbox` without a
-/// working `bwrap`) or an unreadable step map; `KICI_RESULT_INVALID_STATE` when already started or
-/// stopped.
+/// working `bwrap`); `KICI_RESULT_INVALID_STATE` when already started or stopped.
 ///
 /// Ownership: `agent` is borrowed. Thread safety: see `kici_agent`; not from a callback.
 #[no_mangle]
@@ -256,15 +244,7 @@ pub unsafe extern "C" fn kici_agent_start(
     unsafe {
         with_agent(agent, err, |agent| {
             refuse_on_agent_thread("kici_agent_start")?;
-            let mut phase = agent.phase();
-            let Phase::Created { config, executors } = &*phase else {
-                return Err(Failure::state("the agent was already started or stopped"));
-            };
-            let core = Agent::with_executors((**config).clone(), executors.clone())
-                .map_err(agent_failure)?;
-            core.start().map_err(agent_failure)?;
-            *phase = Phase::Started(Arc::new(core));
-            Ok(())
+            agent.core.start().map_err(agent_failure)
         })
     }
 }
@@ -282,12 +262,7 @@ pub unsafe extern "C" fn kici_agent_drain(
     // SAFETY: forwarded caller contract.
     unsafe {
         with_agent(agent, err, |agent| {
-            let mut phase = agent.phase();
-            match &*phase {
-                Phase::Created { .. } => *phase = Phase::Stopped,
-                Phase::Started(core) => core.drain(),
-                Phase::Stopped => {}
-            }
+            agent.core.drain();
             Ok(())
         })
     }
@@ -308,14 +283,9 @@ pub unsafe extern "C" fn kici_agent_shutdown(
     // SAFETY: forwarded caller contract.
     unsafe {
         with_agent(agent, err, |agent| {
-            let mut phase = agent.phase();
-            match &*phase {
-                Phase::Created { .. } => *phase = Phase::Stopped,
-                Phase::Started(core) => {
-                    core.shutdown(Duration::from_millis(grace_ms).min(LONGEST_DURATION))
-                }
-                Phase::Stopped => {}
-            }
+            agent
+                .core
+                .shutdown(Duration::from_millis(grace_ms).min(LONGEST_DURATION));
             Ok(())
         })
     }

@@ -15,35 +15,41 @@ use pyo3::types::{PyDict, PyType};
 
 use crate::blocking::wait_interruptibly;
 use crate::convert::{json_to_py, Seconds};
-use crate::executor::{Route, Router, StepFunction};
+use crate::executor::StepFunction;
 use crate::{AgentError, ConfigError};
 
 /// A KiCI agent running inside this process, with Python functions as step executors.
 ///
-/// Register step functions with the `step`, `job` and `default` decorators, then `start()` it
-/// (background) or `run()` it (blocking, Ctrl-C aware). Use it as a context manager to shut it
-/// down on exit. Steps without a Python function run with the built-in shell executor (the
-/// step's `run` field, or `step_map_file`) or `process_executor`.
+/// Register step functions with the `step`, `job` and `default` decorators before `start()`
+/// (background) or `run()` (blocking, Ctrl-C aware). Use it as a context manager to shut it
+/// down on exit. The core's one routing rule picks what runs a step: the function for its step
+/// name, else for its job name, else the job's container, else the default function, else the
+/// built-in shell executor (the step's `run` field, or `step_map_file`) or `process_executor`.
+/// A TypeScript job that no function claims runs through the TypeScript runner.
 #[pyclass(frozen, module = "kici_agent")]
 pub struct Agent {
     /// Shared with [`crate::exit`], which shuts it down at interpreter exit.
     core: Arc<CoreAgent>,
-    router: Arc<Router>,
     shutdown_grace: Duration,
+}
+
+/// Where a step function is registered.
+enum Route {
+    /// Steps with this name.
+    Step(String),
+    /// Every step of jobs with this name.
+    Job(String),
+    /// Every other step.
+    Default,
 }
 
 impl Agent {
     fn from_config(config: AgentConfig) -> PyResult<Self> {
-        let router =
-            Arc::new(Router::new(&config).map_err(|e| ConfigError::new_err(e.to_string()))?);
         let shutdown_grace = config.shutdown_grace;
-        let mut executors = kici_agent_core::ExecutorRegistry::new();
-        executors.set_default(router.clone());
-        let core = Arc::new(CoreAgent::with_executors(config, executors).map_err(agent_error)?);
+        let core = Arc::new(CoreAgent::new(config).map_err(agent_error)?);
         crate::exit::track(&core, shutdown_grace);
         Ok(Agent {
             core,
-            router,
             shutdown_grace,
         })
     }
@@ -56,7 +62,7 @@ impl Agent {
         secrets: bool,
     ) -> PyResult<Py<PyAny>> {
         let registration = Registration {
-            router: self.router.clone(),
+            core: self.core.clone(),
             route: std::sync::Mutex::new(Some(route)),
             secrets,
         };
@@ -135,6 +141,7 @@ impl Agent {
     /// Registers a function for steps named `name`: `@agent.step("flash")`, or
     /// `agent.step("flash", function)`. The function is called as `function(step, ctx)` and may
     /// be `async def`. With `secrets=True` it may read `ctx.job.secrets`. Returns the function.
+    /// Functions are registered before `start()`; afterwards this raises `AgentError`.
     #[pyo3(signature = (name, function=None, *, secrets=false))]
     fn step(
         &self,
@@ -147,7 +154,8 @@ impl Agent {
     }
 
     /// Registers a function for every step of jobs named `name` (unless a `step` function
-    /// matches first). Used like `step`.
+    /// matches first), also when the job names a container image (its steps then run here).
+    /// Used like `step`.
     #[pyo3(signature = (name, function=None, *, secrets=false))]
     fn job(
         &self,
@@ -159,8 +167,9 @@ impl Agent {
         self.register(py, Route::Job(name), function, secrets)
     }
 
-    /// Registers the function for every step no `step` or `job` function matches:
-    /// `@agent.default`, `@agent.default(secrets=True)` or `agent.default(function)`.
+    /// Registers the function for every step no `step` or `job` function and no job container
+    /// takes: `@agent.default`, `@agent.default(secrets=True)` or `agent.default(function)`. It
+    /// also claims TypeScript jobs, which then no longer run through the TypeScript runner.
     #[pyo3(signature = (function=None, *, secrets=false))]
     fn default(
         &self,
@@ -351,7 +360,7 @@ fn connection_name(state: &kici_agent_core::ConnectionState) -> String {
 /// The decorator returned by `Agent.step(name)`, `Agent.job(name)` and `Agent.default()`.
 #[pyclass(frozen, module = "kici_agent")]
 struct Registration {
-    router: Arc<Router>,
+    core: Arc<CoreAgent>,
     /// Taken by the first call: one decorator registers one function.
     route: std::sync::Mutex<Option<Route>>,
     secrets: bool,
@@ -372,10 +381,13 @@ impl Registration {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .ok_or_else(|| PyTypeError::new_err("this decorator was already used"))?;
-        self.router.add(
-            route,
-            StepFunction::new(function.clone_ref(py), self.secrets),
-        );
+        let executor = Arc::new(StepFunction::new(function.clone_ref(py), self.secrets));
+        match route {
+            Route::Step(name) => self.core.register_step_executor(name, executor),
+            Route::Job(name) => self.core.register_job_executor(name, executor),
+            Route::Default => self.core.set_default_executor(executor),
+        }
+        .map_err(agent_error)?;
         Ok(function)
     }
 }

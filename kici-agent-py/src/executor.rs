@@ -1,15 +1,10 @@
-//! Python callables as step executors, and the [`Router`] that picks one per step.
-//!
-//! The router is the core's only executor, so functions can be registered before and after the
-//! agent starts. Each call runs on a blocking thread of the agent's runtime, never on one of its
-//! async workers, and takes the GIL only there.
+//! Python callables as step executors. The core picks which one runs a step (its routing rule);
+//! each call runs on a blocking thread of the agent's runtime, never on one of its async
+//! workers, and takes the GIL only there.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-use kici_agent_core::config::AgentConfig;
-use kici_agent_core::executor::{builtin_executor, StepMapError};
 use kici_agent_core::{
     Executor, JobContext, StepContext as CoreStepContext, StepFailure, StepIo, StepResult,
 };
@@ -213,89 +208,4 @@ fn format_traceback(py: Python<'_>, err: &PyErr) -> PyResult<String> {
         text.push_str(&line?.extract::<String>()?);
     }
     Ok(text)
-}
-
-/// Which function runs which step: by step name, then by job name, then the default, then the
-/// core's built-in executor.
-pub struct Router {
-    routes: RwLock<Routes>,
-    builtin: Arc<dyn Executor>,
-}
-
-#[derive(Default)]
-struct Routes {
-    by_step: HashMap<String, Arc<StepFunction>>,
-    by_job: HashMap<String, Arc<StepFunction>>,
-    default: Option<Arc<StepFunction>>,
-}
-
-/// Where a step function is registered.
-pub enum Route {
-    /// Steps with this name.
-    Step(String),
-    /// Every step of jobs with this name.
-    Job(String),
-    /// Every other step.
-    Default,
-}
-
-impl Router {
-    /// A router with no functions yet, falling back to the executor the core would pick for
-    /// `config` (the process executor, else the shell executor with the step map).
-    pub fn new(config: &AgentConfig) -> Result<Self, StepMapError> {
-        let builtin = builtin_executor(config)?;
-        Ok(Router {
-            routes: RwLock::new(Routes::default()),
-            builtin,
-        })
-    }
-
-    /// Registers `function` for `route`, replacing an earlier one.
-    pub fn add(&self, route: Route, function: StepFunction) {
-        let function = Arc::new(function);
-        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
-        match route {
-            Route::Step(name) => {
-                routes.by_step.insert(name, function);
-            }
-            Route::Job(name) => {
-                routes.by_job.insert(name, function);
-            }
-            Route::Default => routes.default = Some(function),
-        }
-    }
-
-    fn resolve(&self, job: &str, step: &str) -> Arc<dyn Executor> {
-        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
-        match routes
-            .by_step
-            .get(step)
-            .or_else(|| routes.by_job.get(job))
-            .or(routes.default.as_ref())
-        {
-            Some(function) => function.clone(),
-            None => self.builtin.clone(),
-        }
-    }
-}
-
-#[async_trait::async_trait]
-impl Executor for Router {
-    fn name(&self) -> &str {
-        "python"
-    }
-
-    async fn prepare(&self, job: &JobContext) -> Result<(), StepFailure> {
-        self.builtin.prepare(job).await
-    }
-
-    async fn run_step(&self, job: &JobContext, step: &CoreStepContext, io: StepIo) -> StepResult {
-        self.resolve(&job.name, &step.name)
-            .run_step(job, step, io)
-            .await
-    }
-
-    async fn cleanup(&self, job: &JobContext) {
-        self.builtin.cleanup(job).await;
-    }
 }

@@ -6,10 +6,14 @@
 #  - the example (examples/c), built through the installed pkg-config file, runs a job and
 #    drains on SIGTERM; it also links statically.
 # Each test program gets a fresh mock, started here and stopped by its pid; test_tls gets one
-# serving wss:// (`--tls`), its test CA named by KICI_E2E_TLS_CA_FILE.
+# serving wss:// (`--tls`), its test CA named by KICI_E2E_TLS_CA_FILE; test_routing gets a git
+# repository of TypeScript workflows (tests/fixtures/typescript, with the stand-in SDK and zx:
+# run `npm ci --prefix tests/fixtures/typescript` first) named by KICI_E2E_TS_REPO_URL,
+# KICI_E2E_TS_REF and KICI_E2E_TS_SHA.
 #
 # usage: tests/c/run.sh [--release] [--no-valgrind] [--no-sanitizers]
-# Needs: cargo, cc, c++, make, pkg-config, valgrind; curl or python3. Installs nothing.
+# Needs: cargo, cc, c++, make, pkg-config, valgrind, git, node >= 20.6; curl or python3.
+# Installs nothing.
 # CARGO_TARGET_DIR is honoured. Prints "c-tests: N passed, M failed" and exits non-zero on failure.
 set -uo pipefail
 
@@ -138,7 +142,7 @@ warnings=(-Wall -Wextra -Werror -pedantic)
 c_flags=(-std=c11 "${warnings[@]}" -g -O1 -pthread -I"$root/include")
 link_flags=(-L"$lib_dir" -lkici_agent -Wl,-rpath,"$lib_dir" -pthread)
 sanitize_flags=(-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer)
-programs=(test_api test_jobs test_two_agents test_tls)
+programs=(test_api test_jobs test_two_agents test_tls test_routing)
 
 compile() { # compile OUTPUT SOURCE [EXTRA FLAGS...]
     local output=$1 source=$2
@@ -156,6 +160,28 @@ cxx_program() {
         "$tests_dir/header_cxx.cpp" "${link_flags[@]}" && "$work/header_cxx"
 }
 check "header works from C++17" cxx_program
+
+# ---- the TypeScript workflow repository (test_routing) ---------------------------------------
+make_ts_repo() { # a repository like a user's: workflows, the stand-in SDK and zx under .kici
+    local fixtures=$root/tests/fixtures repo=$work/ts-repo
+    if [ ! -f "$fixtures/typescript/node_modules/zx/package.json" ]; then
+        echo "zx is not installed for the TypeScript fixtures: run" \
+            "npm ci --prefix tests/fixtures/typescript" >&2
+        return 1
+    fi
+    mkdir -p "$repo/.kici/node_modules/@kici-dev" &&
+        cp -R "$fixtures/typescript/repo/." "$repo/" &&
+        cp -R "$fixtures/typescript/sdk" "$repo/.kici/node_modules/@kici-dev/sdk" &&
+        cp -R "$fixtures/typescript/node_modules/zx" "$repo/.kici/node_modules/zx" &&
+        git -C "$repo" init -q &&
+        git -C "$repo" add -A &&
+        git -C "$repo" -c user.name=test -c user.email=test@example.invalid commit -qm workflows &&
+        export KICI_E2E_TS_REPO_URL="file://$repo" \
+            KICI_E2E_TS_REF="$(git -C "$repo" rev-parse --abbrev-ref HEAD)" \
+            KICI_E2E_TS_SHA="$(git -C "$repo" rev-parse HEAD)"
+}
+check "TypeScript workflow repository for test_routing" make_ts_repo
+# `check` ran it in this shell: its exports stay for the test programs.
 
 # ---- the test programs ---------------------------------------------------------------------
 for program in "${programs[@]}"; do

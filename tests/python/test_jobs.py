@@ -243,9 +243,12 @@ def test_functions_are_picked_by_step_then_job_then_default_then_the_shell(
     assert finished.state == "success"
     assert "from the shell" in mock.log_text(finished.job_id or "")
 
-    # Registering after start works: the default now takes what the shell took.
-    agent.default(lambda step, ctx: ctx.set_output("by", "default"))
-    _, status = run_job(mock, agent, [shell_step, "flash"], job_name="other")
+    # A default function takes what the shell took (registered before start).
+    with_default = make_agent()
+    with_default.step("flash", lambda step, ctx: ctx.set_output("by", "step"))
+    with_default.default(lambda step, ctx: ctx.set_output("by", "default"))
+    start_registered(with_default)
+    _, status = run_job(mock, with_default, [shell_step, "flash"], job_name="other")
     assert status["data"]["outputs"] == {"shell": {"by": "default"}, "flash": {"by": "step"}}
 
 

@@ -108,8 +108,9 @@ def test_two_agents_in_one_interpreter_keep_apart(mock: MockOrchestrator, make_a
 
 
 def test_the_context_manager_starts_and_stops(mock: MockOrchestrator, make_agent: AgentFactory) -> None:
-    with make_agent(agent_id="ctx-1", shutdown_grace=timedelta(seconds=2)) as agent:
-        agent.step("ok", lambda step, ctx: None)
+    agent = make_agent(agent_id="ctx-1", shutdown_grace=timedelta(seconds=2))
+    agent.step("ok", lambda step, ctx: None)  # functions are registered before start
+    with agent:
         next_event(agent, "registered", agent_id="ctx-1")
         # The core emits `registered` just before its state says so; a job is well after.
         run_job(mock, agent, ["ok"])

@@ -7,27 +7,14 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::{await_execution, JobRunner, JOB_LOG_INDEX};
+use super::{await_execution, JobRunner, StepRef, JOB_LOG_INDEX};
 use crate::events::Event;
 use crate::executor::JobContext;
 use crate::job_executor::{JobEvent, JobExecutor, JobIo, JobOutcome, StepFinished};
 use crate::logs::StepLog;
 use crate::process::StepEnv;
-use crate::protocol::{
-    new_message_id, now_ms, ConcurrencyKind, JobState, Outbound, StepEntry, StepState, StepStatus,
-    StepStatusData, StepType,
-};
-
-/// The flat step names of `jobConfig.steps` (parallel children inline), by index.
-fn flat_step_names(steps: &[StepEntry]) -> Vec<&str> {
-    steps
-        .iter()
-        .flat_map(|entry| match entry {
-            StepEntry::Step(step) => vec![step.name.as_str()],
-            StepEntry::Parallel(group) => group.children.iter().map(|c| c.name.as_str()).collect(),
-        })
-        .collect()
-}
+use crate::protocol::{JobState, StepState, StepStatusData, StepType};
+use crate::routing::flat_steps;
 
 /// A step that started and has not finished yet, with its log.
 struct OpenStep {
@@ -38,44 +25,6 @@ struct OpenStep {
 }
 
 impl JobRunner {
-    /// The whole-job executor for this job, if one takes it: a TypeScript job (its
-    /// `jobConfig.source.file` ends in `.ts`) that is not a container job, has no `run`
-    /// commands and no host executor registered for it or its steps. `Err` when it should
-    /// run through the TypeScript runner but that cannot run here (no Node >= 20.6).
-    pub(super) async fn whole_job_executor(
-        &self,
-        context: &JobContext,
-    ) -> Result<Option<Arc<dyn JobExecutor>>, String> {
-        let config = &context.config;
-        let is_typescript = config
-            .extra
-            .get("source")
-            .and_then(|source| source.get("file"))
-            .and_then(serde_json::Value::as_str)
-            .is_some_and(|file| file.ends_with(".ts"));
-        let default_image = self.services.settings.default_container_image.as_deref();
-        let in_container = self.services.container.is_some()
-            && crate::container::image_for(config, default_image).is_some();
-        let has_commands = config.steps.iter().any(|entry| match entry {
-            StepEntry::Step(step) => step.run.is_some(),
-            StepEntry::Parallel(group) => group.children.iter().any(|c| c.run.is_some()),
-        });
-        let names = flat_step_names(&config.steps);
-        if !is_typescript
-            || in_container
-            || has_commands
-            || self
-                .services
-                .executors
-                .has_host_executor(&context.name, names.into_iter())
-        {
-            return Ok(None);
-        }
-        let typescript = self.services.typescript.clone();
-        typescript.available().await.map_err(|e| e.to_string())?;
-        Ok(Some(typescript))
-    }
-
     /// Runs the job through `executor`, reporting what it reports. Returns the terminal state
     /// and `data.error`.
     pub(super) async fn run_whole_job(
@@ -117,9 +66,9 @@ impl JobRunner {
                 executor.run_job(&job, env, io).await
             }))
         };
-        let lock_names: Vec<String> = flat_step_names(&context.config.steps)
+        let lock_names: Vec<String> = flat_steps(&context.config.steps)
             .into_iter()
-            .map(str::to_owned)
+            .map(|step| step.name.clone())
             .collect();
         let mut open: HashMap<u32, OpenStep> = HashMap::new();
         let mut job_log = StepLog::new(self.masker.current(), self.log_cap);
@@ -205,15 +154,13 @@ impl JobRunner {
     ) {
         match event {
             JobEvent::Started(step) => {
-                self.status(
-                    step.index,
-                    &step.name,
-                    step.kind,
-                    StepState::Running,
-                    None,
-                    None,
-                    step.group.as_deref(),
-                );
+                let started = StepRef {
+                    index: step.index,
+                    name: &step.name,
+                    kind: step.kind,
+                    group: step.group.as_deref(),
+                };
+                self.send_step_status(started, StepState::Running, None, None);
                 open.insert(
                     step.index,
                     OpenStep {
@@ -224,15 +171,15 @@ impl JobRunner {
                     },
                 );
             }
-            JobEvent::Pending { index, name, group } => self.status(
-                index,
-                &name,
-                StepType::Step,
-                StepState::Pending,
-                None,
-                None,
-                Some(&group),
-            ),
+            JobEvent::Pending { index, name, group } => {
+                let pending = StepRef {
+                    index,
+                    name: &name,
+                    kind: StepType::Step,
+                    group: Some(&group),
+                };
+                self.send_step_status(pending, StepState::Pending, None, None);
+            }
             JobEvent::Output { index, bytes } => {
                 let mut lines = Vec::new();
                 let step = u32::try_from(index).ok().and_then(|i| open.get_mut(&i));
@@ -307,15 +254,13 @@ impl JobRunner {
             exit_code,
             step_type: None,
         };
-        self.status(
-            step.index,
-            &step.name,
-            step.kind,
-            step.state,
-            Some(data),
-            Some(log_bytes),
-            step.group.as_deref(),
-        );
+        let finished = StepRef {
+            index: step.index,
+            name: &step.name,
+            kind: step.kind,
+            group: step.group.as_deref(),
+        };
+        self.send_step_status(finished, step.state, Some(data), Some(log_bytes));
         if step.kind != StepType::Step {
             return;
         }
@@ -359,47 +304,5 @@ impl JobRunner {
                 .outputs
                 .insert(step.name, outputs.into_iter().collect());
         }
-    }
-
-    async fn forward(&self, index: i64, lines: &mut Vec<String>) {
-        if lines.is_empty() {
-            return;
-        }
-        let bytes: usize = lines.iter().map(String::len).sum();
-        self.services.metrics.log_bytes_total.inc_by(bytes as u64);
-        self.services
-            .outbox
-            .push_lines(&self.attempt, index, std::mem::take(lines))
-            .await;
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn status(
-        &self,
-        index: u32,
-        name: &str,
-        kind: StepType,
-        state: StepState,
-        data: Option<StepStatusData>,
-        log_bytes: Option<u64>,
-        group: Option<&str>,
-    ) {
-        let message = Outbound::StepStatus(StepStatus {
-            message_id: new_message_id(),
-            run_id: self.job_ref.run_id.clone(),
-            job_id: self.job_ref.job_id.clone(),
-            step_index: index,
-            step_name: name.to_owned(),
-            state,
-            timestamp: now_ms(),
-            data,
-            step_type: Some(kind),
-            concurrency_kind: group.map(|_| ConcurrencyKind::ParallelChild),
-            group_id: group.map(str::to_owned),
-            log_bytes_streamed: log_bytes,
-        });
-        self.services
-            .outbox
-            .push_status(&self.attempt, message, false);
     }
 }

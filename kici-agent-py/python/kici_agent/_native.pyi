@@ -66,10 +66,13 @@ def enable_logging(level: str = "info", format: str = "plain") -> bool:
 class Agent:
     """A KiCI agent running inside this process, with Python functions as step executors.
 
-    Register step functions with the ``step``, ``job`` and ``default`` decorators, then
-    ``start()`` it (background) or ``run()`` it (blocking, Ctrl-C aware). Use it as a context
-    manager to shut it down on exit. Steps without a Python function run with the built-in
-    shell executor (the step's ``run`` field, or ``step_map_file``) or ``process_executor``.
+    Register step functions with the ``step``, ``job`` and ``default`` decorators before
+    ``start()`` (background) or ``run()`` (blocking, Ctrl-C aware). Use it as a context manager
+    to shut it down on exit. The core's one routing rule picks what runs a step: the function
+    for its step name, else for its job name, else the job's container, else the default
+    function, else the built-in shell executor (the step's ``run`` field, or ``step_map_file``)
+    or ``process_executor``. A TypeScript job that no function claims runs through the
+    TypeScript runner.
     """
 
     def __new__(
@@ -159,21 +162,25 @@ class Agent:
     def step(self, name: str, function: _F, *, secrets: bool = False) -> _F:
         """Registers ``function(step, ctx)`` for steps named ``name``; use as a decorator
         (``@agent.step("flash")``) or call with the function. ``async def`` works. With
-        ``secrets=True`` the function may read ``ctx.job.secrets``."""
+        ``secrets=True`` the function may read ``ctx.job.secrets``. Functions are registered
+        before ``start()``; afterwards this raises ``AgentError``."""
 
     @overload
     def job(self, name: str, function: None = None, *, secrets: bool = False) -> Callable[[_F], _F]: ...
     @overload
     def job(self, name: str, function: _F, *, secrets: bool = False) -> _F:
         """Registers a function for every step of jobs named ``name`` (a ``step`` function
-        for the step's name wins). Used like ``step``."""
+        for the step's name wins), also when the job names a container image (its steps then
+        run here). Used like ``step``."""
 
     @overload
     def default(self, function: None = None, *, secrets: bool = False) -> Callable[[_F], _F]: ...
     @overload
     def default(self, function: _F, *, secrets: bool = False) -> _F:
-        """Registers the function for every step no ``step`` or ``job`` function matches:
-        ``@agent.default``, ``@agent.default(secrets=True)`` or ``agent.default(function)``."""
+        """Registers the function for every step no ``step`` or ``job`` function and no job
+        container takes: ``@agent.default``, ``@agent.default(secrets=True)`` or
+        ``agent.default(function)``. It also claims TypeScript jobs, which then no longer run
+        through the TypeScript runner."""
 
     def start(self) -> None:
         """Starts in the background: binds ``/health``, ``/ready`` and ``/metrics``, then
