@@ -785,7 +785,11 @@ fn redact_url(raw: &str) -> RedactedUrl {
         return redacted;
     };
     // Both spellings: libgit2 may quote the userinfo as written or as it decoded it.
-    let spellings = |value: &str| vec![value.to_owned(), percent_decode(value)];
+    // Malformed escapes stay as written; bytes that are not UTF-8 become U+FFFD.
+    let spellings = |value: &str| {
+        let decoded = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+        vec![value.to_owned(), decoded.into_owned()]
+    };
     if let Some(password) = url.password() {
         redacted.secrets = spellings(password);
     }
@@ -823,31 +827,6 @@ fn replace_whole_word(text: &str, word: &str, with: &str) -> String {
     }
     replaced.push_str(rest);
     replaced
-}
-
-/// Decodes `%XX` escapes, leaving malformed ones as they are.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = bytes
-            .get(i + 1..i + 3)
-            .filter(|_| bytes[i] == b'%')
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(byte) => {
-                decoded.push(byte);
-                i += 3;
-            }
-            None => {
-                decoded.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 /// Why `known_hosts` does not trust the key the server presented for `host` (libgit2's host
@@ -1187,6 +1166,11 @@ mod tests {
                 secrets: vec!["p%40ss".to_owned(), "p@ss".to_owned()],
                 user_names: vec!["tok%40en".to_owned(), "tok@en".to_owned()],
             }
+        );
+        // A malformed escape stays as written; an escaped byte that is not UTF-8 is replaced.
+        assert_eq!(
+            redact_url("https://x:50%zz%ff@example.invalid/r.git").secrets,
+            ["50%zz%ff", "50%zz\u{FFFD}"]
         );
         for kept in [
             "ssh://git@example.invalid/r.git",

@@ -14,36 +14,47 @@ pub struct HostFacts {
 /// Reads the host facts (cheap: a few syscalls).
 #[cfg(unix)]
 pub fn facts() -> HostFacts {
-    // SAFETY: uname fills the zeroed struct it is given; its fields are NUL-terminated.
-    let (os_release, os_version) = unsafe {
-        let mut names: libc::utsname = std::mem::zeroed();
-        if libc::uname(&mut names) == 0 {
-            (Some(c_chars(&names.release)), Some(c_chars(&names.version)))
-        } else {
-            (None, None)
-        }
+    use nix::unistd::{getuid, User};
+
+    let (os_release, os_version) = match nix::sys::utsname::uname() {
+        Ok(names) => (
+            Some(names.release().to_string_lossy().into_owned()),
+            Some(names.version().to_string_lossy().into_owned()),
+        ),
+        Err(_) => (None, None),
     };
-    // SAFETY: sysconf has no preconditions.
-    let (pages, page_size) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    let total_memory_mb =
-        (pages > 0 && page_size > 0).then(|| (pages as u64 * page_size as u64) / (1024 * 1024));
-    // SAFETY: getuid cannot fail.
-    let uid = unsafe { libc::getuid() };
+    let uid = getuid();
     HostFacts {
         os_release,
         os_version,
-        total_memory_mb,
+        total_memory_mb: total_memory_bytes().map(|bytes| bytes / (1024 * 1024)),
         cpu_count: std::thread::available_parallelism()
             .ok()
             .map(|n| n.get() as u32),
-        user: user_name(uid).or_else(|| std::env::var("USER").ok()),
-        uid: Some(uid),
+        user: User::from_uid(uid)
+            .ok()
+            .flatten()
+            .map(|user| user.name)
+            .or_else(|| std::env::var("USER").ok()),
+        uid: Some(uid.as_raw()),
     }
+}
+
+/// Physical memory: pages times page size.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn total_memory_bytes() -> Option<u64> {
+    use nix::unistd::{sysconf, SysconfVar};
+
+    let pages = u64::try_from(sysconf(SysconfVar::_PHYS_PAGES).ok()??).ok()?;
+    let page_size = u64::try_from(sysconf(SysconfVar::PAGE_SIZE).ok()??).ok()?;
+    (pages > 0 && page_size > 0).then(|| pages.saturating_mul(page_size))
+}
+
+/// nix offers `_SC_PHYS_PAGES` on Linux and Android only; elsewhere the (optional) field is left
+/// out.
+#[cfg(all(unix, not(any(target_os = "linux", target_os = "android"))))]
+fn total_memory_bytes() -> Option<u64> {
+    None
 }
 
 /// Reads the host facts (non-Unix: what std knows).
@@ -55,41 +66,6 @@ pub fn facts() -> HostFacts {
             .map(|n| n.get() as u32),
         user: std::env::var("USERNAME").ok(),
         ..HostFacts::default()
-    }
-}
-
-#[cfg(unix)]
-fn c_chars(chars: &[libc::c_char]) -> String {
-    let bytes: Vec<u8> = chars
-        .iter()
-        .take_while(|c| **c != 0)
-        .map(|c| *c as u8)
-        .collect();
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-#[cfg(unix)]
-fn user_name(uid: libc::uid_t) -> Option<String> {
-    let mut buffer = vec![0 as libc::c_char; 4096];
-    // SAFETY: getpwuid_r writes into our buffer and record; `result` is null or points at `record`.
-    unsafe {
-        let mut record: libc::passwd = std::mem::zeroed();
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(
-            uid,
-            &mut record,
-            buffer.as_mut_ptr(),
-            buffer.len(),
-            &mut result,
-        );
-        if rc != 0 || result.is_null() || record.pw_name.is_null() {
-            return None;
-        }
-        Some(
-            std::ffi::CStr::from_ptr(record.pw_name)
-                .to_string_lossy()
-                .into_owned(),
-        )
     }
 }
 

@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -138,29 +139,14 @@ fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<B
     response
 }
 
-/// ISO-8601 UTC with milliseconds, e.g. `2026-11-28T19:26:08.123Z`.
+/// ISO-8601 UTC with milliseconds, e.g. `2026-11-28T19:26:08.123Z`; an instant past chrono's
+/// range (year 262,143) shows as its last instant.
 pub fn iso8601_utc(epoch_ms: u64) -> String {
-    let secs = epoch_ms / 1000;
-    let (hour, minute, second) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let days = (secs / 86_400) as i64 + 719_468;
-    let era = days.div_euclid(146_097);
-    let day_of_era = days.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{:03}Z",
-        epoch_ms % 1000
-    )
+    i64::try_from(epoch_ms)
+        .ok()
+        .and_then(DateTime::from_timestamp_millis)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 #[cfg(test)]
@@ -172,5 +158,6 @@ mod tests {
         assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(iso8601_utc(1_795_891_347_190), "2026-11-28T18:42:27.190Z");
         assert_eq!(iso8601_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(iso8601_utc(u64::MAX), "+262142-12-31T23:59:59.999Z");
     }
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use base64::Engine as _;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 /// What every occurrence of a secret is replaced with.
 pub const MASK: &str = "***";
@@ -350,10 +351,7 @@ impl Matcher {
         // A partial single-line occurrence is shorter than the longest such pattern and holds
         // no line end, so it lies in the last line (which the splitter holds anyway).
         let mut held_from = end.saturating_sub(self.longest_single_line.saturating_sub(1));
-        if let Some(line_end) = data[held_from..]
-            .iter()
-            .rposition(|&byte| byte == b'\n' || byte == b'\r')
-        {
+        if let Some(line_end) = memchr::memrchr2(b'\n', b'\r', &data[held_from..]) {
             held_from += line_end + 1;
         }
         // A multi-line pattern may span complete lines: hold from its earliest partial
@@ -603,19 +601,19 @@ fn register_with_encodings(patterns: &mut BTreeSet<String>, value: &str) {
             patterns.insert(base64.encode(&rest[..whole_groups]));
         }
     }
-    for (unescaped, space) in [
+    for (kept, space) in [
         // RFC 3986 (curl, Python's `quote(safe="")` and `quote_plus`).
-        ("-_.~", "%20"),
-        ("-_.~", "+"),
+        (RFC3986_UNRESERVED, Space::Escaped),
+        (RFC3986_UNRESERVED, Space::Plus),
         // Python's `quote` keeps `/` by default.
-        ("-_.~/", "%20"),
-        // HTML forms and the WHATWG URL standard.
-        ("*-._", "+"),
+        (PYTHON_QUOTE_SAFE, Space::Escaped),
         // JavaScript's `encodeURIComponent`.
-        ("-_.!~*'()", "%20"),
+        (URI_COMPONENT_SAFE, Space::Escaped),
     ] {
-        patterns.insert(percent_encoded(value, unescaped, space));
+        patterns.insert(percent_encoded(value, kept, space));
     }
+    // HTML forms and the WHATWG URL standard (`*-._` kept, a space becomes `+`).
+    patterns.insert(form_urlencoded::byte_serialize(value.as_bytes()).collect());
     if let Some(escaped) = shell_escaped(value) {
         patterns.insert(escaped);
     }
@@ -624,20 +622,39 @@ fn register_with_encodings(patterns: &mut BTreeSet<String>, value: &str) {
     patterns.insert(json_escaped(value, true));
 }
 
-/// URL (percent) encoding: ASCII letters, digits and `unescaped` stay, a space becomes
-/// `space`, every other byte `%XX`.
-fn percent_encoded(value: &str, unescaped: &str, space: &str) -> String {
-    let mut encoded = String::with_capacity(value.len() * 3);
-    for byte in value.bytes() {
-        if byte.is_ascii_alphanumeric() || unescaped.as_bytes().contains(&byte) {
-            encoded.push(char::from(byte));
-        } else if byte == b' ' {
-            encoded.push_str(space);
-        } else {
-            let _ = write!(encoded, "%{byte:02X}");
-        }
+/// What percent encoding leaves of the ASCII punctuation besides letters and digits: RFC 3986's
+/// unreserved characters.
+const RFC3986_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+/// Python's `urllib.parse.quote` with its default `safe="/"`.
+const PYTHON_QUOTE_SAFE: &AsciiSet = &RFC3986_UNRESERVED.remove(b'/');
+/// JavaScript's `encodeURIComponent`.
+const URI_COMPONENT_SAFE: &AsciiSet = &RFC3986_UNRESERVED
+    .remove(b'!')
+    .remove(b'*')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')');
+
+/// How a percent encoding writes a space.
+#[derive(Clone, Copy)]
+enum Space {
+    Escaped,
+    Plus,
+}
+
+/// URL (percent) encoding: ASCII letters, digits and what `kept` leaves stay, every other byte
+/// becomes `%XX`, a space `%20` or `+`.
+fn percent_encoded(value: &str, kept: &'static AsciiSet, space: Space) -> String {
+    let encoded = utf8_percent_encode(value, kept).to_string();
+    match space {
+        Space::Escaped => encoded,
+        // A `%` is always escaped itself, so every `%20` of the result stands for a space.
+        Space::Plus => encoded.replace("%20", "+"),
     }
-    encoded
 }
 
 /// The value as bash's `printf %q` writes it, or `None` for values with control characters
@@ -851,31 +868,9 @@ fn piece_end(data: &[u8]) -> usize {
         .unwrap_or(MAX_LINE_BYTES)
 }
 
-/// Position of the first `\n` or `\r`, scanning eight bytes at a time.
+/// Position of the first `\n` or `\r`.
 fn find_line_end(bytes: &[u8]) -> Option<usize> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    // Flags zero bytes; only bytes above the first true zero can be false positives, so the
-    // lowest flag is exact.
-    let zero_bytes = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS;
-    let mut words = bytes.chunks_exact(8);
-    let mut offset = 0;
-    for chunk in &mut words {
-        let mut raw = [0u8; 8];
-        raw.copy_from_slice(chunk);
-        let word = u64::from_le_bytes(raw);
-        let hits = zero_bytes(word ^ (ONES * u64::from(b'\n')))
-            | zero_bytes(word ^ (ONES * u64::from(b'\r')));
-        if hits != 0 {
-            return Some(offset + (hits.trailing_zeros() / 8) as usize);
-        }
-        offset += 8;
-    }
-    words
-        .remainder()
-        .iter()
-        .position(|&byte| byte == b'\n' || byte == b'\r')
-        .map(|position| offset + position)
+    memchr::memchr2(b'\n', b'\r', bytes)
 }
 
 /// The line that replaces all output past the cap.

@@ -26,6 +26,10 @@ use std::process::Stdio;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::{dup2_raw, setsid, Pid};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
@@ -422,28 +426,23 @@ pub enum ProcessError {
 ///
 /// Refuses `pgid` 0 and 1, which `kill(2)` would turn into "the agent's own group" and
 /// "every process we may signal".
-pub fn signal_group(pgid: i32, signal: i32) -> io::Result<()> {
+pub fn signal_group(pgid: i32, signal: Signal) -> io::Result<()> {
     if pgid <= 1 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("refusing to signal process group {pgid}"),
         ));
     }
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    if unsafe { libc::kill(-pgid, signal) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    killpg(Pid::from_raw(pgid), signal).map_err(io::Error::from)
 }
 
 /// [`signal_group`] for the kill ladder: a group that is already gone is fine, anything else
 /// is logged (there is nothing better to do while stopping a step).
-fn send_to_group(pgid: i32, signal: i32) {
+fn send_to_group(pgid: i32, signal: Signal) {
     match signal_group(pgid, signal) {
-        Ok(()) => debug!(pgid, signal, "signalled step process group"),
-        Err(error) if error.raw_os_error() == Some(libc::ESRCH) => {}
-        Err(error) => warn!(pgid, signal, %error, "failed to signal step process group"),
+        Ok(()) => debug!(pgid, %signal, "signalled step process group"),
+        Err(error) if error.raw_os_error() == Some(Errno::ESRCH as i32) => {}
+        Err(error) => warn!(pgid, %signal, %error, "failed to signal step process group"),
     }
 }
 
@@ -487,19 +486,22 @@ async fn run_inner(
     let policy = crate::containment::current();
     let mut command = build_command(&spec, policy.as_ref());
     if let Some(channel) = &channel {
-        use std::os::fd::AsRawFd;
+        use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
         let fd = channel.as_raw_fd();
         // SAFETY: the closure runs between fork and exec and only calls dup2(2) and fcntl(2),
         // which are async-signal-safe and allocate nothing.
         unsafe {
             command.pre_exec(move || {
+                // SAFETY: `channel` stays open in the agent until the spawn returned, so the
+                // child's copy of `fd` is open here.
+                let channel = BorrowedFd::borrow_raw(fd);
                 if fd == CHANNEL_FD {
                     // dup2 onto itself keeps close-on-exec: clear it instead.
-                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                        return Err(io::Error::last_os_error());
-                    }
-                } else if libc::dup2(fd, CHANNEL_FD) == -1 {
-                    return Err(io::Error::last_os_error());
+                    fcntl(channel, FcntlArg::F_SETFD(FdFlag::empty()))?;
+                } else {
+                    // SAFETY: nothing else in the child owns fd 3; it is released at once so
+                    // that it stays open across exec.
+                    let _ = dup2_raw(channel, CHANNEL_FD)?.into_raw_fd();
                 }
                 Ok(())
             });
@@ -534,7 +536,7 @@ async fn run_inner(
     let supervision = async {
         let outcome = supervise(&mut child, pid, pgid, &limits, &output_finished).await;
         // Orphan cleanup: whatever the leader left running in its group dies with it.
-        send_to_group(pgid, libc::SIGKILL);
+        send_to_group(pgid, Signal::SIGKILL);
         group_killed.cancel();
         outcome
     };
@@ -591,11 +593,8 @@ fn build_command(spec: &CommandSpec, policy: Option<&SpawnPolicy>) -> Command {
     unsafe {
         command.pre_exec(move || {
             crate::containment::join_in_child(&cgroup_fds);
-            if libc::setsid() == -1 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
+            setsid()?;
+            Ok(())
         });
     }
     command
@@ -612,7 +611,7 @@ struct GroupKillGuard {
 impl Drop for GroupKillGuard {
     fn drop(&mut self) {
         if self.armed {
-            send_to_group(self.pgid, libc::SIGKILL);
+            send_to_group(self.pgid, Signal::SIGKILL);
         }
         crate::containment::reaped(self.pid);
     }
@@ -675,7 +674,7 @@ async fn terminate_gracefully(
     limits: &RunLimits,
     output_finished: &CancellationToken,
 ) -> Result<(ExitStatus, bool), ProcessError> {
-    send_to_group(pgid, libc::SIGTERM);
+    send_to_group(pgid, Signal::SIGTERM);
     let grace_end = Instant::now() + limits.kill.grace;
     let status = tokio::select! {
         biased;
@@ -697,7 +696,7 @@ async fn terminate_gracefully(
 
 /// SIGKILLs the group and reaps the leader.
 async fn kill_and_reap(child: &mut Child, pid: u32, pgid: i32) -> Result<ExitStatus, ProcessError> {
-    send_to_group(pgid, libc::SIGKILL);
+    send_to_group(pgid, Signal::SIGKILL);
     exit_status(child.wait().await, pid)
 }
 
@@ -1135,8 +1134,7 @@ mod tests {
             .map(|id| id.parse().expect("numeric id"))
             .collect();
         assert_eq!(ids, [report.pid; 3], "pid, pgrp and session all equal");
-        // SAFETY: getpgrp(2) has no preconditions.
-        let own_group = unsafe { libc::getpgrp() };
+        let own_group = nix::unistd::getpgrp().as_raw();
         assert_ne!(i64::from(report.pid), i64::from(own_group));
     }
 
@@ -1150,7 +1148,7 @@ mod tests {
         let (report, _) = run_collect(bash("kill -9 $$"), RunLimits::default()).await;
         assert_eq!(
             report.expect("run").outcome,
-            Outcome::Exited(ExitStatus::Signal(libc::SIGKILL))
+            Outcome::Exited(ExitStatus::Signal(Signal::SIGKILL as i32))
         );
         let (report, _) = run_collect(bash("false | true"), RunLimits::default()).await;
         assert_eq!(
@@ -1258,7 +1256,7 @@ mod tests {
             report.outcome,
             Outcome::TimedOut {
                 after: Duration::from_millis(200),
-                status: ExitStatus::Signal(libc::SIGTERM),
+                status: ExitStatus::Signal(Signal::SIGTERM as i32),
             }
         );
         assert!(
@@ -1278,7 +1276,7 @@ mod tests {
             report.outcome,
             Outcome::TimedOut {
                 after: Duration::from_secs(1),
-                status: ExitStatus::Signal(libc::SIGKILL),
+                status: ExitStatus::Signal(Signal::SIGKILL as i32),
             }
         );
         let pids = printed_pids(&String::from_utf8_lossy(&output));
@@ -1308,8 +1306,8 @@ mod tests {
         let (report, output) = run_collect(bash(script), RunLimits::default()).await;
         let escaped = printed_pids(&String::from_utf8_lossy(&output));
         for &pid in &escaped {
-            // SAFETY: kill(2) on a pid this test started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            // The pid is this test's own (started above); it may be gone already.
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         let report = report.expect("run");
         assert_eq!(report.outcome, Outcome::Exited(ExitStatus::Code(0)));
@@ -1380,7 +1378,7 @@ mod tests {
             report.outcome,
             Outcome::Cancelled {
                 forced: true,
-                status: ExitStatus::Signal(libc::SIGKILL),
+                status: ExitStatus::Signal(Signal::SIGKILL as i32),
             }
         );
         assert!(report.duration < Duration::from_secs(30));
@@ -1396,7 +1394,7 @@ mod tests {
             report.expect("run").outcome,
             Outcome::Cancelled {
                 forced: true,
-                status: ExitStatus::Signal(libc::SIGKILL),
+                status: ExitStatus::Signal(Signal::SIGKILL as i32),
             }
         );
     }
@@ -1414,10 +1412,33 @@ mod tests {
         assert_all_dead(pids[0], &pids).await;
     }
 
+    #[tokio::test]
+    async fn the_channel_is_the_childs_fd_3_and_ours_alone_afterwards() {
+        use std::io::Read;
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        let (sender, _receiver) = mpsc::channel(8);
+        let report = run_with_channel(
+            bash("echo through-the-channel >&3"),
+            RunLimits::default(),
+            sender,
+            theirs.into(),
+        )
+        .await
+        .expect("run");
+        assert_eq!(report.outcome, Outcome::Exited(ExitStatus::Code(0)));
+        // The child's copy died with it and `run_with_channel` dropped the agent's: the read
+        // ends instead of waiting for a writer that is gone.
+        let mut received = String::new();
+        ours.read_to_string(&mut received)
+            .expect("read the channel");
+        assert_eq!(received, "through-the-channel\n");
+    }
+
     #[test]
     fn signal_group_refuses_own_and_all_groups() {
         for pgid in [-5, 0, 1] {
-            let error = signal_group(pgid, 0).expect_err("must refuse");
+            // SIGCONT: harmless should the guard ever let it through.
+            let error = signal_group(pgid, Signal::SIGCONT).expect_err("must refuse");
             assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
         }
     }

@@ -19,6 +19,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use nix::sys::socket::{setsockopt, sockopt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -172,7 +173,7 @@ pub(crate) async fn connect(
 }
 
 /// Bytes the kernel may hold unsent for the orchestrator (Linux doubles the value asked for).
-const SEND_BUFFER_BYTES: libc::c_int = 128 * 1024;
+const SEND_BUFFER_BYTES: usize = 128 * 1024;
 
 /// Caps the socket's send buffer. The agent paces its frames to the orchestrator's token
 /// buckets, but whatever sits in the send buffer when the network stalls arrives at once when
@@ -182,19 +183,8 @@ const SEND_BUFFER_BYTES: libc::c_int = 128 * 1024;
 /// the outbox, still paced, instead. 256 KiB still carries the 500 KiB/s budget over any
 /// round trip under half a second.
 fn limit_send_buffer(tcp: &TcpStream) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: setsockopt on an open socket with a pointer to a c_int and its size.
-    let result = unsafe {
-        libc::setsockopt(
-            tcp.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            std::ptr::from_ref(&SEND_BUFFER_BYTES).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if result != 0 {
-        tracing::debug!(error = %io::Error::last_os_error(), "could not limit the socket's send buffer");
+    if let Err(error) = setsockopt(tcp, sockopt::SndBuf, &SEND_BUFFER_BYTES) {
+        tracing::debug!(%error, "could not limit the socket's send buffer");
     }
 }
 

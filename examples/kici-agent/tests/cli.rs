@@ -1315,6 +1315,8 @@ async fn a_scaler_managed_binary_exits_0_when_idle() {
         .closes()
         .iter()
         .any(|c| !c.by_server && c.code == Some(1000)));
+}
+
 /// A `NOTIFY_SOCKET` datagram listener standing in for systemd (`Type=notify`).
 fn notify_listener() -> (tempfile::TempDir, String, std::os::unix::net::UnixDatagram) {
     let dir = tempfile::tempdir().unwrap();

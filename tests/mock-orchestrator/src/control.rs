@@ -355,43 +355,12 @@ fn query_value<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str>
         .map(|(_, value)| value.as_str())
 }
 
-/// Splits `a=1&b=x%2Fy` into decoded pairs.
+/// Splits `a=1&b=x%2Fy` into decoded pairs (`application/x-www-form-urlencoded`: `+` is a
+/// space, malformed escapes stay as written).
 fn parse_query(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(key), percent_decode(value))
-        })
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
         .collect()
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        let hex = bytes
-            .get(index + 1..index + 3)
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match (bytes[index], hex) {
-            (b'%', Some(byte)) => {
-                decoded.push(byte);
-                index += 3;
-            }
-            (b'+', _) => {
-                decoded.push(b' ');
-                index += 1;
-            }
-            (byte, _) => {
-                decoded.push(byte);
-                index += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&decoded).into_owned()
 }
 
 #[cfg(test)]
@@ -405,6 +374,6 @@ mod tests {
         assert_eq!(query_value(&query, "state"), Some("run+ning"));
         assert_eq!(query_value(&query, "jobId"), Some("a b"));
         assert_eq!(query_value(&query, "flag"), Some(""));
-        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(query_value(&parse_query("p=100%"), "p"), Some("100%"));
     }
 }
