@@ -1384,6 +1384,7 @@ mod tests {
             config: JobConfig::default(),
             workspace: workspace.path().to_owned(),
             secrets: BTreeMap::new(),
+            namespaced_secrets: Default::default(),
         };
         executor.prepare(&job).await.unwrap();
         let step = StepContext {

@@ -523,6 +523,7 @@ impl JobRunner {
             config: config.clone(),
             workspace,
             secrets: dispatch.secrets.clone().unwrap_or_default(),
+            namespaced_secrets: dispatch.namespaced_secrets.clone().unwrap_or_default(),
         };
         match self.whole_job_executor(&context).await {
             Ok(Some(executor)) => return self.run_whole_job(&context, executor).await,

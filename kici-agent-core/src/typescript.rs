@@ -609,12 +609,14 @@ impl JobExecutor for TypeScriptExecutor {
                 grace: self.kill_grace,
             },
         };
+        // What `ctx.secrets` sees: the flat secrets with every context's keys over them.
+        let secrets = job.namespaced_secrets.flatten_over(&job.secrets);
         let request = JobRequest {
             kind: "job",
             workspace: root,
             runner_dir: dir,
             default_step_timeout_ms: self.default_step_timeout.as_millis() as u64,
-            secrets: &job.secrets,
+            secrets: &secrets,
             job_config: &job.config,
         };
 

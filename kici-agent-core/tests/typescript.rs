@@ -842,3 +842,141 @@ async fn a_clone_without_node_modules_gets_its_dependencies_installed() {
     assert!(step_statuses(&h, "broken").is_empty());
     h.assert_no_violations();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_references_read_the_outputs_the_runner_hands_to_the_sdk() {
+    let repo = repo();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let done = run_feature(&h, &repo, "result-ref", lock_steps(&["make", "use"])).await;
+    assert_eq!(done["state"], "success", "{done}");
+    assert_eq!(h.lines("result-ref", 1), ["artifact app-1.2.3.tgz"]);
+    h.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaced_secrets_flatten_over_the_flat_ones_in_dispatch_order() {
+    let repo = repo();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let mut d = dispatch(
+        &repo,
+        "namespaced",
+        "features.ts",
+        "features",
+        "namespaced",
+        lock_steps(&["contexts"]),
+    );
+    d["secrets"] = json!({"SHARED": "flat-shared-value"});
+    // Written out by hand: `zeta` comes first, so `alpha` (listed later) wins SHARED, which a
+    // map sorted by name would get the other way round.
+    let text = d.to_string();
+    let text = format!(
+        r#"{},"namespacedSecrets":{{"zeta":{{"SHARED":"zeta-shared-value","ONLY_IN_ZETA":"zeta-only-value"}},"alpha":{{"SHARED":"alpha-shared-value"}}}}}}"#,
+        &text[..text.len() - 1]
+    );
+    h.mock.dispatch_text(&h.agent_id(), &text).await.unwrap();
+    let done = h.terminal_status("namespaced").await;
+    assert_eq!(done["state"], "success", "{done}");
+    assert_eq!(
+        h.lines("namespaced", 0),
+        [
+            "list ONLY_IN_ZETA,SHARED",
+            "SHARED is the alpha context value",
+            "has true false",
+            "SecretNotFoundError: Secret \"MISSING\" not found. Available keys: ONLY_IN_ZETA, SHARED. Use ctx.secrets.has('MISSING') to check existence.",
+            "exposed ***",
+        ]
+    );
+    let everything = serde_json::to_string(&h.job_messages("namespaced")).unwrap();
+    for value in ["zeta-only-value", "alpha-shared-value", "zeta-shared-value"] {
+        assert!(!everything.contains(value), "{value} leaked");
+    }
+    h.assert_no_violations();
+}
+
+/// `(stepIndex, stepName, state, data.stepType)` of the job's init pseudo-steps.
+fn init_statuses(h: &Harness, job_id: &str) -> Vec<(i64, String, String, Value)> {
+    h.job_messages(job_id)
+        .iter()
+        .filter(|m| m["type"] == "step.status" && m["stepIndex"].as_i64() >= Some(1_000_000))
+        .map(|m| {
+            assert!(
+                m.get("step_type").is_none(),
+                "init is no top-level step_type"
+            );
+            (
+                m["stepIndex"].as_i64().unwrap(),
+                m["stepName"].as_str().unwrap().to_owned(),
+                m["state"].as_str().unwrap().to_owned(),
+                m["data"]["stepType"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_init_commands_run_before_the_steps_and_hand_on_env_and_path() {
+    let repo = repo();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let done = run_feature(&h, &repo, "init", lock_steps(&["after-init"])).await;
+    assert_eq!(done["state"], "success", "{done}");
+    let init = json!("init");
+    assert_eq!(
+        init_statuses(&h, "init"),
+        [
+            (1_000_000, "init:0".into(), "running".into(), Value::Null),
+            (1_000_000, "init:0".into(), "success".into(), init.clone()),
+            (1_000_001, "init:1".into(), "running".into(), Value::Null),
+            (1_000_001, "init:1".into(), "success".into(), init),
+        ]
+    );
+    assert_eq!(h.lines("init", 1_000_000), ["init zero sees hello"]);
+    assert_eq!(
+        h.lines("init", 1_000_001),
+        ["init one sees FROM_INIT=yes GREETING=unset"]
+    );
+    assert_eq!(
+        h.lines("init", 0),
+        ["step sees FROM_INIT=yes", "inittool ran"]
+    );
+    // Init commands are not steps.
+    assert_eq!(done["data"]["stepResults"].as_array().unwrap().len(), 1);
+
+    let failed = run_feature(&h, &repo, "init-fails", lock_steps(&["never"])).await;
+    assert_eq!(failed["state"], "failed");
+    assert_eq!(
+        failed["data"]["error"],
+        "init[0] failed: Command failed with exit code 4"
+    );
+    assert_eq!(h.lines("init-fails", 1_000_000), ["broken init"]);
+    let states: Vec<String> = init_statuses(&h, "init-fails")
+        .into_iter()
+        .map(|s| s.2)
+        .collect();
+    assert_eq!(states, ["running", "failed"], "the second init never runs");
+    assert!(
+        step_statuses(&h, "init-fails")
+            .iter()
+            .all(|s| s.0 >= 1_000_000),
+        "no step runs after a failed init"
+    );
+
+    let started = Instant::now();
+    let timeout = run_feature(&h, &repo, "init-timeout", lock_steps(&["never"])).await;
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(timeout["state"], "failed");
+    assert_eq!(
+        timeout["data"]["error"],
+        "init[0] timed out: Init 'init:0' timed out after 300ms"
+    );
+
+    let preset = run_feature(&h, &repo, "init-preset", lock_steps(&["never"])).await;
+    assert_eq!(preset["state"], "failed");
+    assert_eq!(
+        preset["data"]["error"],
+        "not supported by this agent yet: init preset mise"
+    );
+    h.assert_no_violations();
+}

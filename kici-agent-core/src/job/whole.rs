@@ -289,7 +289,7 @@ impl JobRunner {
             duration_ms: Some(step.duration_ms),
             error: error.clone(),
             exit_code,
-            step_type: None,
+            step_type: (step.kind == StepType::Init).then_some(StepType::Init),
         };
         self.status(
             step.index,
@@ -365,7 +365,7 @@ impl JobRunner {
             state,
             timestamp: now_ms(),
             data,
-            step_type: Some(kind),
+            step_type: (kind != StepType::Init).then_some(kind),
             concurrency_kind: group.map(|_| ConcurrencyKind::ParallelChild),
             group_id: group.map(str::to_owned),
             log_bytes_streamed: log_bytes,
