@@ -36,6 +36,9 @@ pub struct JobContext {
     /// The dispatch's secret contexts (`namespacedSecrets`), in dispatch order.
     #[serde(skip)]
     pub namespaced_secrets: crate::protocol::NamespacedSecrets,
+    /// The dispatch's pre-built workflow dependencies (`depsUrl`, `depsHash`), if any.
+    #[serde(skip)]
+    pub deps_tarball: Option<crate::deps::DepsTarball>,
 }
 
 /// One step attempt as executors see it.

@@ -524,6 +524,7 @@ impl JobRunner {
             workspace,
             secrets: dispatch.secrets.clone().unwrap_or_default(),
             namespaced_secrets: dispatch.namespaced_secrets.clone().unwrap_or_default(),
+            deps_tarball: crate::deps::DepsTarball::from_dispatch(&dispatch.extra),
         };
         match self.whole_job_executor(&context).await {
             Ok(Some(executor)) => return self.run_whole_job(&context, executor).await,

@@ -25,6 +25,7 @@ pub mod config;
 pub mod connection;
 pub mod container;
 pub mod containment;
+pub mod deps;
 pub mod events;
 pub mod executor;
 pub mod file_log;
