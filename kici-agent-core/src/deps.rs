@@ -476,7 +476,11 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| n != ".lock")
             .collect();
-        assert_eq!(names, std::slice::from_ref(&key), "no staging copy left behind");
+        assert_eq!(
+            names,
+            std::slice::from_ref(&key),
+            "no staging copy left behind"
+        );
 
         for i in 0..MAX_ENTRIES + 3 {
             cache

@@ -713,6 +713,21 @@ impl JobExecutor for TypeScriptExecutor {
         "typescript"
     }
 
+    /// Node's install (the directory above its `bin`, for npm and its libraries) and the
+    /// runner's files.
+    fn sandbox_read_only_paths(&self) -> Vec<PathBuf> {
+        let Some(Ok((node, dir))) = self.found.get() else {
+            return Vec::new();
+        };
+        let real = std::fs::canonicalize(&node.path).unwrap_or_else(|_| node.path.clone());
+        let install = real
+            .parent()
+            .and_then(Path::parent)
+            .filter(|root| root.parent().is_some())
+            .map_or(real.clone(), Path::to_path_buf);
+        vec![install, dir.clone()]
+    }
+
     async fn run_job(&self, job: &JobContext, mut env: StepEnv, io: JobIo) -> JobOutcome {
         let root = self.in_place.as_deref().unwrap_or(&job.workspace);
         if self.in_place.is_some() {
@@ -743,9 +758,16 @@ impl JobExecutor for TypeScriptExecutor {
             env,
             stdin: None,
         };
+        // In the sandbox the group's leader is bwrap, which a SIGTERM ends with the runner in
+        // it, before the cancel hooks: there a graceful cancel is the channel's abort alone.
+        let sandboxed = crate::containment::current().is_some_and(|p| p.sandbox.is_some());
         let limits = RunLimits {
             timeout: None,
-            cancel: io.cancellation().clone(),
+            cancel: if sandboxed {
+                tokio_util::sync::CancellationToken::new()
+            } else {
+                io.cancellation().clone()
+            },
             force: io.force().clone(),
             kill: KillPolicy {
                 grace: self.kill_grace,
