@@ -220,4 +220,24 @@ mod tests {
         let (_, args) = sandbox.wrap("/usr/bin/env", &[], None);
         assert!(!has_pair(&args, "--ro-bind", "/usr/bin/env"));
     }
+
+    #[test]
+    fn a_job_executors_paths_are_bound_read_only_after_the_private_tmp() {
+        let sandbox = Sandbox::new(SandboxNetwork::Host, PathBuf::from("/tmp/kici-abc123"))
+            .with_read_only(vec![
+                PathBuf::from("/opt/node"),
+                PathBuf::from("/tmp/kici-agent-runner-0-1"),
+                PathBuf::from("/usr/lib/node"),
+            ]);
+        let (_, args) = sandbox.wrap("/opt/node/bin/node", &[], None);
+        let position =
+            |flag: &str, value: &str| args.windows(2).position(|w| w[0] == flag && w[1] == value);
+        let tmpfs = position("--tmpfs", "/tmp").unwrap();
+        assert!(position("--ro-bind", "/tmp/kici-agent-runner-0-1").unwrap() > tmpfs);
+        assert!(position("--ro-bind", "/opt/node").is_some());
+        assert!(
+            position("--ro-bind", "/usr/lib/node").is_none(),
+            "under /usr: bound already"
+        );
+    }
 }

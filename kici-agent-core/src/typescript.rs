@@ -288,9 +288,23 @@ impl TypeScriptExecutor {
         if let Some(dir) = node.path.parent() {
             env.prepend_path(&dir.display().to_string());
         }
+        let mut program = program.display().to_string();
+        let mut argv: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if crate::containment::current().is_some_and(|p| p.sandbox.is_some()) {
+            // In the sandbox a process starts in /workspace whatever working directory it
+            // was given (and npm's `--prefix` would also move its global config): `cd` first.
+            let script = r#"cd "$1" && shift && exec "$@""#;
+            let mut wrapped = vec!["-c".into(), script.into(), "sh".into()];
+            wrapped.extend([kici.display().to_string(), program]);
+            wrapped.append(&mut argv);
+            (program, argv) = ("sh".into(), wrapped);
+            // The user's package cache is not in the sandbox; its private /tmp is.
+            env.set("npm_config_cache", "/tmp/.npm");
+            env.set("npm_config_store_dir", "/tmp/.pnpm-store");
+        }
         let spec = CommandSpec {
-            program: program.display().to_string(),
-            args: args.iter().map(|a| a.to_string()).collect(),
+            program,
+            args: argv,
             cwd: kici.clone(),
             env,
             stdin: None,

@@ -168,6 +168,32 @@ fn exec_lists_and_runs_jobs_of_a_typescript_workflow_in_the_working_copy() {
     assert!(root.join("tools/mytool").exists());
     assert!(!stdout.contains("does not match"), "{stdout}");
 
+    // Job init commands and `.result` references work the same way locally.
+    let out = agent_command(&[])
+        .arg("exec")
+        .arg(&workflow)
+        .args(["--job", "init"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    for expected in [
+        "-- step init:0 [1000000]\n   | init zero sees hello\n",
+        "   | init one sees FROM_INIT=yes GREETING=unset\n",
+        "   | step sees FROM_INIT=yes\n   | inittool ran\n",
+        "== job success: 1/1 steps succeeded",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in {stdout}");
+    }
+    let out = agent_command(&[])
+        .arg("exec")
+        .arg(&workflow)
+        .args(["--job", "result-ref"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("   | artifact app-1.2.3.tgz\n"), "{stdout}");
+
     let out = agent_command(&[])
         .current_dir(root)
         .args(["exec", ".kici/workflows/fails.ts", "--job", "fails"])
