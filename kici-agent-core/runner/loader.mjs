@@ -4,6 +4,7 @@
 // `import type`, write `./x.js` for a file that is `x.ts`, and use enums. So:
 // * resolve: a relative `./x.js` (or `.mjs`) specifier maps to `./x.ts` (`.mts`) when that file
 //   exists; an extensionless relative specifier tries `.ts` and `/index.ts`.
+// * resolve: `kici-agent-sdk-of:<url>` is `@kici-dev/sdk` as the module at <url> resolves it.
 // * load: `.ts`, `.mts` and `.cts` files are transformed as ES modules with a real TypeScript
 //   transform: the repository's own `oxc-transform` when it has one, else the bundled sucrase.
 
@@ -57,7 +58,16 @@ function typeScriptCandidates(specifier, parentURL) {
   return [];
 }
 
+/**
+ * `kici-agent-sdk-of:<module URL>` resolves `@kici-dev/sdk` as that module's own imports do
+ * (same conditions, same parent), so the runner gets the very instance the workflow imported.
+ */
+const SDK_OF = 'kici-agent-sdk-of:';
+
 export async function resolve(specifier, context, nextResolve) {
+  if (specifier.startsWith(SDK_OF)) {
+    return nextResolve('@kici-dev/sdk', { ...context, parentURL: specifier.slice(SDK_OF.length) });
+  }
   const relative = specifier.startsWith('./') || specifier.startsWith('../');
   const fromTs = context.parentURL && TS_FILE.test(new URL(context.parentURL).pathname);
   if (relative && fromTs) {

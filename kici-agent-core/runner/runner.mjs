@@ -6,7 +6,8 @@
 //   agent -> runner  {type:'job', ...}            the job request (first message)
 //                    {type:'list', workspace, runnerDir, sourceFile}   list the jobs instead
 //                    {type:'abort', force}        cancel (graceful: cancel hooks run)
-//   runner -> agent  {type:'step.start', index, name, kind, group?}
+//   runner -> agent  {type:'step.start', index, name, kind, group?}   kind: step, hook:<type>,
+//                                                  or init (index 1_000_000 + n)
 //                    {type:'step.pending', index, name, group}
 //                    {type:'log', index, text}    output of a step (index -1: the job)
 //                    {type:'secret.output', index, key, value}   ctx.setSecretOutput (the agent
@@ -25,6 +26,7 @@ import os from 'node:os';
 import path from 'node:path';
 import crypto from 'node:crypto';
 import { AsyncLocalStorage } from 'node:async_hooks';
+import { spawn } from 'node:child_process';
 import { createRequire, register } from 'node:module';
 import { pathToFileURL } from 'node:url';
 import { format } from 'node:util';
@@ -32,6 +34,11 @@ import { StringDecoder } from 'node:string_decoder';
 
 const JOB_INDEX = -1;
 const DEFAULT_HOOK_TIMEOUT_MS = 5 * 60 * 1000;
+const DEFAULT_INIT_TIMEOUT_MS = 10 * 60 * 1000;
+/** Init pseudo-steps are reported at 1_000_000 + n, clear of any step or hook index. */
+const INIT_INDEX_BASE = 1_000_000;
+/** Files whose presence makes `init: 'auto'` pick the mise preset. */
+const MISE_MARKERS = ['mise.toml', '.mise.toml', '.tool-versions'];
 const RETRY_DEFAULTS = { delayMs: 1000, backoff: 'exponential', maxDelayMs: 30000 };
 const RESERVED_ENV = new Set(['KICI_ENV', 'KICI_PATH', 'PATH_SEPARATOR']);
 
@@ -119,6 +126,19 @@ class Unsupported extends Error {
   }
 }
 
+/** The SDK's error for an unknown secret key (same name and message shape). */
+class SecretNotFoundError extends Error {
+  constructor(key, availableKeys) {
+    super(
+      `Secret "${key}" not found. Available keys: ${availableKeys.join(', ') || '(none)'}. ` +
+        `Use ctx.secrets.has('${key}') to check existence.`,
+    );
+    this.name = 'SecretNotFoundError';
+    this.key = key;
+    this.availableKeys = availableKeys;
+  }
+}
+
 function failureOf(error) {
   if (error && typeof error.exitCode === 'number') {
     return { message: `Command failed with exit code ${error.exitCode}`, exitCode: error.exitCode };
@@ -198,7 +218,7 @@ async function listJobs(request) {
 // --- the job's steps --------------------------------------------------------------------------
 
 /** Flattens the job's steps: parallel children take consecutive indices, groups none. */
-function planSteps(job, lockNames) {
+function planSteps(job, lockNames, stepRefs) {
   const entries = typeof job.run === 'function' ? [{ _tag: 'Step', name: job.name, run: job.run }] : job.steps || [];
   let index = 0;
   let unnamed = 0;
@@ -213,6 +233,7 @@ function planSteps(job, lockNames) {
     if (!step) throw new Error(`step ${index} of job '${job.name}' is not a step`);
     const own = step.name || `step-${++unnamed}`;
     const planned = { index, step, name: lockNames[index] || own };
+    if (typeof entry === 'function') stepRefs.set(entry, planned.name);
     index += 1;
     flat.push(planned);
     return planned;
@@ -300,6 +321,10 @@ class JobRun {
     // started it and sources ~/.bashrc, which can hang or change the step (pyenv, nvm, ...).
     if (this.env.SHLVL === undefined) this.env.SHLVL = '1';
     this.outputs = {};
+    // The same outputs as Maps, for an SDK that reads `.result` references from its own maps.
+    this.stepOutputs = new Map();
+    this.jobOutputs = new Map(Object.entries(this.jobConfig.needsOutputs || {}));
+    this.stepRefs = new WeakMap();
     this.abort = new AbortController();
     this.forced = false;
     this.nextHookIndex = 0;
@@ -333,6 +358,102 @@ class JobRun {
     }
   }
 
+  /** A fresh, empty $KICI_ENV / $KICI_PATH pair for one step or init command. */
+  deltaFiles() {
+    const dir = fs.mkdtempSync(path.join(this.tmp, 'step-'));
+    const files = { env: path.join(dir, 'env'), path: path.join(dir, 'path') };
+    fs.writeFileSync(files.env, '');
+    fs.writeFileSync(files.path, '');
+    return files;
+  }
+
+  /**
+   * The init phase: each command as pseudo-step `init:<n>`, in the workspace, with the job's
+   * env, its own `env` and a $KICI_ENV/$KICI_PATH pair applied before the next. Returns the
+   * job's error when one fails (`init[<n>] failed: ...` / `init[<n>] timed out: ...`).
+   */
+  async runInit(specs) {
+    for (const [i, spec] of specs.entries()) {
+      if (this.aborted) return null;
+      const index = INIT_INDEX_BASE + i;
+      const name = `init:${i}`;
+      const timeout = spec.timeout || DEFAULT_INIT_TIMEOUT_MS;
+      const files = this.deltaFiles();
+      send({ type: 'step.start', index, name, kind: 'init' });
+      const started = Date.now();
+      const result = await this.command(index, spec, files, timeout);
+      send({
+        type: 'step.complete',
+        index,
+        name,
+        kind: 'init',
+        status: result.status,
+        durationMs: Date.now() - started,
+        error: result.error,
+      });
+      if (result.status === 'success') {
+        this.applyDelta(files, name);
+      } else if (result.status === 'failed') {
+        return `init[${i}] ${result.timedOut ? 'timed out' : 'failed'}: ${result.error.message}`;
+      }
+    }
+    return null;
+  }
+
+  /** One init command in its own process group, killed whole on timeout or cancel. */
+  command(index, spec, files, timeoutMs) {
+    const shell = spec.shell || 'bash';
+    return new Promise((resolve) => {
+      const child = spawn(shell, ['-c', spec.run], {
+        cwd: this.request.workspace,
+        env: { ...this.env, ...(spec.env || {}), KICI_ENV: files.env, KICI_PATH: files.path },
+        stdio: ['ignore', 'pipe', 'pipe'],
+        detached: true,
+      });
+      for (const stream of [child.stdout, child.stderr]) {
+        const decoder = new StringDecoder('utf8');
+        stream.on('data', (chunk) => {
+          const text = decoder.write(chunk);
+          if (text) log(index, text);
+        });
+      }
+      let timedOut = false;
+      const kill = () => {
+        try {
+          process.kill(-child.pid, 'SIGKILL');
+        } catch {
+          // Already gone.
+        }
+      };
+      const timer = setTimeout(() => {
+        timedOut = true;
+        kill();
+      }, timeoutMs);
+      this.abort.signal.addEventListener('abort', kill, { once: true });
+      const done = (result) => {
+        clearTimeout(timer);
+        this.abort.signal.removeEventListener('abort', kill);
+        resolve(result);
+      };
+      child.on('error', (error) => {
+        done({ status: 'failed', error: { message: `could not start ${shell}: ${error.message}` } });
+      });
+      child.on('close', (code, signal) => {
+        if (timedOut) {
+          done({ status: 'failed', timedOut, error: { message: `Init 'init:${index - INIT_INDEX_BASE}' timed out after ${timeoutMs}ms` } });
+        } else if (this.aborted) {
+          done({ status: 'cancelled', error: { message: 'cancelled' } });
+        } else if (code === 0) {
+          done({ status: 'success' });
+        } else if (code !== null) {
+          done({ status: 'failed', error: { message: `Command failed with exit code ${code}`, exitCode: code } });
+        } else {
+          done({ status: 'failed', error: { message: `Command was killed by signal ${signal}` } });
+        }
+      });
+    });
+  }
+
   /** The `$` of one step: zx bound to the step's env, cwd and abort signal, output to its log. */
   shell(index, env, signal) {
     if (!this.zx) {
@@ -356,10 +477,7 @@ class JobRun {
     const index = planned.index;
     const logAt = (level) => (...args) =>
       log(index, (level === 'info' ? '' : `[${level}] `) + format(...args) + '\n');
-    const outputsOf = (ref) => {
-      const name = typeof ref === 'string' ? ref : ref && ref.name;
-      return run.outputs[name];
-    };
+    const outputsOf = (ref) => run.outputs[run.stepNameOf(ref)];
     const needs = this.jobConfig.needsOutputs || {};
     const unsupported = (feature) => ({
       get() {
@@ -379,15 +497,7 @@ class JobRun {
         stepEnv.PATH = run.env.PATH;
       },
       signal,
-      secrets: {
-        get: (name) => run.secrets[name],
-        has: (name) => Object.hasOwn(run.secrets, name),
-        list: () => Object.keys(run.secrets),
-        expose(name, as) {
-          if (!Object.hasOwn(run.secrets, name)) throw new Error(`no secret named '${name}'`);
-          stepEnv[as || name] = run.secrets[name];
-        },
-      },
+      secrets: this.stepSecrets(stepEnv),
       matrix: this.jobConfig.matrix || {},
       workflow: { name: this.workflow.name },
       job: { name: this.job.name },
@@ -413,6 +523,34 @@ class JobRun {
       Object.defineProperty(ctx, feature, unsupported(`ctx.${feature}`));
     }
     return ctx;
+  }
+
+  /**
+   * `ctx.secrets` as the SDK's StepSecrets: the flat secrets with every context's keys over
+   * them (the agent merges them); `get`/`expose` reject for an unknown key, naming the keys
+   * there are (names only); `expose` puts the value in this step's env alone.
+   */
+  stepSecrets(stepEnv) {
+    const secrets = this.secrets;
+    const known = (key) => {
+      if (!Object.hasOwn(secrets, key)) throw new SecretNotFoundError(key, Object.keys(secrets).sort());
+      return secrets[key];
+    };
+    const unsupported = (feature) => async () => {
+      throw new Unsupported(feature);
+    };
+    return {
+      get: async (key) => known(key),
+      expose: async (key) => {
+        stepEnv[key] = known(key);
+      },
+      has: (key) => Object.hasOwn(secrets, key),
+      list: () => Object.keys(secrets).sort(),
+      // The dispatch carries no backend or scope of a secret.
+      getMeta: () => undefined,
+      mountFile: unsupported('ctx.secrets.mountFile'),
+      exposeFile: unsupported('ctx.secrets.exposeFile'),
+    };
   }
 
   /** Runs `fn` as its own log bucket with a timeout; resolves to {status, error?, value?}. */
@@ -474,8 +612,27 @@ class JobRun {
       event: this.jobConfig.event,
       workflow: { name: this.workflow.name },
       job: { name: this.job.name },
-      outputsOf: (ref) => this.outputs[typeof ref === 'string' ? ref : ref && ref.name],
+      outputsOf: (ref) => this.outputs[this.stepNameOf(ref)],
     };
+  }
+
+  /** A step reference: its name, a Step, or the bare function of an unnamed step. */
+  stepNameOf(ref) {
+    if (typeof ref === 'function') return this.stepRefs.get(ref);
+    return typeof ref === 'string' ? ref : ref && ref.name;
+  }
+
+  /**
+   * An SDK with output-map setters reads `step.result` / `job.result` from module-global maps
+   * the runner must hand it; they must be the maps of the instance the workflow imported, or
+   * every `.result` read fails with "has not produced outputs yet".
+   */
+  wireOutputMaps(sdk) {
+    if (!sdk || typeof sdk.setStepOutputsMap !== 'function') return false;
+    sdk.setStepOutputsMap(this.stepOutputs);
+    if (typeof sdk.setJobOutputsMap === 'function') sdk.setJobOutputsMap(this.jobOutputs);
+    if (typeof sdk.setStepRefMap === 'function') sdk.setStepRefMap(this.stepRefs);
+    return true;
   }
 
   async hook(kind, fn, outcome) {
@@ -531,10 +688,7 @@ class JobRun {
     const before = await this.hook('beforeStep', this.job.beforeStep, hookOutcome);
     if (before) jobLog(`[kici] beforeStep hook failed: ${before} (continuing -- hooks are observers)`);
 
-    const dir = fs.mkdtempSync(path.join(this.tmp, 'step-'));
-    const files = { env: path.join(dir, 'env'), path: path.join(dir, 'path') };
-    fs.writeFileSync(files.env, '');
-    fs.writeFileSync(files.path, '');
+    const files = this.deltaFiles();
     const policy = retryPolicy(step.retry);
     const timeout = step.timeout || this.request.defaultStepTimeoutMs || 30 * 60 * 1000;
     let result;
@@ -551,7 +705,10 @@ class JobRun {
         signal,
       );
       const outputs = result.status === 'success' ? outputsOfValue(result.value) : undefined;
-      if (outputs) this.outputs[name] = outputs;
+      if (outputs) {
+        this.outputs[name] = outputs;
+        this.stepOutputs.set(name, outputs);
+      }
       const retrying = result.status === 'failed' && attempt < policy.maxAttempts && !signal.aborted;
       send({
         type: 'step.complete',
@@ -647,7 +804,7 @@ class JobRun {
     return reasons;
   }
 
-  async run(plan, flat) {
+  async run(plan, flat, initSpecs) {
     this.nextHookIndex = flat.length;
     const jobRule = await this.checkRules(this.job.rules, this.ruleContext());
     if (jobRule) {
@@ -656,6 +813,8 @@ class JobRun {
       return { status: 'success' };
     }
     const started = Date.now();
+    const initFailure = await this.runInit(initSpecs);
+    if (initFailure) return { status: 'failed', error: initFailure };
     const failed = await this.runSteps(plan);
     if (this.aborted) {
       const reasons = await this.cancelHooks();
@@ -691,10 +850,36 @@ function outputsOfValue(value) {
   return { value };
 }
 
+/**
+ * The job's `init` commands (spec 11.10): a generic spec `{run, shell?, timeout?, env?}`, or an
+ * array of them, in order. `false`, unset and `'auto'` without a toolchain marker are none. The
+ * `mise` preset (also what `'auto'` picks) and init caches need the kici cache relay: they fail
+ * the job as not supported rather than run half of what was asked.
+ */
+function initSpecsOf(job, repoRoot) {
+  const init = job.init;
+  if (init === undefined || init === null || init === false) return [];
+  if (init === 'auto') {
+    const marker = MISE_MARKERS.find((file) => fs.existsSync(path.join(repoRoot, file)));
+    if (marker) throw new Unsupported(`init 'auto' (it found ${marker}: the mise preset)`);
+    jobLog(`[kici] init 'auto': no toolchain marker (${MISE_MARKERS.join(', ')}), nothing to do`);
+    return [];
+  }
+  return (Array.isArray(init) ? init : [init]).map((item, i) => {
+    if (item === 'mise' || (item && typeof item === 'object' && 'mise' in item)) {
+      throw new Unsupported('init preset mise');
+    }
+    if (!item || typeof item.run !== 'string' || !item.run.trim()) {
+      throw new Error(`job '${job.name}': init[${i}].run must be a non-empty command`);
+    }
+    if (item.cache) throw new Unsupported(`init[${i}].cache`);
+    return item;
+  });
+}
+
 function unsupportedJobFeature(workflow, job) {
   if (workflow.concurrency) return 'workflow concurrency groups';
   if (job.cache) return 'job cache';
-  if (job.init) return 'job init';
   if (typeof job.steps === 'function') return 'dynamic jobs';
   return null;
 }
@@ -725,7 +910,8 @@ async function main() {
 
   const transform = registerTypeScript(kiciDir, request.runnerDir);
   jobLog(`[workflow-runner] Loading ${sourceFile} (TypeScript transform: ${transform})`);
-  const module = await import(pathToFileURL(path.join(repoRoot, sourceFile)).href);
+  const workflowUrl = pathToFileURL(path.join(repoRoot, sourceFile)).href;
+  const module = await import(workflowUrl);
   const workflowName = jobConfig.workflowName;
   const workflow = findWorkflow(module, workflowName);
   if (!workflow) throw new Error(`${sourceFile} exports no workflow named '${workflowName}'`);
@@ -734,6 +920,7 @@ async function main() {
   if (!job) throw new Error(`workflow '${workflowName}' has no job named '${jobName}'`);
   const unsupported = unsupportedJobFeature(workflow, job);
   if (unsupported) throw new Unsupported(unsupported);
+  const initSpecs = initSpecsOf(job, repoRoot);
 
   let zx = null;
   try {
@@ -741,14 +928,21 @@ async function main() {
   } catch {
     // Steps that use ctx.$ fail with a clear error.
   }
-  const { plan, flat } = planSteps(job, lockStepNames(jobConfig));
   const run = new JobRun(request, job, workflow, zx);
+  const { plan, flat } = planSteps(job, lockStepNames(jobConfig), run.stepRefs);
+  let sdk = null;
+  try {
+    sdk = await import(`kici-agent-sdk-of:${workflowUrl}`);
+  } catch {
+    // The workflow does not get the SDK from .kici/node_modules: no maps to hand over.
+  }
+  run.wireOutputMaps(sdk);
   abortHandler = (force) => {
     run.forced = run.forced || force;
     if (force) finish(1);
     run.abort.abort('cancel');
   };
-  const result = await run.run(plan, flat);
+  const result = await run.run(plan, flat, initSpecs);
   fs.rmSync(run.tmp, { recursive: true, force: true });
   return { ...result, outputs: run.outputs };
 }

@@ -1385,6 +1385,8 @@ mod tests {
             config: JobConfig::default(),
             workspace: workspace.path().to_owned(),
             secrets: BTreeMap::new(),
+            namespaced_secrets: Default::default(),
+            deps_tarball: None,
         };
         executor.prepare(&job).await.unwrap();
         let step = StepContext {

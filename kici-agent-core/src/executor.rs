@@ -33,6 +33,12 @@ pub struct JobContext {
     /// The dispatch's flat secrets. Only executors that need them should read them.
     #[serde(skip)]
     pub secrets: BTreeMap<String, String>,
+    /// The dispatch's secret contexts (`namespacedSecrets`), in dispatch order.
+    #[serde(skip)]
+    pub namespaced_secrets: crate::protocol::NamespacedSecrets,
+    /// The dispatch's pre-built workflow dependencies (`depsUrl`, `depsHash`), if any.
+    #[serde(skip)]
+    pub deps_tarball: Option<crate::deps::DepsTarball>,
 }
 
 /// One step attempt as executors see it.

@@ -673,6 +673,8 @@ impl JobRunner {
             config: config.clone(),
             workspace,
             secrets: dispatch.secrets.clone().unwrap_or_default(),
+            namespaced_secrets: dispatch.namespaced_secrets.clone().unwrap_or_default(),
+            deps_tarball: crate::deps::DepsTarball::from_dispatch(&dispatch.extra),
         };
         let in_container = match route {
             JobRoute::Steps { image } => image.is_some(),
@@ -833,7 +835,9 @@ impl JobRunner {
             state,
             timestamp: now_ms(),
             data,
-            step_type: Some(step.kind),
+            // `init` is no top-level step type (protocol.md): an init pseudo-step says so in
+            // `data.stepType` alone.
+            step_type: (step.kind != StepType::Init).then_some(step.kind),
             concurrency_kind: step.group.map(|_| ConcurrencyKind::ParallelChild),
             group_id: step.group.map(str::to_owned),
             log_bytes_streamed: log_bytes,

@@ -179,4 +179,10 @@ pub trait JobExecutor: Send + Sync {
     /// Runs the job in its workspace with the job's sanitised environment. Every step attempt
     /// is reported through `io`, with the indices of `jobConfig.steps`.
     async fn run_job(&self, job: &JobContext, env: StepEnv, io: JobIo) -> JobOutcome;
+
+    /// Host paths the executor's processes need to see when the agent sandboxes the job
+    /// (`KICI_SANDBOX`): bound read-only at the same path. None by default.
+    fn sandbox_read_only_paths(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
 }

@@ -84,26 +84,28 @@ pub fn parse_inbound(text: &str) -> Result<Inbound, InboundError> {
     let Some(message_type) = value.get("type").and_then(Value::as_str).map(str::to_owned) else {
         return Err(InboundError::NotAMessage("missing `type`".into()));
     };
+    // Typed from the text, not from `value`: a `Value` object is sorted by key, and the order
+    // of `namespacedSecrets` decides which context wins a key.
     fn typed<T: serde::de::DeserializeOwned>(
-        value: Value,
+        text: &str,
+        value: &Value,
         message_type: &str,
     ) -> Result<T, InboundError> {
-        let job = serde_json::from_value::<JobRef>(value.clone()).ok();
-        serde_json::from_value(value).map_err(|source| InboundError::Schema {
+        serde_json::from_str(text).map_err(|source| InboundError::Schema {
             message_type: message_type.to_owned(),
-            job,
+            job: serde_json::from_value::<JobRef>(value.clone()).ok(),
             source,
         })
     }
     Ok(match message_type.as_str() {
-        "auth.success" => Inbound::AuthSuccess(typed(value, &message_type)?),
-        "auth.failure" => Inbound::AuthFailure(typed(value, &message_type)?),
-        "register.ack" => Inbound::RegisterAck(typed(value, &message_type)?),
-        "job.dispatch" => Inbound::JobDispatch(Box::new(typed(value, &message_type)?)),
-        "job.cancel" => Inbound::JobCancel(typed(value, &message_type)?),
-        "error" => Inbound::Error(typed(value, &message_type)?),
-        "rate.limit.warning" => Inbound::RateLimitWarning(typed(value, &message_type)?),
-        "fleet.logs.request" => Inbound::FleetLogsRequest(typed(value, &message_type)?),
+        "auth.success" => Inbound::AuthSuccess(typed(text, &value, &message_type)?),
+        "auth.failure" => Inbound::AuthFailure(typed(text, &value, &message_type)?),
+        "register.ack" => Inbound::RegisterAck(typed(text, &value, &message_type)?),
+        "job.dispatch" => Inbound::JobDispatch(Box::new(typed(text, &value, &message_type)?)),
+        "job.cancel" => Inbound::JobCancel(typed(text, &value, &message_type)?),
+        "error" => Inbound::Error(typed(text, &value, &message_type)?),
+        "rate.limit.warning" => Inbound::RateLimitWarning(typed(text, &value, &message_type)?),
+        "fleet.logs.request" => Inbound::FleetLogsRequest(typed(text, &value, &message_type)?),
         _ => Inbound::Unknown { message_type },
     })
 }
@@ -189,7 +191,7 @@ pub struct JobDispatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespaced_secrets: Option<BTreeMap<String, BTreeMap<String, String>>>,
+    pub namespaced_secrets: Option<NamespacedSecrets>,
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -204,6 +206,67 @@ pub struct JobDispatch {
     /// Fields this agent does not interpret, kept for round-trips and executors.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// `namespacedSecrets`: the secret contexts (name -> key -> value) in the order the dispatch
+/// lists them. The order matters: `ctx.secrets` flattens them over the flat `secrets`, a later
+/// context winning a key both have, so a sorted map would pick the wrong value.
+#[derive(Clone, Default, PartialEq)]
+pub struct NamespacedSecrets(pub Vec<(String, BTreeMap<String, String>)>);
+
+impl fmt::Debug for NamespacedSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Context names only: the values are secrets.
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl NamespacedSecrets {
+    /// The flat view `ctx.secrets` gives a TypeScript step: `flat`, then each context's keys
+    /// over it in dispatch order.
+    pub fn flatten_over(&self, flat: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut merged = flat.clone();
+        for (_, context) in &self.0 {
+            merged.extend(context.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        merged
+    }
+}
+
+impl Serialize for NamespacedSecrets {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (name, context) in &self.0 {
+            map.serialize_entry(name, context)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for NamespacedSecrets {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct InOrder;
+        impl<'de> serde::de::Visitor<'de> for InOrder {
+            type Value = NamespacedSecrets;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of secret contexts")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut contexts = Vec::new();
+                while let Some(entry) = map.next_entry::<String, BTreeMap<String, String>>()? {
+                    contexts.push(entry);
+                }
+                Ok(NamespacedSecrets(contexts))
+            }
+        }
+        deserializer.deserialize_map(InOrder)
+    }
 }
 
 impl fmt::Debug for JobDispatch {
@@ -239,7 +302,7 @@ impl JobDispatch {
             values.extend(secrets.values().map(String::as_str));
         }
         if let Some(namespaced) = &self.namespaced_secrets {
-            for context in namespaced.values() {
+            for (_, context) in &namespaced.0 {
                 values.extend(context.values().map(String::as_str));
             }
         }
@@ -775,6 +838,10 @@ pub enum StepType {
     HookBeforeStep,
     #[serde(rename = "hook:afterStep")]
     HookAfterStep,
+    /// A job `init` command (`init:<n>`). Not a value of the top-level `step_type` (§4.3): it
+    /// travels only as `data.stepType`, the field the orchestrator stores.
+    #[serde(rename = "init")]
+    Init,
 }
 
 /// `concurrencyKind`.

@@ -11,6 +11,11 @@
 //!
 //! A cancel SIGTERMs the step's group, whose leader is `bwrap`: bwrap ends, and
 //! `--die-with-parent` plus the pid namespace take everything inside with it.
+//!
+//! TypeScript jobs run their runner (node) the same way, with Node's install and the runner's
+//! files bound read-only besides ([`Sandbox::with_read_only`]) and fd 3 inherited through
+//! bwrap. Their graceful cancel travels over that channel instead of SIGTERM (which would end
+//! bwrap, and the runner with it, before its cancel hooks); force still kills the group.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,11 +48,29 @@ const OPTIONAL_SYSTEM_PATHS: &[&str] = &[
 pub(crate) struct Sandbox {
     network: SandboxNetwork,
     workspace: PathBuf,
+    /// More host paths visible read-only at the same path (a job executor's runtime).
+    read_only: Vec<PathBuf>,
 }
 
 impl Sandbox {
     pub(crate) fn new(network: SandboxNetwork, workspace: PathBuf) -> Self {
-        Sandbox { network, workspace }
+        Sandbox {
+            network,
+            workspace,
+            read_only: Vec::new(),
+        }
+    }
+
+    /// This sandbox with `paths` also visible, read-only (those under the system directories,
+    /// bound already, are left out).
+    pub(crate) fn with_read_only(&self, paths: Vec<PathBuf>) -> Self {
+        let mut sandbox = self.clone();
+        sandbox.read_only.extend(
+            paths
+                .into_iter()
+                .filter(|path| !SYSTEM_DIRS.iter().any(|dir| path.starts_with(dir))),
+        );
+        sandbox
     }
 
     /// `bwrap` and its arguments that run `program args` inside the sandbox. `handoff_dir`
@@ -74,6 +97,11 @@ impl Sandbox {
         if let Some(dir) = handoff_dir {
             let dir = dir.to_string_lossy();
             push(&["--bind", &dir, &dir]);
+        }
+        // After `--tmpfs /tmp`, so that a path under /tmp (the runner's) is seen.
+        for path in &self.read_only {
+            let path = path.to_string_lossy();
+            push(&["--ro-bind", &path, &path]);
         }
         if Path::new(program).is_absolute()
             && !SYSTEM_DIRS
@@ -191,5 +219,25 @@ mod tests {
         assert!(has_pair(&args, "--ro-bind", "/opt/runner/run"));
         let (_, args) = sandbox.wrap("/usr/bin/env", &[], None);
         assert!(!has_pair(&args, "--ro-bind", "/usr/bin/env"));
+    }
+
+    #[test]
+    fn a_job_executors_paths_are_bound_read_only_after_the_private_tmp() {
+        let sandbox = Sandbox::new(SandboxNetwork::Host, PathBuf::from("/tmp/kici-abc123"))
+            .with_read_only(vec![
+                PathBuf::from("/opt/node"),
+                PathBuf::from("/tmp/kici-agent-runner-0-1"),
+                PathBuf::from("/usr/lib/node"),
+            ]);
+        let (_, args) = sandbox.wrap("/opt/node/bin/node", &[], None);
+        let position =
+            |flag: &str, value: &str| args.windows(2).position(|w| w[0] == flag && w[1] == value);
+        let tmpfs = position("--tmpfs", "/tmp").unwrap();
+        assert!(position("--ro-bind", "/tmp/kici-agent-runner-0-1").unwrap() > tmpfs);
+        assert!(position("--ro-bind", "/opt/node").is_some());
+        assert!(
+            position("--ro-bind", "/usr/lib/node").is_none(),
+            "under /usr: bound already"
+        );
     }
 }

@@ -172,6 +172,71 @@ pub(crate) async fn connect(
     Ok(socket)
 }
 
+/// `GET url` (`http://` or `https://`, trusting the platform's roots and `SSL_CERT_*`) over
+/// HTTP/1.1: the body of a 200 answer. Errors name the host, never the URL (a presigned URL's
+/// query is a credential).
+pub(crate) async fn http_get(url: &url::Url) -> Result<hyper::body::Incoming, String> {
+    let host = match url.host() {
+        Some(url::Host::Domain(domain)) => domain.to_owned(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => ip.to_string(),
+        None => return Err("the URL has no host".into()),
+    };
+    let port = url
+        .port_or_known_default()
+        .ok_or_else(|| "the URL has no port".to_owned())?;
+    let endpoint = match url.host() {
+        Some(url::Host::Ipv6(ip)) => format!("[{ip}]:{port}"),
+        _ => format!("{host}:{port}"),
+    };
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("cannot connect to {endpoint}: {e}"))?;
+    let target = match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_owned(),
+    };
+    let request = hyper::Request::get(target)
+        .header(hyper::header::HOST, &endpoint)
+        .body(http_body_util::Empty::<hyper::body::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = if url.scheme() == "https" {
+        let config = client_config(None)?;
+        let server_name = ServerName::try_from(host).map_err(|e| e.to_string())?;
+        let tls = TlsConnector::from(config)
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| format!("TLS with {endpoint}: {}", tls_reason(&e)))?;
+        send_http1(tls, request, &endpoint).await?
+    } else {
+        send_http1(tcp, request, &endpoint).await?
+    };
+    if response.status() != hyper::StatusCode::OK {
+        return Err(format!("{endpoint} answered {}", response.status()));
+    }
+    Ok(response.into_body())
+}
+
+async fn send_http1<S>(
+    stream: S,
+    request: hyper::Request<http_body_util::Empty<hyper::body::Bytes>>,
+    endpoint: &str,
+) -> Result<hyper::Response<hyper::body::Incoming>, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP with {endpoint}: {e}"))?;
+    // The connection task ends with the body (or its drop).
+    tokio::spawn(connection);
+    sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("HTTP with {endpoint}: {e}"))
+}
+
 /// Bytes the kernel may hold unsent for the orchestrator (Linux doubles the value asked for).
 const SEND_BUFFER_BYTES: usize = 128 * 1024;
 

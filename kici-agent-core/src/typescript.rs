@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, OnceCell};
 
+use crate::deps::{DepsTarball, InstallCache};
 use crate::executor::{JobContext, StepFailure};
 use crate::job_executor::{JobExecutor, JobIo, JobOutcome, StepFinished, StepStarted};
 use crate::process::{self, CommandSpec, KillPolicy, Outcome, RunLimits, StepEnv};
@@ -57,6 +58,8 @@ pub enum RunnerUnavailable {
 #[derive(Debug, Clone)]
 struct Node {
     path: PathBuf,
+    /// `node --version`, e.g. `v20.6.1` (native modules of an install depend on it).
+    version: String,
 }
 
 /// Runs TypeScript jobs through the embedded Node runner.
@@ -69,6 +72,8 @@ pub struct TypeScriptExecutor {
     found: OnceCell<Result<(Node, PathBuf), RunnerUnavailable>>,
     /// Local runs: the repository to run in, in place of the job workspace.
     in_place: Option<PathBuf>,
+    /// Installed workflow dependencies, per lock file, shared by the jobs of this host.
+    install_cache: InstallCache,
 }
 
 /// The jobs of one workflow of a module.
@@ -92,6 +97,7 @@ impl TypeScriptExecutor {
             default_step_timeout,
             found: OnceCell::new(),
             in_place: None,
+            install_cache: InstallCache::default(),
         }
     }
 
@@ -197,28 +203,67 @@ impl TypeScriptExecutor {
 }
 
 impl TypeScriptExecutor {
-    /// A fresh clone has no `.kici/node_modules`: installs the workflow dependencies from
-    /// `.kici/package.json` with the package manager its lock file names (`pnpm-lock.yaml`:
-    /// `pnpm install --frozen-lockfile`; `package-lock.json`: `npm ci`; none: `npm install`),
-    /// in the job's environment and process-group rules, its output as job-level lines.
+    /// A fresh clone has no `.kici/node_modules`. With the dispatch's tarball (`depsUrl`) it is
+    /// restored from that (sha256 checked), else from `.kici/package.json` by the package
+    /// manager its lock file names (`pnpm-lock.yaml`: `pnpm install --frozen-lockfile`;
+    /// `package-lock.json`: `npm ci`; none: `npm install`), in the job's environment and
+    /// process-group rules, its output as job-level lines. Either is kept in the host's
+    /// [`InstallCache`] (an install only with a lock file: without one it is not repeatable)
+    /// and restored from there by the next job with the same key.
     async fn install_dependencies(
         &self,
         root: &Path,
         node: &Node,
         env: &StepEnv,
         io: &JobIo,
+        tarball: Option<&DepsTarball>,
     ) -> Result<(), String> {
         let kici = root.join(".kici");
-        if kici.join("node_modules").exists() || !kici.join("package.json").exists() {
+        if kici.join("node_modules").exists() {
             return Ok(());
         }
-        let (manager, args): (&str, &[&str]) = if kici.join("pnpm-lock.yaml").exists() {
-            ("pnpm", &["install", "--frozen-lockfile"])
-        } else if kici.join("package-lock.json").exists() {
-            ("npm", &["ci", "--no-audit", "--no-fund"])
-        } else {
-            ("npm", &["install", "--no-audit", "--no-fund"])
+        if let Some(tarball) = tarball {
+            return self.restore_tarball(root, &kici, tarball, io).await;
+        }
+        if !kici.join("package.json").exists() {
+            return Ok(());
+        }
+        let (manager, args, lock_file): (&str, &[&str], Option<&str>) =
+            if kici.join("pnpm-lock.yaml").exists() {
+                (
+                    "pnpm",
+                    &["install", "--frozen-lockfile"],
+                    Some("pnpm-lock.yaml"),
+                )
+            } else if kici.join("package-lock.json").exists() {
+                (
+                    "npm",
+                    &["ci", "--no-audit", "--no-fund"],
+                    Some("package-lock.json"),
+                )
+            } else {
+                ("npm", &["install", "--no-audit", "--no-fund"], None)
+            };
+        let key = match lock_file {
+            Some(lock_file) => {
+                let read = |name: &str| std::fs::read(kici.join(name)).unwrap_or_default();
+                Some(crate::deps::install_key(&[
+                    manager.as_bytes(),
+                    lock_file.as_bytes(),
+                    &read(lock_file),
+                    &read("package.json"),
+                    node.version.as_bytes(),
+                    std::env::consts::OS.as_bytes(),
+                    std::env::consts::ARCH.as_bytes(),
+                ]))
+            }
+            None => None,
         };
+        if let Some(key) = &key {
+            if self.restore_cached(key, &kici, io).await {
+                return Ok(());
+            }
+        }
         // npm ships beside node; pnpm is wherever the host installed it.
         let program = node
             .path
@@ -243,10 +288,24 @@ impl TypeScriptExecutor {
         if let Some(dir) = node.path.parent() {
             env.prepend_path(&dir.display().to_string());
         }
+        let mut program = program.display().to_string();
+        let mut argv: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if crate::containment::current().is_some_and(|p| p.sandbox.is_some()) {
+            // In the sandbox a process starts in /workspace whatever working directory it
+            // was given (and npm's `--prefix` would also move its global config): `cd` first.
+            let script = r#"cd "$1" && shift && exec "$@""#;
+            let mut wrapped = vec!["-c".into(), script.into(), "sh".into()];
+            wrapped.extend([kici.display().to_string(), program]);
+            wrapped.append(&mut argv);
+            (program, argv) = ("sh".into(), wrapped);
+            // The user's package cache is not in the sandbox; its private /tmp is.
+            env.set("npm_config_cache", "/tmp/.npm");
+            env.set("npm_config_store_dir", "/tmp/.pnpm-store");
+        }
         let spec = CommandSpec {
-            program: program.display().to_string(),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            cwd: kici,
+            program,
+            args: argv,
+            cwd: kici.clone(),
             env,
             stdin: None,
         };
@@ -268,11 +327,105 @@ impl TypeScriptExecutor {
         let (report, ()) = tokio::join!(install, forward);
         let report = report.map_err(|e| format!("installing the workflow dependencies: {e}"))?;
         match report.outcome {
-            Outcome::Exited(process::ExitStatus::Code(0)) => Ok(()),
-            other => Err(format!(
-                "installing the workflow dependencies failed: {command} ended with {}",
-                describe(&other)
-            )),
+            Outcome::Exited(process::ExitStatus::Code(0)) => {}
+            other => {
+                return Err(format!(
+                    "installing the workflow dependencies failed: {command} ended with {}",
+                    describe(&other)
+                ))
+            }
+        }
+        if let Some(key) = key {
+            self.store_cached(key, &kici, io).await;
+        }
+        Ok(())
+    }
+
+    /// The dispatch's pre-built tarball: from the host cache when a job had it already, else
+    /// downloaded, checked and unpacked (then cached).
+    async fn restore_tarball(
+        &self,
+        root: &Path,
+        kici: &Path,
+        tarball: &DepsTarball,
+        io: &JobIo,
+    ) -> Result<(), String> {
+        if self.restore_cached(&tarball.sha256, kici, io).await {
+            return Ok(());
+        }
+        io.output(
+            crate::job::JOB_LOG_INDEX,
+            format!(
+                "[kici] Restoring the workflow dependencies from the dispatch's tarball ({}, sha256 {})\n",
+                tarball.shown(),
+                tarball.sha256
+            ),
+        )
+        .await;
+        let scratch = root.join(format!(".kici-deps-{}.tgz", uuid::Uuid::new_v4().simple()));
+        let restore = crate::deps::restore_tarball(tarball, root, &scratch);
+        tokio::select! {
+            result = restore => result.map_err(|e| e.to_string())?,
+            _ = io.cancellation().cancelled() => {
+                let _ = std::fs::remove_file(&scratch);
+                return Err("cancelled while restoring the workflow dependencies".into());
+            }
+        }
+        // Only a well-formed key names a cache entry.
+        if tarball.sha256.len() == 64 && tarball.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            self.store_cached(tarball.sha256.clone(), kici, io).await;
+        }
+        Ok(())
+    }
+
+    /// Restores cache entry `key` as `.kici/node_modules`; false when there is none (or it
+    /// cannot be read: the job then installs as if there were none).
+    async fn restore_cached(&self, key: &str, kici: &Path, io: &JobIo) -> bool {
+        let cache = self.install_cache.clone();
+        let (key_owned, kici_owned) = (key.to_owned(), kici.to_path_buf());
+        let restored =
+            tokio::task::spawn_blocking(move || cache.restore(&key_owned, &kici_owned)).await;
+        match restored {
+            Ok(Ok(true)) => {
+                io.output(
+                    crate::job::JOB_LOG_INDEX,
+                    format!(
+                        "[kici] Workflow dependencies restored from the host cache (key {})\n",
+                        &key[..12.min(key.len())]
+                    ),
+                )
+                .await;
+                true
+            }
+            Ok(Ok(false)) => false,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not restore workflow dependencies from the host cache");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the dependency cache restore task failed");
+                false
+            }
+        }
+    }
+
+    /// Keeps a copy of the job's fresh `.kici/node_modules` as cache entry `key`. A failure
+    /// costs the next job an install, not this one its result: it is logged only.
+    async fn store_cached(&self, key: String, kici: &Path, io: &JobIo) {
+        let cache = self.install_cache.clone();
+        let kici = kici.to_path_buf();
+        match tokio::task::spawn_blocking(move || cache.store(&key, &kici)).await {
+            Ok(Ok(())) => {
+                io.output(
+                    crate::job::JOB_LOG_INDEX,
+                    "[kici] Workflow dependencies kept in the host cache for later jobs\n",
+                )
+                .await
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not keep the workflow dependencies in the host cache")
+            }
+            Err(e) => tracing::warn!(error = %e, "the dependency cache store task failed"),
         }
     }
 }
@@ -306,7 +459,7 @@ async fn find_node(explicit: Option<&Path>) -> Result<Node, RunnerUnavailable> {
         })?;
     let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     match parse_node_version(&version) {
-        Some(found) if found >= MIN_NODE_VERSION => Ok(Node { path }),
+        Some(found) if found >= MIN_NODE_VERSION => Ok(Node { path, version }),
         Some(_) => Err(RunnerUnavailable::Node {
             reason: format!("{} is {version}", path.display()),
         }),
@@ -587,6 +740,21 @@ impl JobExecutor for TypeScriptExecutor {
         "typescript"
     }
 
+    /// Node's install (the directory above its `bin`, for npm and its libraries) and the
+    /// runner's files.
+    fn sandbox_read_only_paths(&self) -> Vec<PathBuf> {
+        let Some(Ok((node, dir))) = self.found.get() else {
+            return Vec::new();
+        };
+        let real = std::fs::canonicalize(&node.path).unwrap_or_else(|_| node.path.clone());
+        let install = real
+            .parent()
+            .and_then(Path::parent)
+            .filter(|root| root.parent().is_some())
+            .map_or(real.clone(), Path::to_path_buf);
+        vec![install, dir.clone()]
+    }
+
     async fn run_job(&self, job: &JobContext, mut env: StepEnv, io: JobIo) -> JobOutcome {
         let root = self.in_place.as_deref().unwrap_or(&job.workspace);
         if self.in_place.is_some() {
@@ -596,7 +764,10 @@ impl JobExecutor for TypeScriptExecutor {
             Ok(found) => found,
             Err(e) => return JobOutcome::failed(e.to_string()),
         };
-        if let Err(error) = self.install_dependencies(root, node, &env, &io).await {
+        if let Err(error) = self
+            .install_dependencies(root, node, &env, &io, job.deps_tarball.as_ref())
+            .await
+        {
             return JobOutcome::failed(error);
         }
         let (ours, theirs) = match channel_pair() {
@@ -614,20 +785,29 @@ impl JobExecutor for TypeScriptExecutor {
             env,
             stdin: None,
         };
+        // In the sandbox the group's leader is bwrap, which a SIGTERM ends with the runner in
+        // it, before the cancel hooks: there a graceful cancel is the channel's abort alone.
+        let sandboxed = crate::containment::current().is_some_and(|p| p.sandbox.is_some());
         let limits = RunLimits {
             timeout: None,
-            cancel: io.cancellation().clone(),
+            cancel: if sandboxed {
+                tokio_util::sync::CancellationToken::new()
+            } else {
+                io.cancellation().clone()
+            },
             force: io.force().clone(),
             kill: KillPolicy {
                 grace: self.kill_grace,
             },
         };
+        // What `ctx.secrets` sees: the flat secrets with every context's keys over them.
+        let secrets = job.namespaced_secrets.flatten_over(&job.secrets);
         let request = JobRequest {
             kind: "job",
             workspace: root,
             runner_dir: dir,
             default_step_timeout_ms: self.default_step_timeout.as_millis() as u64,
-            secrets: &job.secrets,
+            secrets: &secrets,
             job_config: &job.config,
             secret_output_error: io.secret_outputs().err().map(|reason| {
                 crate::secret_outputs::SecretOutputError::NoRunKey {

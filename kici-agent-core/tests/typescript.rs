@@ -84,6 +84,17 @@ fn repo() -> Repo {
 /// A fresh clone: the workflows and `.kici/package.json` (the stand-in SDK as a `file:`
 /// dependency, zx at `zx_version` from the registry or npm's cache) but no `.kici/node_modules`.
 fn repo_without_node_modules(zx_version: &str) -> Repo {
+    repo_to_install(zx_version, None)
+}
+
+/// [`repo_without_node_modules`] with `.kici/package-lock.json` (zx 8.8.5): `npm ci` installs
+/// it, and the install cache keys on it. `unique` goes into `package.json` so that no earlier
+/// test run's cache entry matches.
+fn repo_with_lock_file(unique: &str) -> Repo {
+    repo_to_install("8.8.5", Some(unique))
+}
+
+fn repo_to_install(zx_version: &str, locked: Option<&str>) -> Repo {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     copy_tree(&fixtures().join("typescript/repo"), root);
@@ -91,15 +102,30 @@ fn repo_without_node_modules(zx_version: &str) -> Repo {
         &fixtures().join("typescript/sdk"),
         &root.join(".kici/sdk-stand-in"),
     );
-    std::fs::write(
-        root.join(".kici/package.json"),
-        json!({
-            "private": true,
-            "dependencies": {"@kici-dev/sdk": "file:./sdk-stand-in", "zx": zx_version}
-        })
-        .to_string(),
-    )
-    .unwrap();
+    let dependencies = json!({"@kici-dev/sdk": "file:./sdk-stand-in", "zx": zx_version});
+    let mut package = json!({"private": true, "dependencies": dependencies});
+    if let Some(unique) = locked {
+        package["description"] = json!(unique);
+        let lock = json!({
+            "lockfileVersion": 3,
+            "requires": true,
+            "packages": {
+                "": {"dependencies": dependencies},
+                "node_modules/@kici-dev/sdk": {"resolved": "sdk-stand-in", "link": true},
+                "node_modules/zx": {
+                    "version": "8.8.5",
+                    "resolved": "https://registry.npmjs.org/zx/-/zx-8.8.5.tgz",
+                    "integrity": "sha512-SNgDF5L0gfN7FwVOdEFguY3orU5AkfFZm9B5YSHog/UDHv+lvmd82ZAsOenOkQixigwH2+yyH198AwNdKhj+RA==",
+                    "license": "Apache-2.0",
+                    "bin": {"zx": "build/cli.js"},
+                    "engines": {"node": ">= 12.17.0"}
+                },
+                "sdk-stand-in": {"name": "@kici-dev/sdk", "version": "0.0.0-stand-in", "license": "Apache-2.0"}
+            }
+        });
+        std::fs::write(root.join(".kici/package-lock.json"), lock.to_string()).unwrap();
+    }
+    std::fs::write(root.join(".kici/package.json"), package.to_string()).unwrap();
     let repo = git2::Repository::init(root).unwrap();
     let mut index = repo.index().unwrap();
     index
@@ -899,5 +925,323 @@ async fn a_clone_without_node_modules_gets_its_dependencies_installed() {
         "{error}"
     );
     assert!(step_statuses(&h, "broken").is_empty());
+    h.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_references_read_the_outputs_the_runner_hands_to_the_sdk() {
+    let repo = repo();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let done = run_feature(&h, &repo, "result-ref", lock_steps(&["make", "use"])).await;
+    assert_eq!(done["state"], "success", "{done}");
+    assert_eq!(h.lines("result-ref", 1), ["artifact app-1.2.3.tgz"]);
+    h.assert_no_violations();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaced_secrets_flatten_over_the_flat_ones_in_dispatch_order() {
+    let repo = repo();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let mut d = dispatch(
+        &repo,
+        "namespaced",
+        "features.ts",
+        "features",
+        "namespaced",
+        lock_steps(&["contexts"]),
+    );
+    d["secrets"] = json!({"SHARED": "flat-shared-value"});
+    // Written out by hand: `zeta` comes first, so `alpha` (listed later) wins SHARED, which a
+    // map sorted by name would get the other way round.
+    let text = d.to_string();
+    let text = format!(
+        r#"{},"namespacedSecrets":{{"zeta":{{"SHARED":"zeta-shared-value","ONLY_IN_ZETA":"zeta-only-value"}},"alpha":{{"SHARED":"alpha-shared-value"}}}}}}"#,
+        &text[..text.len() - 1]
+    );
+    h.mock.dispatch_text(&h.agent_id(), &text).await.unwrap();
+    let done = h.terminal_status("namespaced").await;
+    assert_eq!(done["state"], "success", "{done}");
+    assert_eq!(
+        h.lines("namespaced", 0),
+        [
+            "list ONLY_IN_ZETA,SHARED",
+            "SHARED is the alpha context value",
+            "has true false",
+            "SecretNotFoundError: Secret \"MISSING\" not found. Available keys: ONLY_IN_ZETA, SHARED. Use ctx.secrets.has('MISSING') to check existence.",
+            "exposed ***",
+        ]
+    );
+    let everything = serde_json::to_string(&h.job_messages("namespaced")).unwrap();
+    for value in ["zeta-only-value", "alpha-shared-value", "zeta-shared-value"] {
+        assert!(!everything.contains(value), "{value} leaked");
+    }
+    h.assert_no_violations();
+}
+
+/// `(stepIndex, stepName, state, data.stepType)` of the job's init pseudo-steps.
+fn init_statuses(h: &Harness, job_id: &str) -> Vec<(i64, String, String, Value)> {
+    h.job_messages(job_id)
+        .iter()
+        .filter(|m| m["type"] == "step.status" && m["stepIndex"].as_i64() >= Some(1_000_000))
+        .map(|m| {
+            assert!(
+                m.get("step_type").is_none(),
+                "init is no top-level step_type"
+            );
+            (
+                m["stepIndex"].as_i64().unwrap(),
+                m["stepName"].as_str().unwrap().to_owned(),
+                m["state"].as_str().unwrap().to_owned(),
+                m["data"]["stepType"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_init_commands_run_before_the_steps_and_hand_on_env_and_path() {
+    let repo = repo();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let done = run_feature(&h, &repo, "init", lock_steps(&["after-init"])).await;
+    assert_eq!(done["state"], "success", "{done}");
+    let init = json!("init");
+    assert_eq!(
+        init_statuses(&h, "init"),
+        [
+            (1_000_000, "init:0".into(), "running".into(), Value::Null),
+            (1_000_000, "init:0".into(), "success".into(), init.clone()),
+            (1_000_001, "init:1".into(), "running".into(), Value::Null),
+            (1_000_001, "init:1".into(), "success".into(), init),
+        ]
+    );
+    assert_eq!(h.lines("init", 1_000_000), ["init zero sees hello"]);
+    assert_eq!(
+        h.lines("init", 1_000_001),
+        ["init one sees FROM_INIT=yes GREETING=unset"]
+    );
+    assert_eq!(
+        h.lines("init", 0),
+        ["step sees FROM_INIT=yes", "inittool ran"]
+    );
+    // Init commands are not steps.
+    assert_eq!(done["data"]["stepResults"].as_array().unwrap().len(), 1);
+
+    let failed = run_feature(&h, &repo, "init-fails", lock_steps(&["never"])).await;
+    assert_eq!(failed["state"], "failed");
+    assert_eq!(
+        failed["data"]["error"],
+        "init[0] failed: Command failed with exit code 4"
+    );
+    assert_eq!(h.lines("init-fails", 1_000_000), ["broken init"]);
+    let states: Vec<String> = init_statuses(&h, "init-fails")
+        .into_iter()
+        .map(|s| s.2)
+        .collect();
+    assert_eq!(states, ["running", "failed"], "the second init never runs");
+    assert!(
+        step_statuses(&h, "init-fails")
+            .iter()
+            .all(|s| s.0 >= 1_000_000),
+        "no step runs after a failed init"
+    );
+
+    let started = Instant::now();
+    let timeout = run_feature(&h, &repo, "init-timeout", lock_steps(&["never"])).await;
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(timeout["state"], "failed");
+    assert_eq!(
+        timeout["data"]["error"],
+        "init[0] timed out: Init 'init:0' timed out after 300ms"
+    );
+
+    let preset = run_feature(&h, &repo, "init-preset", lock_steps(&["never"])).await;
+    assert_eq!(preset["state"], "failed");
+    assert_eq!(
+        preset["data"]["error"],
+        "not supported by this agent yet: init preset mise"
+    );
+    h.assert_no_violations();
+}
+
+/// Something no earlier run of the tests had: fresh cache keys.
+fn unique() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{}-{nanos}", std::process::id())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_install_is_cached_and_the_next_job_restores_it() {
+    let h = start(|c| c).await;
+    h.registered().await;
+    let repo = repo_with_lock_file(&unique());
+    let steps = lock_steps(&["produce", "step-1", "options-step"]);
+    for job_id in ["cache-first", "cache-second"] {
+        let d = dispatch(
+            &repo,
+            job_id,
+            "features.ts",
+            "features",
+            "outputs",
+            steps.clone(),
+        );
+        h.mock.dispatch(&h.agent_id(), d).await.unwrap();
+        let done = h.terminal_status(job_id).await;
+        assert_eq!(done["state"], "success", "{done}");
+        assert_eq!(h.lines(job_id, 1)[0], "version 1.2.3", "zx works");
+    }
+    let first = h.lines("cache-first", -1);
+    assert!(first.contains(
+        &"[kici] Installing workflow dependencies: npm ci --no-audit --no-fund (in .kici)"
+            .to_owned()
+    ));
+    assert!(first.contains(
+        &"[kici] Workflow dependencies kept in the host cache for later jobs".to_owned()
+    ));
+    let second = h.lines("cache-second", -1);
+    assert!(
+        second
+            .iter()
+            .any(|l| l.starts_with("[kici] Workflow dependencies restored from the host cache")),
+        "{second:?}"
+    );
+    assert!(
+        !second.iter().any(|l| l.contains("Installing")),
+        "{second:?}"
+    );
+    h.assert_no_violations();
+}
+
+/// Serves `body` on loopback to every GET; returns the base URL and the request lines seen.
+fn serve(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let requests = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut request_line = String::new();
+            reader.read_line(&mut request_line).unwrap();
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).unwrap() == 0 || header == "\r\n" {
+                    break;
+                }
+            }
+            requests
+                .lock()
+                .unwrap()
+                .push(request_line.trim().to_owned());
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dispatch_deps_tarball_is_checked_restored_and_cached() {
+    use sha2::Digest;
+    // The tarball as the builder packs it: repository-relative `.kici/node_modules`, plus a
+    // file no earlier run had (a fresh sha256, so no cache entry yet).
+    let packed = tempfile::tempdir().unwrap();
+    let modules = packed.path().join(".kici/node_modules");
+    copy_tree(
+        &fixtures().join("typescript/sdk"),
+        &modules.join("@kici-dev/sdk"),
+    );
+    copy_tree(
+        &fixtures().join("typescript/node_modules/zx"),
+        &modules.join("zx"),
+    );
+    std::fs::write(modules.join(".unique"), unique()).unwrap();
+    let tarball = packed.path().join("deps.tgz");
+    let status = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(&tarball)
+        .arg("-C")
+        .arg(packed.path())
+        .arg(".kici")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let body = std::fs::read(&tarball).unwrap();
+    let sha256: String = sha2::Sha256::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (base, requests) = serve(body);
+    let url = format!("{base}/deps.tgz?X-Amz-Signature=sig-secret-123");
+
+    let h = start(|c| c).await;
+    h.registered().await;
+    // An install from this package.json would fail: only the tarball can make the job pass.
+    let repo = repo_without_node_modules("0.0.0-no-such-version");
+    let steps = lock_steps(&["produce", "step-1", "options-step"]);
+    for (job_id, hash) in [
+        ("deps-url", sha256.as_str()),
+        ("deps-url-again", sha256.as_str()),
+        ("deps-url-bad", &"0".repeat(64)),
+    ] {
+        let mut d = dispatch(
+            &repo,
+            job_id,
+            "features.ts",
+            "features",
+            "outputs",
+            steps.clone(),
+        );
+        d["depsUrl"] = json!(url);
+        d["depsHash"] = json!(hash);
+        h.mock.dispatch(&h.agent_id(), d).await.unwrap();
+        h.terminal_status(job_id).await;
+    }
+    let done = h.terminal_status("deps-url").await;
+    assert_eq!(done["state"], "success", "{done}");
+    assert_eq!(h.lines("deps-url", 1)[0], "version 1.2.3");
+    assert!(h.lines("deps-url", -1).contains(&format!(
+        "[kici] Restoring the workflow dependencies from the dispatch's tarball ({base}, sha256 {sha256})"
+    )));
+    let again = h.terminal_status("deps-url-again").await;
+    assert_eq!(again["state"], "success", "{again}");
+    assert!(h
+        .lines("deps-url-again", -1)
+        .iter()
+        .any(|l| l.starts_with("[kici] Workflow dependencies restored from the host cache")));
+    assert_eq!(
+        requests.lock().unwrap().len(),
+        2,
+        "the first job and the one with another depsHash download; the second, from the cache"
+    );
+
+    let bad = h.terminal_status("deps-url-bad").await;
+    assert_eq!(bad["state"], "failed");
+    assert_eq!(
+        bad["data"]["error"],
+        format!(
+            "the workflow dependencies tarball ({base}) does not match the dispatch's depsHash: expected sha256 {}, got {sha256}",
+            "0".repeat(64)
+        )
+    );
+    assert!(step_statuses(&h, "deps-url-bad").is_empty());
+    for job_id in ["deps-url", "deps-url-again", "deps-url-bad"] {
+        let everything = serde_json::to_string(&h.job_messages(job_id)).unwrap();
+        assert!(
+            !everything.contains("sig-secret-123"),
+            "the presigned query leaked"
+        );
+    }
     h.assert_no_violations();
 }

@@ -168,6 +168,32 @@ fn exec_lists_and_runs_jobs_of_a_typescript_workflow_in_the_working_copy() {
     assert!(root.join("tools/mytool").exists());
     assert!(!stdout.contains("does not match"), "{stdout}");
 
+    // Job init commands and `.result` references work the same way locally.
+    let out = agent_command(&[])
+        .arg("exec")
+        .arg(&workflow)
+        .args(["--job", "init"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    for expected in [
+        "-- step init:0 [1000000]\n   | init zero sees hello\n",
+        "   | init one sees FROM_INIT=yes GREETING=unset\n",
+        "   | step sees FROM_INIT=yes\n   | inittool ran\n",
+        "== job success: 1/1 steps succeeded",
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} in {stdout}");
+    }
+    let out = agent_command(&[])
+        .arg("exec")
+        .arg(&workflow)
+        .args(["--job", "result-ref"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("   | artifact app-1.2.3.tgz\n"), "{stdout}");
+
     let out = agent_command(&[])
         .current_dir(root)
         .args(["exec", ".kici/workflows/fails.ts", "--job", "fails"])
@@ -909,6 +935,167 @@ fn a_sandbox_without_bwrap_refuses_to_start() {
             && stderr.contains("apt-get install bubblewrap"),
         "{stderr}"
     );
+}
+
+/// A git repository with the TypeScript fixture workflows and `.kici/node_modules` (the
+/// stand-in SDK and zx): `(dir, file:// URL, branch, sha)`.
+fn typescript_repo() -> (tempfile::TempDir, String, String, String) {
+    let fixtures = examples_dir().join("../tests/fixtures");
+    let zx = fixtures.join("typescript/node_modules/zx");
+    assert!(
+        zx.exists(),
+        "run `npm ci --prefix tests/fixtures/typescript` (scripts/test.sh does)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    copy_tree(&fixtures.join("typescript/repo"), root);
+    copy_tree(
+        &fixtures.join("typescript/sdk"),
+        &root.join(".kici/node_modules/@kici-dev/sdk"),
+    );
+    copy_tree(&zx, &root.join(".kici/node_modules/zx"));
+    let git = |args: &[&str]| {
+        let out = Command::new("git")
+            .args([
+                "-c",
+                "user.name=test",
+                "-c",
+                "user.email=test@example.invalid",
+            ])
+            .args(args)
+            .current_dir(root)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "-A", "-f"]);
+    git(&["commit", "-q", "-m", "workflows"]);
+    let sha = git(&["rev-parse", "HEAD"]);
+    let url = format!("file://{}", root.display());
+    (dir, url, "main".into(), sha)
+}
+
+/// A dispatch of job `job` of the fixture workflow `features`, with `job_env` for its steps.
+fn typescript_dispatch(
+    repo: &(tempfile::TempDir, String, String, String),
+    job_id: &str,
+    job: &str,
+    step: &str,
+    job_env: serde_json::Value,
+) -> serde_json::Value {
+    let mut d = kici_mock_orchestrator::sample_dispatch(
+        "run-sandbox-ts",
+        job_id,
+        &repo.1,
+        &repo.2,
+        &repo.3,
+        serde_json::json!([{"name": step, "hasOutputs": false}]),
+    );
+    let config = &mut d["jobConfig"];
+    config["source"] =
+        serde_json::json!({"file": ".kici/workflows/features.ts", "export": "#default"});
+    config["workflowName"] = serde_json::json!("features");
+    config["name"] = serde_json::json!(job);
+    config["baseJobName"] = serde_json::json!(job);
+    config["jobEnv"] = job_env;
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typescript_jobs_run_inside_the_sandbox() {
+    let repo = typescript_repo();
+    let outside = tempfile::tempdir().unwrap();
+    let outside_file = outside.path().join("agent-secret.txt");
+    std::fs::write(&outside_file, "not for steps").unwrap();
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (child, _, drain) = spawn_agent_with(&mock, &[("KICI_SANDBOX", "true")]);
+    let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+    let dispatch = typescript_dispatch(
+        &repo,
+        "ts-sandbox",
+        "sandbox-probe",
+        "probe",
+        serde_json::json!({"PROBE_OUTSIDE": outside_file.display().to_string()}),
+    );
+    mock.dispatch(&agent_id, dispatch).await.unwrap();
+    let status = mock
+        .wait_for_message(
+            "job.status",
+            |m| m["jobId"] == "ts-sandbox" && m["state"] != "running",
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("the job ended");
+    let lines = log_lines(&mock, "ts-sandbox");
+    assert_eq!(status["state"], "success", "{status} {lines:?}");
+    assert_eq!(
+        lines,
+        [
+            "outside:hidden",
+            "usr:read-only",
+            "pid1:bwrap",
+            "workspace-var:/workspace"
+        ]
+    );
+    drop(child);
+    drain.join().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_cancel_of_a_sandboxed_typescript_job_runs_its_hook_and_kills_everything() {
+    let repo = typescript_repo();
+    let mock = MockOrchestrator::start(MockConfig::default())
+        .await
+        .unwrap();
+    let (child, _, drain) = spawn_agent_with(&mock, &[("KICI_SANDBOX", "true")]);
+    let agent_id = mock.wait_for_agent(Duration::from_secs(20)).await.unwrap();
+    let seconds = format!("{}", 5000 + std::process::id() % 1000);
+    let dispatch = typescript_dispatch(
+        &repo,
+        "ts-sandbox-cancel",
+        "sandbox-cancel",
+        "sleeps",
+        serde_json::json!({"SLEEP_SECONDS": seconds}),
+    );
+    mock.dispatch(&agent_id, dispatch).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while sleeps_of(&seconds).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sleep did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sleeping = sleeps_of(&seconds);
+    mock.cancel(&agent_id, "run-sandbox-ts", "ts-sandbox-cancel", false)
+        .await
+        .unwrap();
+    assert!(mock
+        .wait_for_message(
+            "job.status",
+            |m| job_status_is(m, "ts-sandbox-cancel", "cancelled"),
+            Duration::from_secs(30)
+        )
+        .await
+        .is_some());
+    assert_all_gone(&sleeping).await;
+    let hook_lines: Vec<String> = mock
+        .messages_of_type("log.chunk")
+        .iter()
+        .filter(|m| m["jobId"] == "ts-sandbox-cancel" && m["stepIndex"] != -1)
+        .flat_map(|m| m["lines"].as_array().cloned().unwrap_or_default())
+        .filter_map(|l| l.as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        hook_lines.contains(&"job onCancel hook".to_owned()),
+        "the graceful path ran the hook inside the sandbox: {hook_lines:?}"
+    );
+    drop(child);
+    drain.join().unwrap();
 }
 
 /// Polls `/health` until the agent says it is draining (SIGUSR1 is handled asynchronously).

@@ -44,23 +44,18 @@ impl JobRunner {
             self.control.force.clone(),
         )
         .with_secret_outputs(self.sealer.as_ref().map(|_| ()).map_err(Clone::clone));
-        if self.services.settings.sandbox.is_some() {
-            // Running it unsandboxed would be worse than refusing.
-            let error =
-                "KICI_SANDBOX=true: this agent cannot sandbox TypeScript jobs yet (the runner \
-                 needs Node and the workflow's modules inside the sandbox); unset KICI_SANDBOX or \
-                 run the job in a container"
-                    .to_owned();
-            self.job_log(format!("[kici] {error}")).await;
-            return (JobState::Failed, Some(error));
-        }
         let mut execution = {
             let executor = executor.clone();
             let job = context.clone();
             // The runner and everything it starts join the job's containment.
+            // Under KICI_SANDBOX the executor's processes run in the job's sandbox, with what
+            // the executor needs of the host (Node, the runner) visible read-only.
+            let sandbox = self.lock().sandbox.clone().map(|sandbox| {
+                Arc::new(sandbox.with_read_only(executor.sandbox_read_only_paths()))
+            });
             let policy = crate::containment::SpawnPolicy {
                 containment: self.containment.clone(),
-                sandbox: None,
+                sandbox,
             };
             tokio::spawn(crate::containment::scope(policy, async move {
                 executor.run_job(&job, env, io).await
@@ -252,7 +247,7 @@ impl JobRunner {
             duration_ms: Some(step.duration_ms),
             error: error.clone(),
             exit_code,
-            step_type: None,
+            step_type: (step.kind == StepType::Init).then_some(StepType::Init),
         };
         let finished = StepRef {
             index: step.index,

@@ -286,6 +286,14 @@ impl MockOrchestrator {
     /// Sends a `job.dispatch` to the agent's connection, records the job as owned by that agent
     /// and arms the ack deadline (job.cancel + 4031 when it passes).
     pub async fn dispatch(&self, agent_id: &str, dispatch: Value) -> Result<(), MockError> {
+        self.dispatch_text(agent_id, &dispatch.to_string()).await
+    }
+
+    /// [`dispatch`](Self::dispatch) of a frame exactly as written: a `Value` sorts object keys,
+    /// and some fields' order matters (the contexts of `namespacedSecrets`).
+    pub async fn dispatch_text(&self, agent_id: &str, text: &str) -> Result<(), MockError> {
+        let dispatch: Value = serde_json::from_str(text)
+            .map_err(|e| MockError::InvalidDispatch(format!("not JSON: {e}")))?;
         if dispatch.get("type").and_then(Value::as_str) != Some("job.dispatch") {
             return Err(MockError::InvalidDispatch(
                 "`type` must be \"job.dispatch\"".into(),
@@ -305,7 +313,7 @@ impl MockOrchestrator {
             .send(Command::Dispatch {
                 run_id,
                 job_id,
-                text: dispatch.to_string(),
+                text: text.to_owned(),
             })
             .map_err(|_| MockError::ConnectionClosed(agent_id.to_string()))
     }
