@@ -191,7 +191,8 @@ typedef struct kici_executor_vtable {
     void (*free_user_data)(void *user_data);
     /**
      * Required. Runs one step attempt. `job_json` (`{"runId","jobId","name","config",
-     * "workspace"}`) and `step_json` (`{"index","name","spec","attempt","workspace"}`) are
+     * "workspace","upstreamJobOutputs"}`; the last: job -> step -> outputs of the jobs this
+     * one needs) and `step_json` (`{"index","name","spec","attempt","workspace"}`) are
      * NUL-terminated UTF-8 JSON, valid until the callback returns; so is `context`. Return 0
      * for success; any other value fails the step with that exit code and the message set by
      * `kici_step_context_set_failure`. The agent goes on either way.

@@ -323,7 +323,9 @@ class JobRun {
     this.outputs = {};
     // The same outputs as Maps, for an SDK that reads `.result` references from its own maps.
     this.stepOutputs = new Map();
-    this.jobOutputs = new Map(Object.entries(this.jobConfig.needsOutputs || {}));
+    // The dispatch's `upstreamJobOutputs` (job name -> step name -> outputs), not a jobConfig field.
+    this.upstream = request.upstreamJobOutputs || {};
+    this.jobOutputs = new Map(Object.entries(this.upstream));
     this.stepRefs = new WeakMap();
     this.abort = new AbortController();
     this.forced = false;
@@ -478,7 +480,7 @@ class JobRun {
     const logAt = (level) => (...args) =>
       log(index, (level === 'info' ? '' : `[${level}] `) + format(...args) + '\n');
     const outputsOf = (ref) => run.outputs[run.stepNameOf(ref)];
-    const needs = this.jobConfig.needsOutputs || {};
+    const needs = this.upstream;
     const unsupported = (feature) => ({
       get() {
         throw new Unsupported(feature);

@@ -1387,6 +1387,7 @@ mod tests {
             secrets: BTreeMap::new(),
             namespaced_secrets: Default::default(),
             deps_tarball: None,
+            upstream_job_outputs: Default::default(),
         };
         executor.prepare(&job).await.unwrap();
         let step = StepContext {

@@ -39,6 +39,22 @@ pub struct JobContext {
     /// The dispatch's pre-built workflow dependencies (`depsUrl`, `depsHash`), if any.
     #[serde(skip)]
     pub deps_tarball: Option<crate::deps::DepsTarball>,
+    /// The outputs of the jobs this one `needs` (the dispatch's `upstreamJobOutputs`): job name
+    /// -> step name -> outputs.
+    pub upstream_job_outputs: serde_json::Map<String, serde_json::Value>,
+}
+
+impl JobContext {
+    /// The dispatch's `upstreamJobOutputs` (protocol.md §4.1); empty when absent or not an
+    /// object.
+    pub fn upstream_job_outputs_of(
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        match extra.get("upstreamJobOutputs") {
+            Some(serde_json::Value::Object(outputs)) => outputs.clone(),
+            _ => serde_json::Map::new(),
+        }
+    }
 }
 
 /// One step attempt as executors see it.

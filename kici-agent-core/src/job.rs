@@ -675,6 +675,7 @@ impl JobRunner {
             secrets: dispatch.secrets.clone().unwrap_or_default(),
             namespaced_secrets: dispatch.namespaced_secrets.clone().unwrap_or_default(),
             deps_tarball: crate::deps::DepsTarball::from_dispatch(&dispatch.extra),
+            upstream_job_outputs: JobContext::upstream_job_outputs_of(&dispatch.extra),
         };
         let in_container = match route {
             JobRoute::Steps { image } => image.is_some(),

@@ -543,6 +543,8 @@ struct JobRequest<'a> {
     default_step_timeout_ms: u64,
     secrets: &'a BTreeMap<String, String>,
     job_config: &'a JobConfig,
+    /// The outputs of the jobs this one needs, for `ctx.needs` / `ctx.jobOutputs`.
+    upstream_job_outputs: &'a serde_json::Map<String, serde_json::Value>,
     /// Why `ctx.setSecretOutput` must fail (`{key}` stands for the output's name); absent when
     /// the run has a key to seal secret outputs with.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -809,6 +811,7 @@ impl JobExecutor for TypeScriptExecutor {
             default_step_timeout_ms: self.default_step_timeout.as_millis() as u64,
             secrets: &secrets,
             job_config: &job.config,
+            upstream_job_outputs: &job.upstream_job_outputs,
             secret_output_error: io.secret_outputs().err().map(|reason| {
                 crate::secret_outputs::SecretOutputError::NoRunKey {
                     key: "{key}".into(),

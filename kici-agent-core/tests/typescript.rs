@@ -939,6 +939,35 @@ async fn result_references_read_the_outputs_the_runner_hands_to_the_sdk() {
     h.assert_no_violations();
 }
 
+/// `ctx.needs` and `ctx.jobOutputs` read the dispatch's top-level `upstreamJobOutputs`, where
+/// the orchestrator puts the outputs of the jobs this one needs (protocol.md §4.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn needs_and_job_outputs_read_the_dispatch_upstream_job_outputs() {
+    let repo = repo();
+    let h = start(|c| c).await;
+    h.registered().await;
+    let mut d = dispatch(
+        &repo,
+        "upstream",
+        "features.ts",
+        "features",
+        "upstream",
+        lock_steps(&["read"]),
+    );
+    d["upstreamJobOutputs"] = json!({"build": {"compile": {"version": "1.2.3"}}});
+    h.mock.dispatch(&h.agent_id(), d).await.unwrap();
+    let done = h.terminal_status("upstream").await;
+    assert_eq!(done["state"], "success", "{done}");
+    assert_eq!(
+        h.lines("upstream", 0),
+        [
+            r#"needs {"build":{"compile":{"version":"1.2.3"}}}"#,
+            "version 1.2.3"
+        ]
+    );
+    h.assert_no_violations();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaced_secrets_flatten_over_the_flat_ones_in_dispatch_order() {
     let repo = repo();
