@@ -232,7 +232,15 @@ async fn agent_log_lines_stream_as_json_and_replay_after_an_outage_behind_one_ga
                     .any(|l| l.contains("agent log probe offline 2")),
                 common::WAIT
             )
-            .await
+            .await,
+        "the offline lines never arrived; agent {:?}, {} registrations, listening {}, closes {:?}, \
+         problems {:?}, last lines {:?}",
+        h.agent.state(),
+        h.mock.registrations().len(),
+        h.mock.is_listening(),
+        h.mock.closes(),
+        h.mock.violations(),
+        agent_log_lines(&h, &id).iter().rev().take(5).collect::<Vec<_>>()
     );
     let replay = agent_log_lines(&h, &id).split_off(before);
     let markers: Vec<&String> = replay.iter().filter(|l| l.starts_with("--- ")).collect();

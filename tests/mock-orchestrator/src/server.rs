@@ -16,10 +16,20 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Listens on `addr` with SO_REUSEADDR, so the same port can be bound again after an outage.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    reserve(addr)?.listen(1024)
+}
+
+/// A socket bound to `addr` that does not listen: the kernel refuses connection attempts, and
+/// the port stays ours. Closing the listener outright would let the kernel hand the port to an
+/// outgoing connection as its ephemeral source port (the mock's port is an ephemeral one), and
+/// listening again would fail with "address in use" (seen under load). `SO_REUSEPORT` lets it
+/// be bound while the listener it replaces still is.
+fn reserve(addr: SocketAddr) -> io::Result<TcpSocket> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    Ok(socket)
 }
 
 /// Serves one accepted connection, first completing the TLS handshake in TLS mode.
@@ -34,8 +44,8 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
     }
 }
 
-/// Accepts connections until `stop` turns true. While `accepting` is false the listening socket is
-/// closed, so connection attempts are refused by the kernel.
+/// Accepts connections until `stop` turns true. While `accepting` is false the port is held by a
+/// socket that does not listen, so connection attempts are refused by the kernel.
 pub(crate) async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -50,17 +60,27 @@ pub(crate) async fn accept_loop(
         }
     };
     let mut listener = Some(listener);
+    let mut reserved: Option<TcpSocket> = None;
     shared.set_listening(true);
     loop {
         if *stop.borrow_and_update() {
             break;
         }
         if !*accepting.borrow_and_update() {
-            if listener.take().is_some() {
+            if listener.is_some() {
+                match reserve(addr) {
+                    Ok(socket) => reserved = Some(socket),
+                    Err(err) => shared.record_problem(format!("cannot hold {addr}: {err}")),
+                }
+                listener = None;
                 shared.set_listening(false);
             }
         } else if listener.is_none() {
-            match bind(addr) {
+            let relisten = match reserved.take() {
+                Some(socket) => socket.listen(1024),
+                None => bind(addr),
+            };
+            match relisten {
                 Ok(rebound) => {
                     listener = Some(rebound);
                     shared.set_listening(true);
