@@ -27,6 +27,28 @@ fn scaler(
     }
 }
 
+/// A scaler-managed agent with these windows, against a mock with `mock_config`.
+async fn start_scaler(
+    mock_config: MockConfig,
+    idle: Duration,
+    pending_dispatch: Duration,
+) -> Harness {
+    start_with(
+        mock_config,
+        scaler(idle, pending_dispatch),
+        ExecutorRegistry::new(),
+    )
+    .await
+}
+
+/// A mock whose `register.ack` announces a job on its way (`pendingDispatch`).
+fn announcing() -> MockConfig {
+    MockConfig {
+        pending_dispatch_on_register: true,
+        ..MockConfig::default()
+    }
+}
+
 /// Reads events until `stopped`, noting when each kind first came.
 fn events_until_stopped(harness: &Harness) -> Vec<(Event, Instant)> {
     let deadline = Instant::now() + WAIT;
@@ -65,12 +87,7 @@ fn self_shutdown_reason(events: &[(Event, Instant)]) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_scaler_managed_agent_shuts_itself_down_after_the_idle_window() {
     let idle = Duration::from_millis(600);
-    let harness = start_with(
-        MockConfig::default(),
-        scaler(idle, Duration::from_secs(60)),
-        ExecutorRegistry::new(),
-    )
-    .await;
+    let harness = start_scaler(MockConfig::default(), idle, Duration::from_secs(60)).await;
     let events = tokio::task::block_in_place(|| events_until_stopped(&harness));
     let registered = when(&events, |e| matches!(e, Event::Registered { .. }));
     let stopped = when(&events, |e| *e == Event::Stopped);
@@ -96,12 +113,7 @@ async fn an_idle_scaler_managed_agent_shuts_itself_down_after_the_idle_window() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dispatch_cancels_the_window_and_a_new_one_starts_when_the_job_ends() {
     let idle = Duration::from_millis(1500);
-    let harness = start_with(
-        MockConfig::default(),
-        scaler(idle, Duration::from_secs(60)),
-        ExecutorRegistry::new(),
-    )
-    .await;
+    let harness = start_scaler(MockConfig::default(), idle, Duration::from_secs(60)).await;
     harness.registered().await;
     // Well inside the first window; the job outlives it.
     harness
@@ -122,16 +134,8 @@ async fn a_dispatch_cancels_the_window_and_a_new_one_starts_when_the_job_ends() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_zero_idle_window_shuts_down_as_soon_as_the_job_ends() {
-    let harness = start_with(
-        MockConfig {
-            // The job must arrive before the zero window ends the agent at registration.
-            pending_dispatch_on_register: true,
-            ..MockConfig::default()
-        },
-        scaler(Duration::ZERO, Duration::from_secs(30)),
-        ExecutorRegistry::new(),
-    )
-    .await;
+    // Announcing the job keeps the zero idle window from ending the agent at registration.
+    let harness = start_scaler(announcing(), Duration::ZERO, Duration::from_secs(30)).await;
     harness.registered().await;
     harness
         .dispatch("job-1", json!([{"name": "a", "run": "echo hi"}]))
@@ -145,15 +149,7 @@ async fn a_zero_idle_window_shuts_down_as_soon_as_the_job_ends() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_registration_announcing_a_job_waits_the_pending_dispatch_window() {
     let pending = Duration::from_millis(1500);
-    let harness = start_with(
-        MockConfig {
-            pending_dispatch_on_register: true,
-            ..MockConfig::default()
-        },
-        scaler(Duration::from_millis(50), pending),
-        ExecutorRegistry::new(),
-    )
-    .await;
+    let harness = start_scaler(announcing(), Duration::from_millis(50), pending).await;
     let events = tokio::task::block_in_place(|| events_until_stopped(&harness));
     let registered = when(&events, |e| matches!(e, Event::Registered { .. }));
     let stopped = when(&events, |e| *e == Event::Stopped);
@@ -170,13 +166,10 @@ async fn a_registration_announcing_a_job_waits_the_pending_dispatch_window() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_announced_job_runs_and_the_normal_window_follows_it() {
-    let harness = start_with(
-        MockConfig {
-            pending_dispatch_on_register: true,
-            ..MockConfig::default()
-        },
-        scaler(Duration::from_millis(100), Duration::from_secs(30)),
-        ExecutorRegistry::new(),
+    let harness = start_scaler(
+        announcing(),
+        Duration::from_millis(100),
+        Duration::from_secs(30),
     )
     .await;
     harness.registered().await;
