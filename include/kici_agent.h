@@ -19,6 +19,12 @@
  * - All text is NUL-terminated UTF-8 unless a comment says otherwise.
  * - Thread safety is stated on each object and function. Callbacks must never unwind
  *   (no longjmp, no C++ exception) out of their frame.
+ * - Signals: the library never changes a signal mask and installs no handler of its own; a
+ *   host that forks or execs is unaffected. It waits for the processes of a job through pidfds
+ *   (Linux 5.3+). Where pidfd_open is missing (older kernels; valgrind 3.19 does not emulate it)
+ *   its runtime falls back to a SIGCHLD handler (SA_RESTART): calls the kernel never restarts
+ *   (socket calls with a timeout, poll, select, nanosleep, ...) may then fail with EINTR in a
+ *   host thread that does not block SIGCHLD. Retry them, as POSIX code should.
  */
 
 #ifndef KICI_AGENT_H

@@ -4,6 +4,8 @@
 #include "harness.h"
 
 #include <netdb.h>
+#include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,6 +55,15 @@ int harness_finish(const char *program) {
     return harness_failures == 0 ? 0 : 1;
 }
 
+int harness_timeout_ms(int timeout_ms) {
+    const char *scale_text = getenv("KICI_E2E_TIME_SCALE");
+    long scale = scale_text ? strtol(scale_text, NULL, 10) : 1;
+    if (scale < 1 || scale > 20) {
+        scale = 1;
+    }
+    return timeout_ms > INT_MAX / (int)scale ? INT_MAX : timeout_ms * (int)scale;
+}
+
 const char *harness_env(const char *name) {
     const char *value = getenv(name);
     if (value == NULL || value[0] == '\0') {
@@ -97,7 +108,7 @@ static int parse_base_url(const char *base_url, char *host, size_t host_len, cha
     return 0;
 }
 
-static int connect_to(const char *host, const char *port) {
+static int connect_to(const char *host, const char *port, int patience_s) {
     struct addrinfo hints;
     struct addrinfo *found = NULL;
     struct addrinfo *candidate;
@@ -122,8 +133,8 @@ static int connect_to(const char *host, const char *port) {
     }
     freeaddrinfo(found);
     if (fd >= 0) {
-        /* Longer than any /wait the tests ask for, so a hung peer fails the test. */
-        patience.tv_sec = 90;
+        /* A hung peer fails the test instead of hanging it. */
+        patience.tv_sec = patience_s;
         patience.tv_usec = 0;
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &patience, sizeof patience);
         setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &patience, sizeof patience);
@@ -134,6 +145,9 @@ static int connect_to(const char *host, const char *port) {
 static int send_all(int fd, const char *data, size_t len) {
     while (len > 0) {
         ssize_t sent = send(fd, data, len, 0);
+        if (sent < 0 && errno == EINTR) {
+            continue;
+        }
         if (sent <= 0) {
             return -1;
         }
@@ -162,6 +176,11 @@ static char *read_all(int fd, size_t *out_len) {
             cap *= 2;
         }
         got = recv(fd, buf + len, cap - len - 1, 0);
+        if (got < 0 && errno == EINTR) {
+            /* A socket with a receive timeout is never restarted after a signal handler
+             * (signal(7)); the library's runtime may have one for SIGCHLD (see the header). */
+            continue;
+        }
         if (got < 0) {
             free(buf);
             return NULL;
@@ -195,8 +214,9 @@ static size_t dechunk(char *body) {
     return (size_t)(write - body);
 }
 
-http_response http_request(const char *base_url, const char *method, const char *path,
-                           const char *body) {
+/* http_request, waiting up to `patience_s` seconds for each read or write. */
+static http_response http_request_within(const char *base_url, const char *method,
+                                         const char *path, const char *body, int patience_s) {
     http_response response = {0, NULL};
     char host[256];
     char port[16];
@@ -212,7 +232,7 @@ http_response http_request(const char *base_url, const char *method, const char 
         fprintf(stderr, "bad base URL %s\n", base_url);
         return response;
     }
-    fd = connect_to(host, port);
+    fd = connect_to(host, port, patience_s);
     if (fd < 0) {
         return response;
     }
@@ -266,6 +286,11 @@ void http_response_free(http_response *response) {
     response->body = NULL;
 }
 
+http_response http_request(const char *base_url, const char *method, const char *path,
+                           const char *body) {
+    return http_request_within(base_url, method, path, body, 90);
+}
+
 /* ---- the mock orchestrator ----------------------------------------------------------- */
 
 int mock_post(const char *path, const char *json_body) {
@@ -282,10 +307,13 @@ int mock_post(const char *path, const char *json_body) {
 char *mock_wait(const char *type, const char *state, const char *job_id, int timeout_ms) {
     char path[512];
     http_response response;
+    timeout_ms = harness_timeout_ms(timeout_ms);
     snprintf(path, sizeof path, "/wait?type=%s%s%s%s%s&timeoutMs=%d", type,
              state ? "&state=" : "", state ? state : "", job_id ? "&jobId=" : "",
              job_id ? job_id : "", timeout_ms);
-    response = http_request(harness_env("KICI_E2E_CONTROL_URL"), "GET", path, NULL);
+    /* The socket outlasts the mock's own wait, so a 408 is what says "not seen". */
+    response = http_request_within(harness_env("KICI_E2E_CONTROL_URL"), "GET", path, NULL,
+                                   timeout_ms / 1000 + 30);
     if (response.status != 200) {
         fprintf(stderr, "GET %s -> %d %s\n", path, response.status,
                 response.body ? response.body : "");
@@ -382,7 +410,7 @@ static long long monotonic_ms(void) {
 
 char *harness_wait_event(const kici_agent *agent, const char *needle1, const char *needle2,
                          int timeout_ms) {
-    long long deadline = monotonic_ms() + timeout_ms;
+    long long deadline = monotonic_ms() + harness_timeout_ms(timeout_ms);
     for (;;) {
         long long left = deadline - monotonic_ms();
         char *json = NULL;

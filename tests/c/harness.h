@@ -44,6 +44,10 @@ typedef struct http_response {
     char *body;
 } http_response;
 
+/* `timeout_ms` times KICI_E2E_TIME_SCALE (an integer 1-20, default 1): run.sh sets it for the
+ * valgrind variant, where in-process work (the git clone above all) runs tens of times slower. */
+int harness_timeout_ms(int timeout_ms);
+
 /* GET or POST `path` at `base_url` ("http://127.0.0.1:PORT"); body may be NULL. */
 http_response http_request(const char *base_url, const char *method, const char *path,
                            const char *body);
@@ -51,7 +55,8 @@ void http_response_free(http_response *response);
 
 /* POST to the mock's control API; returns the HTTP status. */
 int mock_post(const char *path, const char *json_body);
-/* GET /wait?type=...&state=...&jobId=...; returns the message (free it) or NULL on 408. */
+/* GET /wait?type=...&state=...&jobId=...; returns the message (free it) or NULL on 408.
+ * timeout_ms is scaled by harness_timeout_ms. */
 char *mock_wait(const char *type, const char *state, const char *job_id, int timeout_ms);
 /* GET /received as one string (free it). */
 char *mock_received(void);
@@ -65,7 +70,8 @@ int mock_dispatch(const char *agent_id, const char *run_id, const char *job_id,
 kici_config *harness_config(const char *agent_id);
 
 /* Reads events until one whose JSON contains every non-NULL needle; returns it (free it with
- * kici_string_free) or NULL after timeout_ms. Other events are dropped. */
+ * kici_string_free) or NULL after timeout_ms (scaled by harness_timeout_ms). Other events are
+ * dropped. */
 char *harness_wait_event(const kici_agent *agent, const char *needle1, const char *needle2,
                          int timeout_ms);
 
