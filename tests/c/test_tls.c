@@ -54,8 +54,9 @@ static void test_an_untrusted_certificate_is_a_clear_health_error(void) {
     CHECK_CODE(KICI_RESULT_OK, kici_agent_start(agent, &err), err);
 
     /* Refused, then retried: a certificate can be fixed, so the failure is not permanent. */
-    response = http_request(harness_env("KICI_E2E_CONTROL_URL"), "GET",
-                            "/wait_tls_failures?count=2&timeoutMs=30000", NULL);
+    snprintf(endpoint, sizeof endpoint, "/wait_tls_failures?count=2&timeoutMs=%d",
+             harness_timeout_ms(30000));
+    response = http_request(harness_env("KICI_E2E_CONTROL_URL"), "GET", endpoint, NULL);
     CHECK(response.status == 200);
     http_response_free(&response);
 

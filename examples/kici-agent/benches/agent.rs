@@ -9,6 +9,11 @@
 //!
 //! The Node reference agent, measured on the same kind of machine (notes/node-agent-baseline):
 //! 1.839 s to registered, 202.3 MiB idle RSS, 92 % of a 200,000-line log lost.
+//!
+//! `KICI_BENCH_BASELINE_BIN=/path/to/an/older/kici-agent` measures that binary in the same run,
+//! interleaved with this build (starts alternate, both idle side by side, dispatches alternate), so
+//! a regression shows against a baseline under the same machine load. The big-log figure is
+//! measured for this build only.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,8 +32,22 @@ impl Drop for Agent {
     }
 }
 
-fn spawn(mock: &MockOrchestrator, id: &str, extra: &[(&str, &str)]) -> Agent {
-    let mut command = Command::new(BIN);
+/// The binaries measured: this build, then the baseline if one is given.
+fn binaries() -> Vec<(&'static str, String)> {
+    let mut binaries = vec![("this build", BIN.to_owned())];
+    if let Some(baseline) = std::env::var_os("KICI_BENCH_BASELINE_BIN") {
+        let baseline = baseline.to_string_lossy().into_owned();
+        assert!(
+            std::path::Path::new(&baseline).is_file(),
+            "KICI_BENCH_BASELINE_BIN={baseline} is not a file"
+        );
+        binaries.push(("baseline", baseline));
+    }
+    binaries
+}
+
+fn spawn(mock: &MockOrchestrator, bin: &str, id: &str, extra: &[(&str, &str)]) -> Agent {
+    let mut command = Command::new(bin);
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -89,111 +108,138 @@ async fn registered(mock: &MockOrchestrator, id: &str) {
     );
 }
 
-async fn startup(mock: &MockOrchestrator) {
-    let mut times = Vec::new();
-    let mut to_first_frame = Vec::new();
+async fn startup(mock: &MockOrchestrator, binaries: &[(&'static str, String)]) {
+    let mut times = vec![Vec::new(); binaries.len()];
+    let mut to_first_frame = vec![Vec::new(); binaries.len()];
+    // Alternate the binaries start by start, so both see the same machine load.
     for i in 0..20 {
-        let id = format!("start-{i}");
-        let started = Instant::now();
-        let agent = spawn(mock, &id, &[]);
-        registered(mock, &id).await;
-        times.push(started.elapsed());
-        // The agent's first frame on the wire: process start, runtime, config, connect.
-        let first = mock
-            .received()
-            .into_iter()
-            .filter(|r| r.at >= started)
-            .map(|r| r.at)
-            .min()
-            .unwrap();
-        to_first_frame.push(first - started);
-        drop(agent);
+        for (b, (_, bin)) in binaries.iter().enumerate() {
+            let id = format!("start-{b}-{i}");
+            let started = Instant::now();
+            let agent = spawn(mock, bin, &id, &[]);
+            registered(mock, &id).await;
+            times[b].push(started.elapsed());
+            // The agent's first frame on the wire: process start, runtime, config, connect.
+            let first = mock
+                .received()
+                .into_iter()
+                .filter(|r| r.at >= started)
+                .map(|r| r.at)
+                .min()
+                .unwrap();
+            to_first_frame[b].push(first - started);
+            drop(agent);
+        }
     }
-    println!(
-        "start -> registered: median {:.1} ms (min {:.1}, max {:.1}; n=20; first frame on the wire after {:.1} ms)   [Node agent: 1839 ms]",
-        median(times.clone()).as_secs_f64() * 1e3,
-        times.iter().min().unwrap().as_secs_f64() * 1e3,
-        times.iter().max().unwrap().as_secs_f64() * 1e3,
-        median(to_first_frame).as_secs_f64() * 1e3
-    );
+    for (b, (label, _)) in binaries.iter().enumerate() {
+        println!(
+            "[{label}] start -> registered: median {:.1} ms (min {:.1}, max {:.1}; n=20; first frame on the wire after {:.1} ms)   [Node agent: 1839 ms]",
+            median(times[b].clone()).as_secs_f64() * 1e3,
+            times[b].iter().min().unwrap().as_secs_f64() * 1e3,
+            times[b].iter().max().unwrap().as_secs_f64() * 1e3,
+            median(to_first_frame[b].clone()).as_secs_f64() * 1e3
+        );
+    }
 
-    let agent = spawn(mock, "idle", &[]);
-    registered(mock, "idle").await;
+    // Side by side: both idle through the same 5 s.
+    let mut idle = Vec::new();
+    for (b, (_, bin)) in binaries.iter().enumerate() {
+        let id = format!("idle-{b}");
+        idle.push(spawn(mock, bin, &id, &[]));
+        registered(mock, &id).await;
+    }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    println!(
-        "idle RSS 5 s after registering: {:.1} MiB   [Node agent: 202.3 MiB]",
-        mib(status_field(agent.0.id(), "VmRSS:"))
-    );
-    drop(agent);
+    for ((label, _), agent) in binaries.iter().zip(&idle) {
+        println!(
+            "[{label}] idle RSS 5 s after registering: {:.1} MiB   [Node agent: 202.3 MiB]",
+            mib(status_field(agent.0.id(), "VmRSS:"))
+        );
+    }
+    drop(idle);
 
-    let agent = spawn(mock, "beats", &[("KICI_HEARTBEAT_INTERVAL_MS", "5")]);
-    registered(mock, "beats").await;
-    let before = mock.messages_of_type("heartbeat").len();
-    let pid = agent.0.id();
-    assert!(
-        mock.wait_until(
-            |m| m.messages_of_type("heartbeat").len() >= before + 1000,
-            WAIT
-        )
-        .await
-    );
-    println!(
-        "RSS after 1,000 heartbeat cycles (5 ms): {:.1} MiB (peak {:.1} MiB)",
-        mib(status_field(pid, "VmRSS:")),
-        mib(status_field(pid, "VmHWM:"))
-    );
+    for (b, (label, bin)) in binaries.iter().enumerate() {
+        let id = format!("beats-{b}");
+        let agent = spawn(mock, bin, &id, &[("KICI_HEARTBEAT_INTERVAL_MS", "5")]);
+        registered(mock, &id).await;
+        // One agent at a time (the others are stopped), so every heartbeat is this one's.
+        let beats = |m: &MockOrchestrator| m.messages_of_type("heartbeat").len();
+        let before = beats(mock);
+        let pid = agent.0.id();
+        assert!(mock.wait_until(|m| beats(m) >= before + 1000, WAIT).await);
+        println!(
+            "[{label}] RSS after 1,000 heartbeat cycles (5 ms): {:.1} MiB (peak {:.1} MiB)",
+            mib(status_field(pid, "VmRSS:")),
+            mib(status_field(pid, "VmHWM:"))
+        );
+    }
 }
 
-async fn dispatch_latency(mock: &MockOrchestrator) {
-    let agent = spawn(mock, "latency", &[]);
-    registered(mock, "latency").await;
-    let mut times = Vec::new();
+async fn dispatch_latency(mock: &MockOrchestrator, binaries: &[(&'static str, String)]) {
+    let mut agents = Vec::new();
+    for (b, (_, bin)) in binaries.iter().enumerate() {
+        let id = format!("latency-{b}");
+        agents.push(spawn(mock, bin, &id, &[]));
+        registered(mock, &id).await;
+    }
+    let mut times = vec![Vec::new(); binaries.len()];
+    // Alternate the agents job by job.
     for i in 0..20 {
-        let job = format!("lat-{i}");
-        // The step's first act is to print the wall clock in ns.
-        let steps = serde_json::json!([{"name": "t", "run": "date +%s%N"}]);
-        let dispatch = kici_mock_orchestrator::sample_dispatch(
-            &format!("r-{job}"),
-            &job,
-            "",
-            "main",
-            "",
-            steps,
-        );
-        let sent = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap();
-        mock.dispatch("latency", dispatch).await.unwrap();
-        let job_id = job.clone();
-        let chunk = mock
-            .wait_for_message(
-                "log.chunk",
-                move |m| m["jobId"] == job_id.as_str() && m["stepIndex"] == 0,
+        for b in 0..binaries.len() {
+            let job = format!("lat-{b}-{i}");
+            // The step's first act is to print the wall clock in ns.
+            let steps = serde_json::json!([{"name": "t", "run": "date +%s%N"}]);
+            let dispatch = kici_mock_orchestrator::sample_dispatch(
+                &format!("r-{job}"),
+                &job,
+                "",
+                "main",
+                "",
+                steps,
+            );
+            let sent = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            mock.dispatch(&format!("latency-{b}"), dispatch)
+                .await
+                .unwrap();
+            let job_id = job.clone();
+            let chunk = mock
+                .wait_for_message(
+                    "log.chunk",
+                    move |m| m["jobId"] == job_id.as_str() && m["stepIndex"] == 0,
+                    WAIT,
+                )
+                .await
+                .unwrap();
+            let started_ns: u128 = chunk["lines"][0].as_str().unwrap().parse().unwrap();
+            times[b].push(Duration::from_nanos((started_ns - sent.as_nanos()) as u64));
+            let job_id = job.clone();
+            mock.wait_for_message(
+                "job.status",
+                move |m| m["jobId"] == job_id.as_str() && m["state"] == "success",
                 WAIT,
             )
             .await
-            .unwrap();
-        let started_ns: u128 = chunk["lines"][0].as_str().unwrap().parse().unwrap();
-        times.push(Duration::from_nanos((started_ns - sent.as_nanos()) as u64));
-        let job_id = job.clone();
-        mock.wait_for_message(
-            "job.status",
-            move |m| m["jobId"] == job_id.as_str() && m["state"] == "success",
-            WAIT,
-        )
-        .await
-        .expect("job finished");
+            .expect("job finished");
+        }
     }
-    println!(
-        "dispatch -> first step process running: median {:.2} ms (min {:.2}; n=20; includes bash start-up and `date`)",
-        median(times.clone()).as_secs_f64() * 1e3,
-        times.iter().min().unwrap().as_secs_f64() * 1e3
-    );
-    drop(agent);
+    for (b, (label, _)) in binaries.iter().enumerate() {
+        println!(
+            "[{label}] dispatch -> first step process running: median {:.2} ms (min {:.2}; n=20; includes bash start-up and `date`)",
+            median(times[b].clone()).as_secs_f64() * 1e3,
+            times[b].iter().min().unwrap().as_secs_f64() * 1e3
+        );
+    }
+    drop(agents);
 }
 
 async fn big_log(mock: &MockOrchestrator) {
-    let agent = spawn(mock, "spew", &[("KICI_MAX_LOG_SIZE_BYTES", "33554432")]);
+    let agent = spawn(
+        mock,
+        BIN,
+        "spew",
+        &[("KICI_MAX_LOG_SIZE_BYTES", "33554432")],
+    );
     registered(mock, "spew").await;
     let pid = agent.0.id();
     let cpu_before = cpu_seconds(pid);
@@ -264,8 +310,9 @@ fn main() {
             ..MockConfig::default()
         };
         let mock = MockOrchestrator::start(config).await.unwrap();
-        startup(&mock).await;
-        dispatch_latency(&mock).await;
+        let binaries = binaries();
+        startup(&mock, &binaries).await;
+        dispatch_latency(&mock, &binaries).await;
         big_log(&mock).await;
     });
 }

@@ -9,6 +9,9 @@
 //! - the runner's peak RSS when its first step runs.
 //!
 //! The Node reference agent: ~1.4 s job start and ~210 MiB per job (notes/node-agent-baseline).
+//!
+//! `KICI_BENCH_BASELINE_BIN=/path/to/an/older/kici-agent` measures that binary in the same run,
+//! job by job alternating with this build, so a regression shows under the same machine load.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -87,11 +90,12 @@ fn now() -> Duration {
 /// Dispatches and returns (dispatch -> first step's reported start, the step's log lines).
 async fn first_step(
     mock: &MockOrchestrator,
+    agent_id: &str,
     job: &str,
     dispatch: Value,
 ) -> (Duration, Vec<String>) {
     let sent = now();
-    mock.dispatch("ts-bench", dispatch).await.unwrap();
+    mock.dispatch(agent_id, dispatch).await.unwrap();
     let job_id = job.to_owned();
     let done = mock
         .wait_for_message(
@@ -125,6 +129,32 @@ async fn first_step(
     )
 }
 
+fn spawn(mock: &MockOrchestrator, bin: &str, id: &str) -> Agent {
+    Agent(
+        Command::new(bin)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", std::env::var("HOME").unwrap_or_default())
+            .env("KICI_ORCHESTRATOR_URL", mock.ws_url())
+            .env("KICI_AGENT_TOKEN", TEST_TOKEN)
+            .env("KICI_AGENT_ID", id)
+            .env("KICI_PORT", "0")
+            .env("KICI_BIND_ADDRESS", "127.0.0.1")
+            .env("KICI_LOG_LEVEL", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn the agent"),
+    )
+}
+
+/// Figures of one binary.
+#[derive(Default)]
+struct Figures {
+    typescript: Vec<Duration>,
+    shell: Vec<Duration>,
+    rss_kib: Vec<u64>,
+}
+
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
@@ -132,80 +162,84 @@ async fn main() {
     let mock = MockOrchestrator::start(MockConfig::default())
         .await
         .unwrap();
-    let agent = Agent(
-        Command::new(BIN)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("HOME", std::env::var("HOME").unwrap_or_default())
-            .env("KICI_ORCHESTRATOR_URL", mock.ws_url())
-            .env("KICI_AGENT_TOKEN", TEST_TOKEN)
-            .env("KICI_AGENT_ID", "ts-bench")
-            .env("KICI_PORT", "0")
-            .env("KICI_BIND_ADDRESS", "127.0.0.1")
-            .env("KICI_LOG_LEVEL", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn the agent"),
-    );
-    assert!(mock
-        .wait_for_message("config.ack", |m| m["agentId"] == "ts-bench", WAIT)
-        .await
-        .is_some());
-
-    let mut typescript = Vec::new();
-    let mut shell = Vec::new();
-    let mut rss_kib = Vec::new();
-    for i in 0..RUNS {
-        let ts_job = format!("ts-{i}");
-        let mut d = kici_mock_orchestrator::sample_dispatch(
-            &format!("r-{ts_job}"),
-            &ts_job,
-            &url,
-            &branch,
-            &sha,
-            json!([{"name": "report", "hasOutputs": false}]),
+    let mut binaries = vec![("this build", BIN.to_owned())];
+    if let Some(baseline) = std::env::var_os("KICI_BENCH_BASELINE_BIN") {
+        let baseline = baseline.to_string_lossy().into_owned();
+        assert!(
+            Path::new(&baseline).is_file(),
+            "KICI_BENCH_BASELINE_BIN={baseline} is not a file"
         );
-        d["jobConfig"]["source"]["file"] = json!(".kici/workflows/bench.ts");
-        d["jobConfig"]["workflowName"] = json!("bench");
-        d["jobConfig"]["name"] = json!("first-step");
-        d["jobConfig"]["baseJobName"] = json!("first-step");
-        let (elapsed, lines) = first_step(&mock, &ts_job, d).await;
-        typescript.push(elapsed);
-        rss_kib.push(
-            lines
-                .iter()
-                .find_map(|l| l.strip_prefix("rss "))
-                .and_then(|v| v.parse::<u64>().ok())
-                .expect("the step printed its RSS"),
-        );
-
-        let sh_job = format!("sh-{i}");
-        let d = kici_mock_orchestrator::sample_dispatch(
-            &format!("r-{sh_job}"),
-            &sh_job,
-            &url,
-            &branch,
-            &sha,
-            json!([{"name": "t", "run": "date +%s%N"}]),
-        );
-        shell.push(first_step(&mock, &sh_job, d).await.0);
+        binaries.push(("baseline", baseline));
     }
-    let ts = median(typescript.clone());
-    let sh = median(shell);
-    rss_kib.sort();
-    println!(
-        "dispatch -> first TypeScript step running: median {:.1} ms (min {:.1}; n={RUNS}; checkout included)   [Node agent: ~1400 ms job start]",
-        ts.as_secs_f64() * 1e3,
-        typescript.iter().min().unwrap().as_secs_f64() * 1e3
-    );
-    println!(
-        "dispatch -> first shell step running, same checkout: median {:.1} ms; runner overhead (difference): {:.1} ms",
-        sh.as_secs_f64() * 1e3,
-        (ts.as_secs_f64() - sh.as_secs_f64()) * 1e3
-    );
-    println!(
-        "runner peak RSS at its first step: median {:.1} MiB   [Node agent: ~210 MiB per job]",
-        rss_kib[rss_kib.len() / 2] as f64 / 1024.0
-    );
-    drop(agent);
+    let mut agents = Vec::new();
+    for (b, (_, bin)) in binaries.iter().enumerate() {
+        let id = format!("ts-bench-{b}");
+        agents.push(spawn(&mock, bin, &id));
+        assert!(mock
+            .wait_for_message("config.ack", move |m| m["agentId"] == id.as_str(), WAIT)
+            .await
+            .is_some());
+    }
+
+    let mut figures: Vec<Figures> = binaries.iter().map(|_| Figures::default()).collect();
+    for i in 0..RUNS {
+        for (b, figures) in figures.iter_mut().enumerate() {
+            let agent_id = format!("ts-bench-{b}");
+            let ts_job = format!("ts-{b}-{i}");
+            let mut d = kici_mock_orchestrator::sample_dispatch(
+                &format!("r-{ts_job}"),
+                &ts_job,
+                &url,
+                &branch,
+                &sha,
+                json!([{"name": "report", "hasOutputs": false}]),
+            );
+            d["jobConfig"]["source"]["file"] = json!(".kici/workflows/bench.ts");
+            d["jobConfig"]["workflowName"] = json!("bench");
+            d["jobConfig"]["name"] = json!("first-step");
+            d["jobConfig"]["baseJobName"] = json!("first-step");
+            let (elapsed, lines) = first_step(&mock, &agent_id, &ts_job, d).await;
+            figures.typescript.push(elapsed);
+            figures.rss_kib.push(
+                lines
+                    .iter()
+                    .find_map(|l| l.strip_prefix("rss "))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .expect("the step printed its RSS"),
+            );
+
+            let sh_job = format!("sh-{b}-{i}");
+            let d = kici_mock_orchestrator::sample_dispatch(
+                &format!("r-{sh_job}"),
+                &sh_job,
+                &url,
+                &branch,
+                &sha,
+                json!([{"name": "t", "run": "date +%s%N"}]),
+            );
+            figures
+                .shell
+                .push(first_step(&mock, &agent_id, &sh_job, d).await.0);
+        }
+    }
+    for ((label, _), mut figures) in binaries.iter().zip(figures) {
+        let ts = median(figures.typescript.clone());
+        let sh = median(figures.shell);
+        figures.rss_kib.sort();
+        println!(
+            "[{label}] dispatch -> first TypeScript step running: median {:.1} ms (min {:.1}; n={RUNS}; checkout included)   [Node agent: ~1400 ms job start]",
+            ts.as_secs_f64() * 1e3,
+            figures.typescript.iter().min().unwrap().as_secs_f64() * 1e3
+        );
+        println!(
+            "[{label}] dispatch -> first shell step running, same checkout: median {:.1} ms; runner overhead (difference): {:.1} ms",
+            sh.as_secs_f64() * 1e3,
+            (ts.as_secs_f64() - sh.as_secs_f64()) * 1e3
+        );
+        println!(
+            "[{label}] runner peak RSS at its first step: median {:.1} MiB   [Node agent: ~210 MiB per job]",
+            figures.rss_kib[figures.rss_kib.len() / 2] as f64 / 1024.0
+        );
+    }
+    drop(agents);
 }

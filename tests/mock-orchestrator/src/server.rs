@@ -12,7 +12,9 @@ use tokio::sync::watch;
 use crate::connection::serve_connection;
 use crate::state::Shared;
 
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frees a connection whose client never completes the handshake. Generous: an agent under
+/// valgrind on a loaded machine needs more than 10 s for its side of the handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Listens on `addr` with SO_REUSEADDR, so the same port can be bound again after an outage.
 pub(crate) fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
