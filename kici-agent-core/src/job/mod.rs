@@ -32,6 +32,7 @@ use crate::process::StepEnv;
 use crate::protocol::{
     new_message_id, now_ms, ConcurrencyKind, JobDispatch, JobRef, JobState, JobStatus,
     JobStatusData, Outbound, SecretOutput, StepState, StepStatus, StepStatusData, StepType,
+    JOB_LOG_INDEX,
 };
 use crate::routing::ExecutorRegistry;
 use crate::secret_outputs::{RunKeyError, SecretOutputSealer};
@@ -52,9 +53,6 @@ use end::JobEnd;
 use masker::JobMasker;
 use plan::StepRef;
 use resend::resend_running;
-
-/// Index of job-level log lines (`log.chunk.stepIndex`).
-pub const JOB_LOG_INDEX: i64 = -1;
 
 /// What every job of one agent shares.
 pub(crate) struct JobServices {

@@ -9,13 +9,13 @@ use tokio::sync::mpsc;
 
 use super::plan::StepRef;
 use super::step_secrets::SecretOutputs;
-use super::{await_execution, JobRunner, JOB_LOG_INDEX};
+use super::{await_execution, JobRunner};
 use crate::events::Event;
 use crate::executor::JobContext;
 use crate::job_executor::{JobEvent, JobExecutor, JobIo, JobOutcome, StepFinished};
 use crate::logs::StepLog;
 use crate::process::StepEnv;
-use crate::protocol::{JobState, StepState, StepStatusData, StepType};
+use crate::protocol::{JobState, StepState, StepStatusData, StepType, JOB_LOG_INDEX};
 use crate::routing::flat_steps;
 
 /// A step that started and has not finished yet, with its log.

@@ -389,7 +389,11 @@ pub struct StepStatusData {
     pub step_type: Option<StepType>,
 }
 
-/// `log.chunk`: `stepIndex` -1 carries job-level lines.
+/// `log.chunk.stepIndex` of job-level lines (the agent's own and a whole-job executor's),
+/// which belong to no step.
+pub const JOB_LOG_INDEX: i64 = -1;
+
+/// `log.chunk`: `stepIndex` [`JOB_LOG_INDEX`] carries job-level lines.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LogChunk {
