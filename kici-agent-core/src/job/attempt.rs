@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::plan::PlannedStep;
+use super::plan::{Interruption, PlannedStep};
 use super::step_secrets::SecretOutputs;
 use super::{await_execution, panic_message, JobRunner, ABANDON_AFTER_FORCE};
 use crate::executor::{Executor, JobContext, StepContext, StepEvent, StepIo};
@@ -80,11 +80,7 @@ impl JobRunner {
             }))
         };
 
-        let timeout = Duration::from_millis(
-            step.spec
-                .timeout
-                .unwrap_or(self.services.settings.default_step_timeout.as_millis() as u64),
-        );
+        let timeout = step.timeout(self.services.settings.default_step_timeout);
         let timeout_grace = self
             .services
             .settings
@@ -195,32 +191,13 @@ impl JobRunner {
             }
             (result, None) => result,
         };
-        if self.job_timed_out.is_cancelled() {
-            return (
-                StepState::Failed,
-                Some(StepFailure::new(format!(
-                    "Step '{name}' aborted: job timeout exceeded"
-                ))),
-                log_bytes,
-            );
-        }
-        if stop.is_cancelled() {
-            return (StepState::Cancelled, None, log_bytes);
-        }
-        if timed_out {
-            return (
-                StepState::Failed,
-                Some(StepFailure::new(format!(
-                    "Step '{name}' timed out after {}ms",
-                    timeout.as_millis()
-                ))),
-                log_bytes,
-            );
-        }
-        match result {
-            Ok(()) => (StepState::Success, None, log_bytes),
-            Err(failure) => (StepState::Failed, Some(failure), log_bytes),
-        }
+        let interrupted = Interruption {
+            job_timeout: self.job_timed_out.is_cancelled(),
+            stopped: stop.is_cancelled(),
+            step_timeout: timed_out,
+        };
+        let (state, failure) = step.verdict(result, interrupted, timeout);
+        (state, failure, log_bytes)
     }
 
     async fn prepare_once(

@@ -323,7 +323,7 @@ impl JobRunner {
     ) -> StepEnd {
         let name = step.spec.name.clone();
         let continue_on_error = step.spec.continue_on_error == Some(true);
-        let max_attempts = step.spec.retry.as_ref().map_or(1, |r| r.max_attempts());
+        let max_attempts = step.max_attempts();
         let executor = self
             .executor_for(context, in_container, &name)
             .await
@@ -366,34 +366,32 @@ impl JobRunner {
                 duration_ms,
                 log_bytes,
             );
-            let retrying =
-                state == StepState::Failed && attempt < max_attempts && !stop.is_cancelled();
-            if !retrying {
+            let retry = match state {
+                StepState::Failed => step.retry_delay(attempt, stop.is_cancelled()),
+                _ => None,
+            };
+            if retry.is_none() {
                 // Live, once per step: its final attempt is its result.
                 self.services
                     .metrics
                     .step_finished(state, duration_ms as f64 / 1000.0);
             }
-            match state {
-                StepState::Success => return StepEnd::Success,
-                StepState::Failed if retrying => {
-                    let delay = step
-                        .spec
-                        .retry
-                        .as_ref()
-                        .map_or(0, |r| r.delay_after(attempt));
+            match (state, retry) {
+                (StepState::Success, _) => return StepEnd::Success,
+                (StepState::Failed, Some(delay)) => {
                     self.job_log(format!(
-                        "[kici] Step '{name}' attempt {attempt}/{max_attempts} failed: {}; retrying in {delay}ms",
-                        error.unwrap_or_default()
+                        "[kici] Step '{name}' attempt {attempt}/{max_attempts} failed: {}; retrying in {}ms",
+                        error.unwrap_or_default(),
+                        delay.as_millis()
                     ))
                     .await;
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                        _ = tokio::time::sleep(delay) => {}
                         _ = stop.cancelled() => {}
                     }
                     attempt += 1;
                 }
-                StepState::Failed => return StepEnd::Failed { continue_on_error },
+                (StepState::Failed, None) => return StepEnd::Failed { continue_on_error },
                 _ => return StepEnd::Cancelled,
             }
         }
