@@ -58,3 +58,27 @@ impl JobMasker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_log_takes_the_grown_masker_at_its_next_refresh_only() {
+        let masker = JobMasker::new(SecretMasker::new());
+        let (mut seen, snapshot) = masker.snapshot();
+        let mut log = StepLog::new(snapshot, 1 << 20);
+        // Nothing new: the log keeps its masker and the generation stays.
+        masker.refresh(&mut log, &mut seen);
+        assert_eq!(seen, 0);
+        // A clone is the same job masker (the step loop and the runner's tasks share it).
+        masker.clone().add("hunter2hunter2").unwrap();
+        masker.refresh(&mut log, &mut seen);
+        assert_eq!(seen, 1);
+        let mut lines = Vec::new();
+        log.push_bytes(b"password: hunter2hunter2\n", &mut lines);
+        assert_eq!(lines, ["password: ***"]);
+        assert_eq!(masker.mask("again hunter2hunter2"), "again ***");
+        assert!(!masker.current().is_empty());
+    }
+}

@@ -86,3 +86,46 @@ impl JobRunner {
         outputs.refused
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logs::SecretMasker;
+
+    #[test]
+    fn every_value_is_masked_at_once_the_last_wins_a_key_and_the_first_refusal_is_kept() {
+        let masker = JobMasker::new(SecretMasker::new());
+        let mut outputs = SecretOutputs::default();
+        outputs.push("TOKEN".into(), "first-value-1".into(), &masker);
+        outputs.push("TOKEN".into(), "second-value-2".into(), &masker);
+        outputs.push(" ".into(), "nameless-value".into(), &masker);
+        outputs.push(String::new(), "another-nameless".into(), &masker);
+        assert_eq!(
+            outputs.values,
+            BTreeMap::from([("TOKEN".to_owned(), "second-value-2".to_owned())])
+        );
+        assert_eq!(outputs.refused, Some(SecretOutputError::EmptyName));
+        assert_eq!(
+            masker.mask("first-value-1 second-value-2 nameless-value another-nameless"),
+            "*** *** *** ***"
+        );
+    }
+
+    #[test]
+    fn values_written_to_the_secret_output_file_are_masked_before_the_step_ends() {
+        let handoff = HandoffFiles::create(None).unwrap();
+        let masker = JobMasker::new(SecretMasker::new());
+        let mut outputs = SecretOutputs::default();
+        outputs.watch_file(&handoff, &masker);
+        assert!(masker.current().is_empty());
+        std::fs::write(
+            handoff.secret_output_file(),
+            "DEPLOY_KEY=written-secret-1\n",
+        )
+        .unwrap();
+        outputs.watch_file(&handoff, &masker);
+        assert_eq!(masker.mask("key: written-secret-1"), "key: ***");
+        // Collected from the file only at the end of the step (with `$KICI_ENV` and the rest).
+        assert!(outputs.values.is_empty());
+    }
+}
