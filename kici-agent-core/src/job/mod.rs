@@ -1,10 +1,11 @@
 //! Running one job: workspace, checkout, the step loop (sequential, parallel groups, retry,
 //! timeouts, cancel), statuses in the order of spec protocol.md §5, and cleanup.
 //!
-//! This file is the job's face: what every job shares ([`JobServices`]), how the agent stops
-//! one ([`JobControl`]), [`run_job`] from `running` to the terminal status, and the
+//! This file is the job's face: what every job shares (`JobServices`), how the agent stops
+//! one (`JobControl`), `run_job` from `running` to the terminal status, and the
 //! `JobRunner` state the rooms below work on:
-//! - `plan`: the flat step list with its parallel groups (pure);
+//! - `plan`: the flat step list with its parallel groups; retries, time limits, how an attempt
+//!   ended (pure);
 //! - `run`: the step loop, parallel groups, retries, the step's terminal status;
 //! - `attempt`: one attempt of one step (env, hand-off files, executor, logs, timeouts);
 //! - `whole`: the job-level path of a whole-job executor (the TypeScript runner);
