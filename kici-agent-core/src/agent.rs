@@ -25,7 +25,7 @@ use crate::outbox::{JobAttempt, Outbox, OutboxLimits, Pacer};
 use crate::protocol::{
     new_message_id, now_ms, AgentRegister, AgentStatus, ConfigAck, FleetLogsRequest, JobAck,
     JobCancel, JobDispatch, JobRef, JobReject, JobState, JobStatusData, Outbound, RegisterAck,
-    RejectReason,
+    RejectReason, JOB_LOG_INDEX,
 };
 use crate::routing::{Builtins, ExecutorRegistry};
 use crate::scaler::{Armed, IdleTimer, SelfShutdownReason};
@@ -1004,7 +1004,7 @@ impl SessionHandler for Shared {
                 .push_status(&attempt, job::job_status(job, state, None), false);
         }
         self.outbox
-            .push_lines_now(&attempt, job::JOB_LOG_INDEX, vec![line.into()]);
+            .push_lines_now(&attempt, JOB_LOG_INDEX, vec![line.into()]);
         drop(status);
         if force {
             control.force.cancel();

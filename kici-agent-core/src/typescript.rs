@@ -13,6 +13,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::unistd::geteuid;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, OnceCell};
@@ -21,7 +22,7 @@ use crate::deps::{DepsTarball, InstallCache};
 use crate::executor::{JobContext, StepFailure};
 use crate::job_executor::{JobExecutor, JobIo, JobOutcome, StepFinished, StepStarted};
 use crate::process::{self, CommandSpec, KillPolicy, Outcome, RunLimits, StepEnv};
-use crate::protocol::{JobConfig, JobState, StepState, StepType};
+use crate::protocol::{JobConfig, JobState, StepState, StepType, JOB_LOG_INDEX};
 
 /// The oldest Node that has `module.register` (the runner's TypeScript hooks).
 pub const MIN_NODE_VERSION: (u32, u32) = (20, 6);
@@ -279,7 +280,7 @@ impl TypeScriptExecutor {
             })?;
         let command = format!("{manager} {}", args.join(" "));
         io.output(
-            crate::job::JOB_LOG_INDEX,
+            JOB_LOG_INDEX,
             format!("[kici] Installing workflow dependencies: {command} (in .kici)\n"),
         )
         .await;
@@ -321,7 +322,7 @@ impl TypeScriptExecutor {
         let install = process::run(spec, limits, output_tx);
         let forward = async {
             while let Some(bytes) = output_rx.recv().await {
-                io.output(crate::job::JOB_LOG_INDEX, bytes).await;
+                io.output(JOB_LOG_INDEX, bytes).await;
             }
         };
         let (report, ()) = tokio::join!(install, forward);
@@ -354,7 +355,7 @@ impl TypeScriptExecutor {
             return Ok(());
         }
         io.output(
-            crate::job::JOB_LOG_INDEX,
+            JOB_LOG_INDEX,
             format!(
                 "[kici] Restoring the workflow dependencies from the dispatch's tarball ({}, sha256 {})\n",
                 tarball.shown(),
@@ -388,7 +389,7 @@ impl TypeScriptExecutor {
         match restored {
             Ok(Ok(true)) => {
                 io.output(
-                    crate::job::JOB_LOG_INDEX,
+                    JOB_LOG_INDEX,
                     format!(
                         "[kici] Workflow dependencies restored from the host cache (key {})\n",
                         &key[..12.min(key.len())]
@@ -417,7 +418,7 @@ impl TypeScriptExecutor {
         match tokio::task::spawn_blocking(move || cache.store(&key, &kici)).await {
             Ok(Ok(())) => {
                 io.output(
-                    crate::job::JOB_LOG_INDEX,
+                    JOB_LOG_INDEX,
                     "[kici] Workflow dependencies kept in the host cache for later jobs\n",
                 )
                 .await
@@ -493,8 +494,7 @@ fn find_on_path(program: &str) -> Option<PathBuf> {
 
 /// `<temp>/kici-agent-runner-<uid>-<version>`: one directory per user and agent version.
 fn runner_dir() -> PathBuf {
-    // SAFETY: geteuid(2) cannot fail and touches no memory of ours.
-    let uid = unsafe { libc::geteuid() };
+    let uid = geteuid().as_raw();
     std::env::temp_dir().join(format!("kici-agent-runner-{uid}-{}", crate::VERSION))
 }
 
@@ -507,8 +507,7 @@ fn install_runner(dir: &Path) -> io::Result<()> {
         Err(e) => return Err(e),
     }
     let meta = std::fs::symlink_metadata(dir)?;
-    // SAFETY: geteuid(2) cannot fail and touches no memory of ours.
-    let uid = unsafe { libc::geteuid() };
+    let uid = geteuid().as_raw();
     if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
         return Err(io::Error::other(
             "the directory exists but is not a private directory of this user",
@@ -827,7 +826,7 @@ impl JobExecutor for TypeScriptExecutor {
             let mut tail = Tail::default();
             while let Some(bytes) = output_rx.recv().await {
                 tail.push(&bytes);
-                io.output(crate::job::JOB_LOG_INDEX, bytes).await;
+                io.output(JOB_LOG_INDEX, bytes).await;
             }
             tail
         };

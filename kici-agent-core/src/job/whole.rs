@@ -7,13 +7,15 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::{await_execution, JobRunner, StepRef, JOB_LOG_INDEX};
+use super::plan::StepRef;
+use super::step_secrets::SecretOutputs;
+use super::{await_execution, JobRunner};
 use crate::events::Event;
 use crate::executor::JobContext;
 use crate::job_executor::{JobEvent, JobExecutor, JobIo, JobOutcome, StepFinished};
 use crate::logs::StepLog;
 use crate::process::StepEnv;
-use crate::protocol::{JobState, StepState, StepStatusData, StepType};
+use crate::protocol::{JobState, StepState, StepStatusData, StepType, JOB_LOG_INDEX};
 use crate::routing::flat_steps;
 
 /// A step that started and has not finished yet, with its log.
@@ -194,7 +196,7 @@ impl JobRunner {
             }
             JobEvent::Finished(step) => self.finish(step, open, lock_names).await,
             JobEvent::SecretOutput { index, key, value } => {
-                let mut outputs = super::SecretOutputs::default();
+                let mut outputs = SecretOutputs::default();
                 outputs.push(key, value.0, &self.masker);
                 // Output not sent yet, of every step, is masked with the value too.
                 let masker = self.masker.current();
