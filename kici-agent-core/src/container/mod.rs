@@ -32,19 +32,57 @@
 //!   ones), so the agent can remove the workspace.
 //! * A non-root image user cannot write the workspace (mode 0700, owned by the agent): such
 //!   images need a root-run step or an agent that runs as the image's uid.
-
+//!
+//! Where it lives: this file holds the settings and errors; `image` which image a job runs in
+//! and the pull policy; `engine` the engine address (`DOCKER_HOST`), connection and shared
+//! engine calls; `pull` getting the image; `job_container` the job's container (create, start,
+//! sweep); `exec` one step as one exec (environment, hand-off files, stopping);
+//! `executor` the [`ContainerExecutor`] and its [`Executor`](crate::executor::Executor) face;
+//! `unavailable` the executor of a build without the feature (below).
+//!
+//! # Cargo feature `container`
+//!
+//! On by default; it brings in the engine client (bollard). Without it the settings, the pull
+//! policy and [`image_for`] stay (configuration such as `KICI_CONTAINER_IMAGE` or
+//! `KICI_EXECUTION_MODE=container` still parses, so one configuration serves every build), but
+//! [`ContainerExecutor::new`] fails with an error naming the feature. The agent then has no
+//! container executor: a job that names an image (or gets the default image in container
+//! execution mode) fails with that reason unless host executors registered for the job or its
+//! steps take every step (see [`crate::routing`]), and container execution mode stops start-up.
+#[cfg(feature = "container")]
 mod engine;
+#[cfg(feature = "container")]
 mod exec;
+#[cfg(feature = "container")]
 mod executor;
 mod image;
+#[cfg(feature = "container")]
 mod job_container;
+#[cfg(feature = "container")]
 mod pull;
+#[cfg(not(feature = "container"))]
+mod unavailable;
 
 use std::time::Duration;
 
+#[cfg(feature = "container")]
 pub use executor::ContainerExecutor;
 pub use image::{image_for, PullPolicy, UnknownPullPolicy};
+#[cfg(feature = "container")]
 pub use job_container::{CONTAINER_WORKSPACE, JOB_ID_LABEL, SANDBOX_LABEL};
+#[cfg(not(feature = "container"))]
+pub use unavailable::ContainerExecutor;
+
+/// Why the agent has no container executor, as a job that needs one is told.
+#[cfg(feature = "container")]
+pub(crate) const NO_EXECUTOR: &str = "this agent has no container engine (DOCKER_HOST)";
+/// Why the agent has no container executor, as a job that needs one is told.
+#[cfg(not(feature = "container"))]
+pub(crate) const NO_EXECUTOR: &str = NOT_BUILT;
+
+/// What a build without the `container` feature says about container jobs.
+#[cfg(not(feature = "container"))]
+const NOT_BUILT: &str = "this build of kici-agent-core has no container support (it was compiled without the cargo feature `container`)";
 
 /// Where the engine listens when `DOCKER_HOST` is unset.
 pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
@@ -93,13 +131,20 @@ impl Default for ContainerSettings {
     }
 }
 
-/// Why the container executor could not do something.
+/// Why the container executor could not do something. The variants depend on the cargo feature
+/// `container` (the engine errors with it, `NotBuilt` without), hence `non_exhaustive`.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ContainerError {
+    /// This build has no container support (cargo feature `container` off).
+    #[cfg(not(feature = "container"))]
+    #[error("{}", NOT_BUILT)]
+    NotBuilt,
     /// `DOCKER_HOST` names something this executor cannot use.
     #[error("container engine address {host:?} is not supported: {reason}")]
     UnsupportedHost { host: String, reason: &'static str },
     /// No engine answers at the address.
+    #[cfg(feature = "container")]
     #[error("the container engine at {host} is unreachable (is dockerd or `podman system service` running there, and is DOCKER_HOST right?): {source}")]
     Unreachable {
         host: String,
@@ -116,6 +161,7 @@ pub enum ContainerError {
     #[error("pulling image {image} failed: {message}")]
     PullFailed { image: String, message: String },
     /// An engine request failed.
+    #[cfg(feature = "container")]
     #[error("{action}: {source}")]
     Engine {
         action: String,
@@ -131,6 +177,7 @@ pub enum ContainerError {
     },
 }
 
+#[cfg(feature = "container")]
 impl ContainerError {
     fn engine(action: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> Self {
         let action = action.into();
