@@ -15,8 +15,8 @@ use super::job_container::{JobContainer, CONTAINER_HANDOFF, CONTAINER_WORKSPACE}
 use super::{ContainerError, ContainerSettings};
 use crate::executor::{Executor, JobContext, StepContext, StepFailure, StepIo, StepResult};
 
-/// Runs every step of a job in one container of the job (see the module docs). One instance
-/// serves many jobs at once.
+/// Runs every step of a job in one container of the job (see [`crate::container`]). One
+/// instance serves many jobs at once.
 pub struct ContainerExecutor {
     pub(super) address: EngineAddress,
     /// The client, once the engine answered and the API version was agreed.
@@ -67,7 +67,7 @@ impl ContainerExecutor {
         &self.settings
     }
 
-    pub(super) fn job_container(&self, job_id: &str) -> Option<Arc<OnceCell<JobContainer>>> {
+    fn job_container(&self, job_id: &str) -> Option<Arc<OnceCell<JobContainer>>> {
         lock(&self.jobs).get(job_id).cloned()
     }
 }
