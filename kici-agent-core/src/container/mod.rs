@@ -49,6 +49,7 @@
 //! container executor: a job that names an image (or gets the default image in container
 //! execution mode) fails with that reason unless host executors registered for the job or its
 //! steps take every step (see [`crate::routing`]), and container execution mode stops start-up.
+
 #[cfg(feature = "container")]
 mod engine;
 #[cfg(feature = "container")]
