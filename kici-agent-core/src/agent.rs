@@ -75,8 +75,8 @@ pub enum AgentError {
 }
 
 /// The container executor (spec §12.3). It does not contact the engine yet. In container
-/// execution mode an unusable DOCKER_HOST stops start-up; otherwise container jobs are then
-/// refused with that reason.
+/// execution mode an unusable DOCKER_HOST (or a build without the cargo feature `container`)
+/// stops start-up; otherwise container jobs are then refused with that reason.
 fn container_executor(
     config: &AgentConfig,
     default_image: Option<String>,
@@ -231,7 +231,8 @@ pub struct Agent {
 
 impl Agent {
     /// An agent with no host executors yet. Fails on an invalid configuration, an unreadable
-    /// step map, or an unusable `DOCKER_HOST` in container execution mode.
+    /// step map, or an unusable `DOCKER_HOST` (or a build without the cargo feature `container`)
+    /// in container execution mode.
     pub fn new(config: AgentConfig) -> Result<Agent, AgentError> {
         Self::with_executors(config, ExecutorRegistry::new())
     }

@@ -29,6 +29,10 @@
 //! whole workflow. The step then runs on the host, and the job's log says so, so nothing is
 //! overridden silently. The host default, in contrast, is a catch-all and does not take steps
 //! out of a container.
+//!
+//! A job with an image fails, with the reason, when the agent has no container executor (no
+//! usable `DOCKER_HOST`, or a build without the cargo feature `container`) and host executors
+//! registered for the job or for each of its steps do not take every step.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,7 +60,8 @@ pub(crate) struct Builtins {
     /// The operator chose `executor` for every step (a step map or a process executor), so it
     /// claims TypeScript jobs like a host default does.
     pub chosen_by_operator: bool,
-    /// Runs every step of container jobs; `None`: no container engine configured.
+    /// Runs every step of container jobs; `None`: no usable engine address, or a build without
+    /// the cargo feature `container`.
     pub container: Option<Arc<ContainerExecutor>>,
     /// The image of jobs that name none (container execution mode only).
     pub default_image: Option<String>,
@@ -161,7 +166,8 @@ impl ExecutorRegistry {
                     .all(|step| self.by_step.contains_key(&step.name));
             if self.builtins.container.is_none() && !all_on_host {
                 return Err(format!(
-                    "the job asks for container image {image}, but this agent has no container engine (DOCKER_HOST)"
+                    "the job asks for container image {image}, but {}",
+                    crate::container::NO_EXECUTOR
                 ));
             }
         }
@@ -265,9 +271,10 @@ mod tests {
         Builtins {
             executor: Some(Arc::new(Named("shell"))),
             chosen_by_operator,
-            container: Some(Arc::new(
-                ContainerExecutor::new(ContainerSettings::new("unix:///nonexistent.sock")).unwrap(),
-            )),
+            // `None` in a build without the `container` feature.
+            container: ContainerExecutor::new(ContainerSettings::new("unix:///nonexistent.sock"))
+                .ok()
+                .map(Arc::new),
             default_image: None,
             typescript: Some(Arc::new(TypeScriptExecutor::new(
                 None,
@@ -293,6 +300,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "container")]
     fn a_step_goes_to_step_then_job_then_container_then_default_then_builtin() {
         let mut registry = ExecutorRegistry::new();
         registry
@@ -344,6 +352,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "container")]
     fn a_container_job_without_an_engine_fails_unless_host_executors_take_every_step() {
         let mut no_engine = builtins(false);
         no_engine.container = None;
@@ -366,7 +375,48 @@ mod tests {
             .is_ok());
     }
 
+    /// Built without the `container` feature, the agent has no container executor: a job with
+    /// an image (its own or the default one) fails naming the feature, unless host executors
+    /// take all its steps.
     #[test]
+    #[cfg(not(feature = "container"))]
+    fn without_container_support_container_jobs_fail_naming_the_feature() {
+        let no_support = builtins(false);
+        assert!(no_support.container.is_none());
+        let registry = ExecutorRegistry::new().with_builtins(no_support.clone());
+        let named = job(json!({"name": "b", "container": "debian:12", "steps": [{"name": "x"}]}));
+        let error = registry.route_job(&named).err().unwrap();
+        assert!(
+            error.contains("debian:12") && error.contains("cargo feature `container`"),
+            "{error}"
+        );
+
+        let mut default_image = no_support.clone();
+        default_image.default_image = Some("alpine:3".into());
+        let registry = ExecutorRegistry::new().with_builtins(default_image);
+        let unnamed = job(json!({"name": "b", "steps": [{"name": "x", "run": "true"}]}));
+        let error = registry.route_job(&unnamed).err().unwrap();
+        assert!(
+            error.contains("alpine:3") && error.contains("cargo feature `container`"),
+            "{error}"
+        );
+
+        // A host executor registered for the job still takes it, and runs its steps.
+        let mut registry = ExecutorRegistry::new();
+        registry.for_job("b", Arc::new(Named("python")));
+        let registry = registry.with_builtins(no_support);
+        assert!(matches!(
+            registry.route_job(&named),
+            Ok(JobRoute::Steps { image: Some(_) })
+        ));
+        assert_eq!(
+            picked(&registry, "b", true, "x"),
+            ("python".into(), Claim::Job)
+        );
+    }
+
+    #[test]
+    #[cfg(feature = "container")]
     fn the_default_image_applies_to_jobs_that_name_none() {
         let mut with_default_image = builtins(false);
         with_default_image.default_image = Some("alpine:3".into());

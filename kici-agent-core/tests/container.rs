@@ -12,6 +12,8 @@
 //!
 //! Without `KICI_TEST_DOCKER_HOST` they fail loudly instead of passing. The image is
 //! `KICI_TEST_IMAGE`, default `kici-test/busybox:latest` (the one the script imports).
+//! They need the cargo feature `container` (on by default).
+#![cfg(feature = "container")]
 
 use std::collections::HashMap;
 use std::sync::Arc;
