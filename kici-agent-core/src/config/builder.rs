@@ -341,20 +341,11 @@ fn generate_agent_id(hostname: &str) -> String {
 
 #[cfg(unix)]
 fn detect_hostname() -> String {
-    let mut buffer = [0u8; 256];
-    // SAFETY: the pointer and length describe `buffer`, which outlives the call.
-    let status = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
-    if status != 0 {
-        return FALLBACK_HOSTNAME.to_owned();
-    }
-    // POSIX does not promise a terminator when the name was truncated.
-    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
-    let name = String::from_utf8_lossy(&buffer[..end]).into_owned();
-    if name.is_empty() {
-        FALLBACK_HOSTNAME.to_owned()
-    } else {
-        name
-    }
+    nix::unistd::gethostname()
+        .ok()
+        .map(|name| name.to_string_lossy().into_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| FALLBACK_HOSTNAME.to_owned())
 }
 
 #[cfg(not(unix))]
@@ -435,6 +426,13 @@ mod tests {
         assert_eq!(config(&[(var::AGENT_ID, "runner-7")]).agent_id, "runner-7");
         let built = AgentConfig::builder(URL).with_hostname("box").build();
         assert_generated_id(&built.map(|c| c.agent_id).unwrap_or_default(), "box");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_detected_host_name_is_the_kernels() {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(config(&[]).hostname, kernel.trim_end());
     }
 
     #[test]
