@@ -31,13 +31,8 @@ const MAX_CREDENTIAL_CALLBACKS: u32 = 4;
 /// The remote name written into the workspace's git configuration.
 const REMOTE_NAME: &str = "origin";
 
-/// Clones `req.repo_url` into `dest` (which must be empty or not exist yet) and checks out the
-/// requested ref, then the requested commit if the ref has moved on (agent spec §9.1).
-///
-/// `cancel` is polled before the clone, during every transfer and before the working tree is
-/// written; once it returns true the checkout stops with [`CheckoutError::Cancelled`].
-/// `progress` receives a few human-readable lines, free of secrets.
-pub fn checkout(
+/// [`super::checkout`] with libgit2.
+pub(super) fn clone_and_check_out(
     req: &CheckoutRequest,
     dest: &Path,
     cancel: &dyn Fn() -> bool,
@@ -512,6 +507,7 @@ fn proxy_options() -> ProxyOptions<'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkout::checkout;
     use git2::{Oid, RepositoryInitOptions, Signature};
 
     /// A source repository on branch `main`, built with libgit2 (no `git` CLI needed).

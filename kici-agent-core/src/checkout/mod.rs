@@ -7,17 +7,25 @@
 //! they are never written into the URL, the remote configuration or any message.
 //!
 //! Everything here blocks; callers run [`checkout`] on a blocking thread.
+//!
+//! libgit2 comes with the cargo feature `git` (on by default). Built without it, the request
+//! and error types stay the same and [`checkout`] refuses every request with
+//! [`CheckoutError::GitFeatureDisabled`], so a job that needs its repository fails saying why.
 
+#[cfg(feature = "git")]
+mod ca_trust;
+#[cfg(feature = "git")]
 mod clone;
+#[cfg(feature = "git")]
 mod credentials;
+#[cfg(feature = "git")]
 mod known_hosts;
 mod redact;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use clone::checkout;
 use redact::REDACTED;
 
 /// What to check out: one job's repository at one ref and (optionally) one commit.
@@ -212,4 +220,97 @@ pub enum CheckoutError {
         /// libgit2's message, with secrets redacted.
         detail: String,
     },
+    /// This build has no git support: kici-agent-core was built without its `git` cargo
+    /// feature. The variant exists in every build so that features stay additive.
+    #[error(
+        "repository {repo}: cannot check out: this agent was built without git support (the `git` \
+         cargo feature of kici-agent-core)"
+    )]
+    GitFeatureDisabled {
+        /// Repository URL without secrets.
+        repo: String,
+    },
+}
+
+/// Clones `req.repo_url` into `dest` (which must be empty or not exist yet) and checks out the
+/// requested ref, then the requested commit if the ref has moved on (agent spec §9.1).
+///
+/// `cancel` is polled before the clone, during every transfer and before the working tree is
+/// written; once it returns true the checkout stops with [`CheckoutError::Cancelled`].
+/// `progress` receives a few human-readable lines, free of secrets.
+///
+/// Without the cargo feature `git` every request fails with
+/// [`CheckoutError::GitFeatureDisabled`], before `dest` is touched.
+pub fn checkout(
+    req: &CheckoutRequest,
+    dest: &Path,
+    cancel: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(&str),
+) -> Result<CheckoutReport, CheckoutError> {
+    #[cfg(feature = "git")]
+    {
+        clone::clone_and_check_out(req, dest, cancel, progress)
+    }
+    #[cfg(not(feature = "git"))]
+    {
+        let _ = (dest, cancel, progress);
+        Err(CheckoutError::GitFeatureDisabled {
+            repo: redact::redact_url(req.repo_url).display,
+        })
+    }
+}
+
+/// Adds the CA certificates of the PEM file `path` (`KICI_TLS_CA_FILE`) to what git HTTPS
+/// clones trust, on top of OpenSSL's default locations (which honour `SSL_CERT_FILE` /
+/// `SSL_CERT_DIR`). libgit2 keeps one TLS context per process: once added, the CA is trusted by
+/// every clone of every agent in this process. Without the `git` feature there is no libgit2
+/// and so nothing to add (the WebSocket's trust is [`crate::tls`]'s and does not depend on it).
+pub(crate) fn trust_extra_ca(path: &Path) -> Result<(), String> {
+    #[cfg(feature = "git")]
+    {
+        ca_trust::add_to_libgit2(path)
+    }
+    #[cfg(not(feature = "git"))]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
+#[cfg(all(test, not(feature = "git")))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_the_git_feature_a_checkout_fails_naming_it_and_touches_nothing() {
+        let parent = tempfile::tempdir().unwrap();
+        let dest = parent.path().join("workspace");
+        let request = CheckoutRequest {
+            repo_url: "https://urluser:hunter2pw@example.invalid/org/r.git",
+            git_ref: "main",
+            sha: "",
+            credentials: None,
+        };
+        let mut lines = Vec::new();
+        let result = checkout(&request, &dest, &|| false, &mut |line: &str| {
+            lines.push(line.to_owned())
+        });
+        let error = match result {
+            Ok(report) => panic!("a build without git cannot check out, got {report:?}"),
+            Err(error) => error,
+        };
+        assert!(matches!(error, CheckoutError::GitFeatureDisabled { .. }));
+        let text = error.to_string();
+        assert!(
+            text.starts_with("repository https://example.invalid/org/r.git: "),
+            "{text}"
+        );
+        assert!(text.contains("the `git` cargo feature"), "{text}");
+        assert!(
+            !text.contains("hunter2pw") && !text.contains("urluser"),
+            "{text}"
+        );
+        assert!(lines.is_empty(), "{lines:?}");
+        assert!(!dest.exists(), "the workspace was touched");
+    }
 }

@@ -1,6 +1,10 @@
 //! Keeping secrets out of what a checkout shows: the repository URL without its userinfo, and
 //! the pieces of it to scrub from libgit2's messages.
 
+// Without the `git` feature only the display form is used (in the refusal naming the feature):
+// the pieces to scrub are for libgit2's messages.
+#![cfg_attr(not(feature = "git"), allow(dead_code))]
+
 /// Replacement text for anything secret found in a message.
 pub(super) const REDACTED: &str = "[REDACTED]";
 
