@@ -138,7 +138,8 @@ impl AgentConfigBuilder {
     }
 
     /// [`AgentConfigBuilder::set`] with text or a typed value of the setting's
-    /// [`SettingKind`] (a duration for `KICI_CANCEL_GRACE_MS`, a list for `KICI_LABELS`, ...).
+    /// [`SettingKind`](super::SettingKind) (a duration for `KICI_CANCEL_GRACE_MS`, a list for
+    /// `KICI_LABELS`, ...).
     pub fn set_value(&mut self, name_or_key: &str, value: SettingValue) -> Result<(), ConfigError> {
         let setting = Setting::find(name_or_key).ok_or_else(|| ConfigError::UnknownSetting {
             name: name_or_key.to_owned(),
