@@ -15,9 +15,8 @@ use git2::{
 use super::credentials::{
     credential_for, host_key_refusal, ssh_port, HostKeyCheck, HostKeyRefusal,
 };
-use super::known_hosts::PinnedKnownHosts;
 use super::redact::{redact_url, replace_whole_word, RedactedUrl, REDACTED};
-use super::{CheckoutError, CheckoutReport, CheckoutRequest, GitCredentials, HostKeyPolicy};
+use super::{CheckoutError, CheckoutReport, CheckoutRequest, GitCredentials};
 
 /// Depth of the initial clone, as in the reference agent.
 const CLONE_DEPTH: i32 = 1;
@@ -220,20 +219,13 @@ impl<'a> Session<'a> {
                 host_key,
                 ..
             }) => {
-                host_key_check = Some(match host_key {
-                    HostKeyPolicy::AcceptNew => HostKeyCheck::AcceptAny,
-                    HostKeyPolicy::Pinned { known_hosts } => {
-                        match PinnedKnownHosts::parse(known_hosts) {
-                            Ok(parsed) => HostKeyCheck::Pinned(parsed),
-                            Err(e) => {
-                                return Err(CheckoutError::InvalidRequest {
-                                    repo,
-                                    reason: e.to_string(),
-                                })
-                            }
-                        }
+                let check = HostKeyCheck::for_policy(host_key).map_err(|e| {
+                    CheckoutError::InvalidRequest {
+                        repo: repo.clone(),
+                        reason: e.to_string(),
                     }
-                });
+                })?;
+                host_key_check = Some(check);
                 secrets.push(private_key.trim().to_owned());
             }
             None => {}
@@ -507,7 +499,7 @@ fn proxy_options() -> ProxyOptions<'static> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkout::checkout;
+    use crate::checkout::{checkout, HostKeyPolicy};
     use git2::{Oid, RepositoryInitOptions, Signature};
 
     /// A source repository on branch `main`, built with libgit2 (no `git` CLI needed).

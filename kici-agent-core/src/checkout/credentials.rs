@@ -3,14 +3,26 @@
 
 use git2::{Cred, CredentialType};
 
-use super::known_hosts::{self, HostKeyVerdict, PinnedKnownHosts};
-use super::GitCredentials;
+use super::known_hosts::{self, HostKeyVerdict, KnownHostsError, PinnedKnownHosts};
+use super::{GitCredentials, HostKeyPolicy};
 
 /// A [`HostKeyPolicy`] ready for the certificate callback.
 pub(super) enum HostKeyCheck {
     AcceptAny,
     /// Parsed once, up front, so bad content fails before any connection.
     Pinned(PinnedKnownHosts),
+}
+
+impl HostKeyCheck {
+    /// The check for `policy`; pinned known_hosts text that does not parse is refused here.
+    pub(super) fn for_policy(policy: &HostKeyPolicy) -> Result<Self, KnownHostsError> {
+        Ok(match policy {
+            HostKeyPolicy::AcceptNew => Self::AcceptAny,
+            HostKeyPolicy::Pinned { known_hosts } => {
+                Self::Pinned(PinnedKnownHosts::parse(known_hosts)?)
+            }
+        })
+    }
 }
 
 /// Why the certificate callback refused a host key, kept for the error libgit2 returns.
@@ -109,7 +121,7 @@ pub(super) fn ssh_port(url: &str) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::checkout::{CheckoutError, HostKeyPolicy};
+    use crate::checkout::CheckoutError;
 
     #[test]
     fn credential_requests_that_cannot_be_met_explain_why() {
