@@ -9,6 +9,11 @@
 //! documentation); [`AgentConfigBuilder::set`] sets any of them by name, and the environment
 //! loader is that setter applied to each variable, then validation.
 //!
+//! The code is in rooms of one concept each: `values` (the value types: enums with exact
+//! spellings, properties, secrets, rate limits), `settings` (the table), `builder` (defaults,
+//! typed setters, setting by name, `build`), `env` (the process environment and the unknown
+//! variable check), `validate` (the checks both paths share) and `labels` (the wire labels).
+//!
 //! Deliberate divergences from the Node agent, all documented on the variables in [`SETTINGS`]:
 //! * an empty value of a numeric or enum variable means "unset" (the reference coerces `""` to 0);
 //! * an empty `KICI_AGENT_ID`, `KICI_AGENT_TOKEN` or `KICI_GITHUB_TOKEN` means "unset";
