@@ -393,7 +393,7 @@ impl Agent {
         }
         if let Some(ca_file) = &shared.config.tls_ca_file {
             // libgit2's TLS trust is process-wide, so it is set here, once, not per clone.
-            if let Err(error) = crate::tls::trust_for_git(ca_file) {
+            if let Err(error) = crate::checkout::trust_extra_ca(ca_file) {
                 tracing::error!(%error, "git HTTPS clones will not trust the extra CA certificates");
             }
         }

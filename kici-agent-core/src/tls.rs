@@ -8,15 +8,15 @@
 //! host installed can change ours.
 //!
 //! Git HTTPS clones go through libgit2 and OpenSSL, which read `SSL_CERT_FILE` / `SSL_CERT_DIR`
-//! themselves; [`trust_for_git`] adds the same extra CA file to libgit2's (process-wide) store.
+//! themselves; [`crate::checkout::trust_extra_ca`] adds the same extra CA file to libgit2's
+//! (process-wide) store.
 //!
 //! [`AgentConfig::tls_ca_file`]: crate::config::AgentConfig::tls_ca_file
 
-use std::collections::HashSet;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use nix::sys::socket::{setsockopt, sockopt};
@@ -311,33 +311,4 @@ pub(crate) fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, 
         return Err(format!("{shown} contains no PEM certificate"));
     }
     Ok(certs)
-}
-
-/// Files already added to libgit2's store (it is process-wide; adding twice is pointless).
-static GIT_TRUSTED: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
-
-/// Adds the CA certificates of `path` to what git HTTPS clones trust, on top of OpenSSL's default
-/// locations (which honour `SSL_CERT_FILE` / `SSL_CERT_DIR`). libgit2 keeps one TLS context per
-/// process: once added, the CA is trusted by every clone of every agent in this process.
-pub(crate) fn trust_for_git(path: &Path) -> Result<(), String> {
-    let mut trusted = GIT_TRUSTED
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let trusted = trusted.get_or_insert_with(HashSet::new);
-    if trusted.contains(path) {
-        return Ok(());
-    }
-    // SAFETY: the option adds the file to the certificate store of libgit2's process-wide OpenSSL
-    // context; OpenSSL locks that store, so clones running meanwhile are not disturbed, and the
-    // lock above serialises our own callers. git2's one-time initialisation, which this may run
-    // first, is the same one every clone runs.
-    unsafe { git2::opts::set_ssl_cert_file(path) }.map_err(|e| {
-        format!(
-            "cannot add {} to git's trusted CAs: {}",
-            path.display(),
-            e.message()
-        )
-    })?;
-    trusted.insert(path.to_owned());
-    Ok(())
 }

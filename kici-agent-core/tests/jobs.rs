@@ -342,6 +342,7 @@ async fn two_jobs_run_at_once_and_a_third_is_rejected_busy_then_draining() {
     h.assert_no_violations();
 }
 
+#[cfg(feature = "git")]
 fn commit(repo: &git2::Repository, content: &str, message: &str) -> git2::Oid {
     let path = repo.workdir().unwrap().join("version.txt");
     std::fs::write(path, content).unwrap();
@@ -361,6 +362,7 @@ fn commit(repo: &git2::Repository, content: &str, message: &str) -> git2::Oid {
         .unwrap()
 }
 
+#[cfg(feature = "git")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkout_of_a_local_repo_at_a_sha_behind_the_ref_head() {
     let origin = tempfile::tempdir().unwrap();
@@ -397,6 +399,27 @@ async fn checkout_of_a_local_repo_at_a_sha_behind_the_ref_head() {
         metrics.contains("kici_agent_clone_duration_seconds_count 1"),
         "{metrics}"
     );
+    h.assert_no_violations();
+}
+
+#[cfg(not(feature = "git"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_git_feature_a_job_with_a_repository_fails_naming_it() {
+    let h = start(|c| c).await;
+    h.registered().await;
+    h.dispatch_with("nogit", json!([{"name": "s", "run": "true"}]), |d| {
+        d["repoUrl"] = json!("https://127.0.0.1:1/acme/widgets.git");
+    })
+    .await;
+    let status = h.terminal_status("nogit").await;
+    assert_eq!(status["state"], "failed");
+    let error = status["data"]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("Checkout failed: repository https://127.0.0.1:1/acme/widgets.git: ")
+            && error.contains("the `git` cargo feature"),
+        "{status}"
+    );
+    assert!(h.lines("nogit", 0).is_empty(), "no step may run");
     h.assert_no_violations();
 }
 

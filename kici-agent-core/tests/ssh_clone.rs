@@ -6,6 +6,9 @@
 //! installs) and `git-upload-pack`; without them they fail, they never skip. They work as
 //! root (as in CI) and as an ordinary user: the server only lets the current user in.
 
+// Cloning needs the `git` feature.
+#![cfg(feature = "git")]
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -6,6 +6,7 @@ mod common;
 use common::start;
 use serde_json::{json, Value};
 
+#[cfg(feature = "git")]
 fn commit(repo: &git2::Repository) -> git2::Oid {
     let path = repo.workdir().unwrap().join("file.txt");
     std::fs::write(path, "content").unwrap();
@@ -19,6 +20,7 @@ fn commit(repo: &git2::Repository) -> git2::Oid {
 }
 
 /// `type` plus `eventType` or `state` of a message, for order checks.
+#[cfg(feature = "git")]
 fn label(m: &Value) -> String {
     let kind = m["type"].as_str().unwrap_or_default();
     let detail = m["eventType"]
@@ -28,6 +30,8 @@ fn label(m: &Value) -> String {
     format!("{kind} {detail}").trim_end().to_owned()
 }
 
+// Its job clones a repository.
+#[cfg(feature = "git")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_reports_its_timeline_in_protocol_order_without_secret_values() {
     let origin = tempfile::tempdir().unwrap();

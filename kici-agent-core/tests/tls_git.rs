@@ -2,6 +2,9 @@
 //! A test binary of its own: libgit2's trust store is process-wide, so a CA added here would
 //! leak into any other test of the same process.
 
+// Cloning needs the `git` feature.
+#![cfg(feature = "git")]
+
 use std::path::Path;
 
 use kici_agent_core::checkout::{checkout, CheckoutRequest};

@@ -3,6 +3,9 @@
 //! stand-in SDK (`tests/fixtures/typescript/sdk`) and zx (installed into
 //! `tests/fixtures/typescript/node_modules` by `scripts/test.sh`, i.e. `npm ci` there).
 
+// Every TypeScript job here checks out its workflow repository: that needs the `git` feature.
+#![cfg(feature = "git")]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -12,10 +12,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use super::{
-    comma_list, parse_properties, var, AgentConfigBuilder, ParseEnumError, PropertyValue, Role,
-    Secret,
-};
+use super::values::{comma_list, parse_properties};
+use super::{var, AgentConfigBuilder, ParseEnumError, PropertyValue, Role, Secret};
 
 /// A value for [`AgentConfigBuilder::set_value`]: the text an environment variable would hold,
 /// or a typed value of the setting's [`SettingKind`].
@@ -509,5 +507,544 @@ impl AgentConfigBuilder {
                 self.config.max_concurrency
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testing::*;
+
+    const INTEGER_VARIABLES: &[&str] = &[
+        var::PORT,
+        var::MAX_LOG_SIZE_BYTES,
+        var::DEFAULT_STEP_TIMEOUT_MS,
+        var::JOB_HEARTBEAT_INTERVAL_MS,
+        var::HEARTBEAT_INTERVAL_MS,
+        var::SCALER_IDLE_TIMEOUT,
+        var::SCALER_PENDING_DISPATCH_TIMEOUT,
+        var::CONCURRENCY_WAIT_TIMEOUT_MS,
+        var::MAX_CONCURRENCY,
+        var::CANCEL_GRACE_MS,
+        var::SHUTDOWN_GRACE_MS,
+        var::JOB_PIDS_MAX,
+    ];
+    const NUMBER_VARIABLES: &[&str] = &[
+        var::RATE_MSGS_PER_SEC,
+        var::RATE_MSG_BURST,
+        var::RATE_BYTES_PER_SEC,
+        var::RATE_BYTE_BURST,
+    ];
+
+    #[test]
+    fn documented_defaults_equal_the_real_defaults() {
+        let mut pairs = vec![(var::AGENT_ID, "agent-1")];
+        pairs.extend(
+            SETTINGS
+                .iter()
+                .filter_map(|setting| setting.default.map(|value| (setting.name, value))),
+        );
+        assert_eq!(config(&pairs), default_config());
+    }
+
+    #[test]
+    fn every_numeric_variable_is_parsed() {
+        let c = config(&[
+            (var::PORT, "0"),
+            (var::MAX_LOG_SIZE_BYTES, "1024"),
+            (var::DEFAULT_STEP_TIMEOUT_MS, " 5000 "),
+            (var::JOB_HEARTBEAT_INTERVAL_MS, "1500"),
+            (var::HEARTBEAT_INTERVAL_MS, "250"),
+            (var::SCALER_IDLE_TIMEOUT, "7000"),
+            (var::SCALER_PENDING_DISPATCH_TIMEOUT, "8000"),
+            (var::CONCURRENCY_WAIT_TIMEOUT_MS, "1000"),
+            (var::MAX_CONCURRENCY, "4"),
+            (var::CANCEL_GRACE_MS, "0"),
+            (var::SHUTDOWN_GRACE_MS, "2500"),
+            (var::RATE_MSGS_PER_SEC, "12.5"),
+            (var::RATE_MSG_BURST, "20"),
+            (var::RATE_BYTES_PER_SEC, "1000"),
+            (var::RATE_BYTE_BURST, "4096"),
+        ]);
+        assert_eq!(c.port, 0);
+        assert_eq!(c.max_log_size_bytes, 1024);
+        assert_eq!(c.default_step_timeout, Duration::from_millis(5000));
+        assert_eq!(c.job_heartbeat_interval, Duration::from_millis(1500));
+        assert_eq!(c.heartbeat_interval, Duration::from_millis(250));
+        assert_eq!(c.scaler_idle_timeout, Duration::from_millis(7000));
+        assert_eq!(
+            c.scaler_pending_dispatch_timeout,
+            Duration::from_millis(8000)
+        );
+        assert_eq!(c.concurrency_wait_timeout, Duration::from_millis(1000));
+        assert_eq!(c.max_concurrency, 4);
+        assert_eq!(c.cancel_grace, Duration::ZERO);
+        assert_eq!(c.shutdown_grace, Duration::from_millis(2500));
+        let expected = RateLimits {
+            msgs_per_sec: 12.5,
+            msg_burst: 20.0,
+            bytes_per_sec: 1000.0,
+            byte_burst: 4096.0,
+        };
+        assert_eq!(c.rate_limits, expected);
+    }
+
+    #[test]
+    fn a_non_numeric_value_is_reported_against_its_variable() {
+        for name in INTEGER_VARIABLES {
+            let found = issues(&[(name, "abc")]);
+            let expected = ConfigIssue::new(name, "expected an integer, got \"abc\"");
+            assert_eq!(found, vec![expected], "{name}");
+        }
+        for name in NUMBER_VARIABLES {
+            let found = issues(&[(name, "abc")]);
+            let expected = ConfigIssue::new(name, "expected a number, got \"abc\"");
+            assert_eq!(found, vec![expected], "{name}");
+        }
+        let error = load_vars(&[(var::PORT, "abc")]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "Configuration validation failed:\n  - KICI_PORT: expected an integer, got \"abc\""
+        );
+    }
+
+    #[test]
+    fn all_issues_are_reported_together() {
+        let bad: Vec<(&str, &str)> = INTEGER_VARIABLES
+            .iter()
+            .chain(NUMBER_VARIABLES)
+            .map(|name| (*name, "x"))
+            .chain([(var::LOG_LEVEL, "loud"), (var::ORCHESTRATOR_URL, "")])
+            .collect();
+        let found = issues(&bad);
+        assert_eq!(found.len(), bad.len());
+        let text = ConfigError::Invalid(found).to_string();
+        for (name, _) in &bad {
+            assert!(
+                text.contains(&format!("\n  - {name}: ")),
+                "{name} missing in {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_empty_or_blank_numeric_or_enum_value_means_default() {
+        for name in INTEGER_VARIABLES.iter().chain(NUMBER_VARIABLES).chain(&[
+            var::LOG_LEVEL,
+            var::LOG_FORMAT,
+            var::BACKPRESSURE_MODE,
+            var::SANDBOX_NETWORK,
+            var::EXECUTION_MODE,
+            var::BIND_ADDRESS,
+        ]) {
+            for blank in ["", "  "] {
+                let c = config(&[(var::AGENT_ID, "agent-1"), (name, blank)]);
+                assert_eq!(c, default_config(), "{name}={blank:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn integers_outside_their_range_are_refused() {
+        assert_eq!(
+            issues(&[(var::PORT, "70000")]),
+            vec![ConfigIssue::new(
+                var::PORT,
+                "expected an integer from 0 to 65535, got \"70000\""
+            )]
+        );
+        assert_eq!(
+            issues(&[(var::CANCEL_GRACE_MS, "-1")]),
+            vec![ConfigIssue::new(
+                var::CANCEL_GRACE_MS,
+                "expected an integer >= 0, got \"-1\""
+            )]
+        );
+        assert_eq!(
+            issues(&[(var::MAX_CONCURRENCY, "-1")])[0].setting,
+            var::MAX_CONCURRENCY
+        );
+        assert_eq!(issues(&[(var::PORT, "80.5")])[0].setting, var::PORT);
+    }
+
+    #[test]
+    fn log_file_size_must_be_bytes_with_an_optional_suffix() {
+        assert_eq!(
+            issues(&[(var::LOG_MAX_SIZE, "12q")]),
+            vec![ConfigIssue::new(
+                var::LOG_MAX_SIZE,
+                "expected a number of bytes, optionally with a k/m/g suffix (e.g. 500m), got \"12q\""
+            )]
+        );
+        for bad in ["m", "-5", "1.5g", "5 m", "5mb", "0x10", "+5"] {
+            let found = issues(&[(var::LOG_MAX_SIZE, bad)]);
+            assert_eq!(found.len(), 1, "{bad}: {found:?}");
+            assert!(
+                found[0].message.starts_with("expected a number of bytes"),
+                "{bad}: {found:?}"
+            );
+        }
+        for zero in ["0", "0k", "000G"] {
+            let found = issues(&[(var::LOG_MAX_SIZE, zero)]);
+            assert_eq!(
+                found,
+                vec![ConfigIssue::new(
+                    var::LOG_MAX_SIZE,
+                    format!("must be greater than 0, got {zero:?}")
+                )]
+            );
+        }
+        let found = issues(&[(var::LOG_MAX_SIZE, "17179869184g")]);
+        assert_eq!(
+            found[0].message,
+            "\"17179869184g\" is more bytes than a 64-bit size can hold"
+        );
+        for good in ["1", "500m", "500M", "64k", "1G", "1048576", ""] {
+            config(&[(var::LOG_MAX_SIZE, good)]);
+        }
+        assert_eq!(crate::file_log::parse_size("500m"), Ok(500 << 20));
+        assert_eq!(crate::file_log::parse_size("2K"), Ok(2048));
+    }
+
+    #[test]
+    fn scaler_timeouts_at_or_below_zero_mean_no_delay() {
+        let c = config(&[
+            (var::SCALER_IDLE_TIMEOUT, "-5"),
+            (var::SCALER_PENDING_DISPATCH_TIMEOUT, "0"),
+        ]);
+        assert_eq!(c.scaler_idle_timeout, Duration::ZERO);
+        assert_eq!(c.scaler_pending_dispatch_timeout, Duration::ZERO);
+    }
+
+    #[test]
+    fn booleans_need_the_exact_string() {
+        let on = config(&[
+            (var::DOCKER_KEEP_FAILED, "true"),
+            (var::SCALER_MANAGED, "1"),
+            (var::AGENT_IS_ORCHESTRATOR_HOST, "true"),
+            (var::DEV, "true"),
+        ]);
+        assert!(on.docker_keep_failed && on.scaler_managed);
+        assert!(on.is_orchestrator_host && on.dev);
+        let off = config(&[
+            (var::DOCKER_KEEP_FAILED, "TRUE"),
+            (var::SANDBOX, "1"),
+            (var::SCALER_MANAGED, "true"),
+            (var::AGENT_IS_ORCHESTRATOR_HOST, "yes"),
+            (var::DEV, "True"),
+        ]);
+        assert!(!off.docker_keep_failed && !off.sandbox && !off.scaler_managed);
+        assert!(!off.is_orchestrator_host && !off.dev);
+    }
+
+    #[test]
+    fn sandbox_is_a_setting_like_any_other() {
+        let c = config(&[(var::SANDBOX, "true"), (var::SANDBOX_NETWORK, "host")]);
+        assert!(c.sandbox);
+        assert_eq!(c.sandbox_network, SandboxNetwork::Host);
+    }
+
+    #[test]
+    fn enums_are_case_sensitive() {
+        let c = config(&[
+            (var::LOG_LEVEL, "warn"),
+            (var::LOG_FORMAT, "json"),
+            (var::BACKPRESSURE_MODE, "drop"),
+            (var::SANDBOX_NETWORK, "host"),
+            (var::EXECUTION_MODE, "bare-metal"),
+        ]);
+        assert_eq!(c.log_level, LogLevel::Warn);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.backpressure_mode, BackpressureMode::Drop);
+        assert_eq!(c.sandbox_network, SandboxNetwork::Host);
+        assert_eq!(c.execution_mode, Some(ExecutionMode::BareMetal));
+        assert_eq!(
+            issues(&[(var::LOG_LEVEL, "INFO")]),
+            vec![ConfigIssue::new(
+                var::LOG_LEVEL,
+                "expected one of debug, info, warn, error, got \"INFO\""
+            )]
+        );
+        assert_eq!(
+            issues(&[(var::EXECUTION_MODE, "vm")])[0].setting,
+            var::EXECUTION_MODE
+        );
+        assert_eq!(
+            issues(&[(var::SANDBOX_NETWORK, "Host")])[0].setting,
+            var::SANDBOX_NETWORK
+        );
+        assert_eq!(
+            issues(&[(var::LOG_LEVEL, " info")])[0].setting,
+            var::LOG_LEVEL
+        );
+        assert_eq!(tracing::Level::from(LogLevel::Warn), tracing::Level::WARN);
+    }
+
+    #[test]
+    fn the_bind_address_must_be_an_ip_address() {
+        let c = config(&[(var::BIND_ADDRESS, "127.0.0.1")]);
+        assert_eq!(c.bind_address, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(
+            issues(&[(var::BIND_ADDRESS, "localhost")]),
+            vec![ConfigIssue::new(
+                var::BIND_ADDRESS,
+                "expected an IP address, got \"localhost\""
+            )]
+        );
+    }
+
+    #[test]
+    fn file_log_settings_follow_the_node_agents_rules() {
+        let c = config(&[
+            (var::LOG_DIR, "/var/log/kici"),
+            (var::LOG_MAX_SIZE, "2k"),
+            (var::LOG_RETENTION_DAYS, "3"),
+            (var::AGENT_ID, "my agent/1"),
+        ]);
+        assert_eq!(c.log_dir, Some(PathBuf::from("/var/log/kici")));
+        assert_eq!((c.log_max_size, c.log_retention_days), (2048, 3));
+        assert_eq!(c.log_file_suffix.as_deref(), Some("my_agent_1"));
+        let c = config(&[(var::AGENT_ID, "a"), (var::CLUSTER_INSTANCE_ID, "c:1")]);
+        assert_eq!(c.log_file_suffix.as_deref(), Some("c_1"));
+        // A generated id is never a suffix; `undefined` means unset.
+        let c = config(&[
+            (var::LOG_DIR, "undefined"),
+            (var::CLUSTER_INSTANCE_ID, "undefined"),
+        ]);
+        assert_eq!((c.log_dir, c.log_file_suffix), (None, None));
+        let c = default_config();
+        assert_eq!((c.log_max_size, c.log_retention_days), (500 << 20, 7));
+        assert_eq!(
+            issues(&[(var::LOG_MAX_SIZE, "5mb"), (var::LOG_RETENTION_DAYS, "0")]),
+            vec![
+                ConfigIssue::new(
+                    var::LOG_MAX_SIZE,
+                    "expected a number of bytes, optionally with a k/m/g suffix (e.g. 500m), got \"5mb\""
+                ),
+                ConfigIssue::new(var::LOG_RETENTION_DAYS, "must be at least 1 day"),
+            ]
+        );
+    }
+
+    #[test]
+    fn labels_are_split_verbatim() {
+        let c = config(&[(var::LABELS, "gpu,, Linux ,x,")]);
+        assert_eq!(c.labels, vec!["gpu", " Linux ", "x"]);
+        assert!(config(&[(var::LABELS, "")]).labels.is_empty());
+    }
+
+    #[test]
+    fn carried_strings_are_read() {
+        let c = config(&[
+            (var::PROCESS_EXECUTOR, "/usr/local/bin/run-step"),
+            (var::CONTAINER_IMAGE, "alpine:3"),
+            (var::LOG_FORMAT, "plain"),
+        ]);
+        assert_eq!(
+            c.process_executor.as_deref(),
+            Some("/usr/local/bin/run-step")
+        );
+        assert_eq!(c.default_container_image.as_deref(), Some("alpine:3"));
+        assert_eq!(c.log_format, LogFormat::Plain);
+        let empty = config(&[(var::PROCESS_EXECUTOR, ""), (var::CONTAINER_IMAGE, "")]);
+        assert!(empty.process_executor.is_none() && empty.default_container_image.is_none());
+    }
+
+    #[test]
+    fn the_setting_table_has_unique_documented_names_and_keys() {
+        let mut spellings = std::collections::HashSet::new();
+        for setting in SETTINGS {
+            assert!(setting.name.starts_with("KICI_"), "{}", setting.name);
+            assert!(
+                setting
+                    .key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{}",
+                setting.key
+            );
+            assert!(spellings.insert(setting.name), "duplicate {}", setting.name);
+            assert!(spellings.insert(setting.key), "duplicate {}", setting.key);
+            assert!(!setting.description.is_empty(), "{}", setting.name);
+        }
+    }
+
+    #[test]
+    fn set_by_name_or_key_reads_text_like_the_environment() {
+        let pairs = [
+            (var::PORT, "0"),
+            (var::LABELS, "gpu,,x y"),
+            (var::PROPERTIES, "cores=8,ssd=true"),
+            (var::LOG_LEVEL, "debug"),
+            (var::LOG_MAX_SIZE, "2m"),
+            (var::CANCEL_GRACE_MS, " 250 "),
+            (var::SCALER_MANAGED, "1"),
+            (var::EXECUTION_MODE, "bare-metal"),
+            (var::JOB_PIDS_MAX, "64"),
+            (var::NODE, "/opt/node/bin/node"),
+            (var::LOG_DIR, "/var/log/kici"),
+            (var::RATE_MSG_BURST, "20.5"),
+            (var::AGENT_TOKEN, TOKEN),
+        ];
+        let mut by_name = builder();
+        let mut by_key = builder();
+        for (name, value) in pairs {
+            by_name.set(name, value).unwrap();
+            let key = Setting::find(name).map(|setting| setting.key).unwrap();
+            by_key.set(key, value).unwrap();
+        }
+        let from_env = config(
+            &[(var::AGENT_ID, "agent-1")]
+                .into_iter()
+                .chain(pairs)
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(by_name.build().unwrap(), from_env);
+        assert_eq!(by_key.build().unwrap(), from_env);
+        assert_eq!(from_env.job_pids_max, 64);
+        assert_eq!(from_env.log_max_size, 2 << 20);
+    }
+
+    #[test]
+    fn set_refuses_unknown_names_and_bad_values_and_changes_nothing_then() {
+        let mut b = builder();
+        b.set(var::PORT, "9000").unwrap();
+        let error = b.set("KICI_PROT", "1").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "unknown setting \"KICI_PROT\": did you mean KICI_PORT?"
+        );
+        let error = b.set(var::PORT, "70000").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "Configuration validation failed:\n  - KICI_PORT: expected an integer from 0 to 65535, got \"70000\""
+        );
+        let error = b.set(var::LOG_FORMAT, "yaml").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("expected one of auto, plain, json"),
+            "{error}"
+        );
+        let error = b
+            .set_value(var::LABELS, SettingValue::Flag(true))
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("KICI_LABELS: expected a list, got a flag"),
+            "{error}"
+        );
+        assert!(b.set(var::PROPERTIES, "novalue").is_err());
+        let c = b.build().unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.log_format, LogFormat::Auto);
+        assert!(c.labels.is_empty() && c.properties.is_empty());
+    }
+
+    #[test]
+    fn blank_text_puts_a_setting_back_to_its_default() {
+        let mut b = builder();
+        for (name, value) in [
+            (var::PORT, "1"),
+            (var::LOG_LEVEL, "error"),
+            (var::CANCEL_GRACE_MS, "5"),
+            (var::EXECUTION_MODE, "container"),
+            (var::NODE, "/usr/bin/node"),
+            (var::AGENT_TOKEN, TOKEN),
+            (var::DEV, "true"),
+        ] {
+            b.set(name, value).unwrap();
+            b.set(name, if name == var::PORT { " " } else { "" })
+                .unwrap();
+        }
+        assert_eq!(b.build().unwrap(), default_config());
+    }
+
+    #[test]
+    fn every_setting_takes_a_typed_value_of_its_kind() {
+        let ca = ca_file();
+        let ca_path = ca.path().to_str().unwrap().to_owned();
+        for setting in SETTINGS {
+            let value = match setting.kind {
+                SettingKind::Text if setting.name == var::ORCHESTRATOR_URL => {
+                    SettingValue::from(URL)
+                }
+                SettingKind::Text | SettingKind::Secret | SettingKind::Ignored => {
+                    SettingValue::from("x")
+                }
+                SettingKind::Path if setting.name == var::LOG_DIR || setting.name == var::NODE => {
+                    SettingValue::from("/tmp")
+                }
+                SettingKind::Path => SettingValue::Text(ca_path.clone()),
+                SettingKind::Flag => SettingValue::Flag(true),
+                SettingKind::Integer | SettingKind::Size => SettingValue::Integer(2),
+                SettingKind::Millis => SettingValue::Duration(Duration::from_secs(2)),
+                SettingKind::Number => SettingValue::Number(2.5),
+                SettingKind::Choice(names) => SettingValue::from(names[0]),
+                SettingKind::IpAddress => SettingValue::from("127.0.0.1"),
+                SettingKind::List if setting.name == var::ROLES => SettingValue::List(Vec::new()),
+                SettingKind::List => SettingValue::List(vec!["a,b".into(), "c".into()]),
+                SettingKind::Properties => {
+                    SettingValue::Properties(vec![("v".into(), PropertyValue::Text("1".into()))])
+                }
+            };
+            let mut b = builder();
+            b.set_value(setting.key, value)
+                .unwrap_or_else(|e| panic!("{}: {e}", setting.name));
+        }
+        let mut b = builder();
+        b.set_value(
+            var::CANCEL_GRACE_MS,
+            SettingValue::Duration(Duration::from_micros(1500)),
+        )
+        .unwrap();
+        b.set_value(var::LABELS, SettingValue::List(vec!["a,b".into()]))
+            .unwrap();
+        b.set_value(var::SCALER_MANAGED, SettingValue::Flag(true))
+            .unwrap();
+        let c = b.build().unwrap();
+        assert_eq!(c.cancel_grace, Duration::from_micros(1500));
+        assert_eq!(c.labels, ["a,b"], "a typed list is kept verbatim");
+        assert!(c.scaler_managed);
+    }
+
+    /// The README's configuration table, as generated from [`SETTINGS`].
+    fn readme_table() -> String {
+        let mut table = String::from("| variable | default | meaning |\n|---|---|---|\n");
+        for setting in SETTINGS {
+            let default = match setting.default {
+                None => "—".to_owned(),
+                Some("") => "(empty)".to_owned(),
+                Some(value) => format!("`{value}`"),
+            };
+            let meaning = setting.description.replace('|', "\\|");
+            table.push_str(&format!("| `{}` | {default} | {meaning} |\n", setting.name));
+        }
+        table
+    }
+
+    /// The README's table is the setting table; `KICI_UPDATE_DOCS=1` rewrites it.
+    #[test]
+    fn the_readme_configuration_table_is_generated_from_the_settings() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md");
+        let readme = std::fs::read_to_string(path).unwrap();
+        let start = readme
+            .find("| variable | default | meaning |")
+            .expect("the table header");
+        let end = readme[start..]
+            .find("\n\n")
+            .map_or(readme.len(), |offset| start + offset + 1);
+        let expected = readme_table();
+        if std::env::var_os("KICI_UPDATE_DOCS").is_some() {
+            let updated = format!("{}{expected}{}", &readme[..start], &readme[end..]);
+            std::fs::write(path, updated).unwrap();
+            return;
+        }
+        assert!(
+            readme[start..end] == expected,
+            "README.md's configuration table differs from SETTINGS; regenerate it with \
+             KICI_UPDATE_DOCS=1 cargo test -p kici-agent-core --lib readme"
+        );
     }
 }

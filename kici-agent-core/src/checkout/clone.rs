@@ -1,26 +1,22 @@
-//! Git checkout of a job's repository into its workspace (agent spec §9), done in-process with
-//! libgit2 instead of the `git` CLI.
-//!
-//! The clone is shallow (depth 1) where the transport supports it, checks out the requested
-//! branch or tag, then verifies the event's commit and fetches it explicitly when the ref has
-//! moved on since the event. Credentials only ever travel through libgit2's credential callback:
-//! they are never written into the URL, the remote configuration or any message.
-//!
-//! Everything here blocks; callers run [`checkout`] on a blocking thread.
-
-mod known_hosts;
+//! The libgit2 session of one checkout: the init, the fetches (shallow where the transport
+//! allows), the checkout of the ref and of the event's commit, progress, cancellation, and the
+//! translation of libgit2's errors into [`CheckoutError`]s without secrets.
 
 use std::cell::{Cell, RefCell};
-use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use git2::build::CheckoutBuilder;
 use git2::{
-    AutotagOption, CertificateCheckStatus, Commit, Cred, CredentialType, Direction, ErrorCode,
-    FetchOptions, ProxyOptions, Remote, RemoteCallbacks, Repository,
+    AutotagOption, CertificateCheckStatus, Commit, Direction, ErrorCode, FetchOptions,
+    ProxyOptions, Remote, RemoteCallbacks, Repository,
 };
-use known_hosts::{HostKeyVerdict, PinnedKnownHosts};
+
+use super::credentials::{
+    credential_for, host_key_refusal, ssh_port, HostKeyCheck, HostKeyRefusal,
+};
+use super::redact::{redact_url, replace_whole_word, RedactedUrl, REDACTED};
+use super::{CheckoutError, CheckoutReport, CheckoutRequest, GitCredentials};
 
 /// Depth of the initial clone, as in the reference agent.
 const CLONE_DEPTH: i32 = 1;
@@ -31,212 +27,11 @@ const SHA_FETCH_DEPTH: i32 = 50;
 /// libgit2 calls the credential callback again after every rejection, forever; SSH needs two
 /// calls (user name, then key) for a single real attempt, so this allows two real attempts.
 const MAX_CREDENTIAL_CALLBACKS: u32 = 4;
-/// Replacement text for anything secret found in a message.
-const REDACTED: &str = "[REDACTED]";
 /// The remote name written into the workspace's git configuration.
 const REMOTE_NAME: &str = "origin";
 
-/// What to check out: one job's repository at one ref and (optionally) one commit.
-#[derive(Debug, Clone, Copy)]
-pub struct CheckoutRequest<'a> {
-    /// Clone URL: `https://`, `ssh://`, scp-like `user@host:path`, `file://` or a local path.
-    /// Userinfo in it is tolerated but kept out of messages and out of the workspace's config.
-    pub repo_url: &'a str,
-    /// Branch or tag name (`main`, `v1.2`, or the full `refs/heads/…` / `refs/tags/…` form);
-    /// empty means the remote's default branch.
-    pub git_ref: &'a str,
-    /// Commit the event was for (full or abbreviated hex); empty or `HEAD` skips verification.
-    pub sha: &'a str,
-    /// Credentials for the remote, if it needs any.
-    pub credentials: Option<&'a GitCredentials>,
-}
-
-/// Credentials for cloning, the in-process form of the dispatch's `GitAuth` (protocol §4.1).
-#[derive(Clone, PartialEq, Eq)]
-pub enum GitCredentials {
-    /// HTTP basic authentication. Defaulting the user to `x-access-token` is the caller's job.
-    Basic {
-        /// User name.
-        user: String,
-        /// Password or token.
-        secret: String,
-    },
-    /// SSH public-key authentication with an in-memory private key.
-    Ssh {
-        /// Login; `None` uses the URL's user, or `git` when the URL has none.
-        user: Option<String>,
-        /// The private key in OpenSSH or PEM text form.
-        private_key: String,
-        /// How to trust the server's host key.
-        host_key: HostKeyPolicy,
-    },
-}
-
-// Hand-written so that logging a request can never print a secret.
-impl fmt::Debug for GitCredentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Basic { user, .. } => f
-                .debug_struct("Basic")
-                .field("user", user)
-                .field("secret", &REDACTED)
-                .finish(),
-            Self::Ssh { user, host_key, .. } => f
-                .debug_struct("Ssh")
-                .field("user", user)
-                .field("private_key", &REDACTED)
-                .field("host_key", host_key)
-                .finish(),
-        }
-    }
-}
-
-/// How the SSH server's host key is trusted (`sshHostKeyPolicy` in `GitAuth`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostKeyPolicy {
-    /// Accept whatever key the server presents (`accept-new` against an empty per-call
-    /// known_hosts, as the reference agent does).
-    AcceptNew,
-    /// Strict host key checking against this known_hosts text (`sshKnownHostsPem`), as
-    /// OpenSSH does it: the server's key must be listed for its host (plain names, comma
-    /// lists, `*`/`?` wildcards, `!` negation, `[host]:port` for ports other than 22, hashed
-    /// `|1|` names). A host that is not listed is refused, and so is a key listed under
-    /// `@revoked`, for any host. `@cert-authority` entries are not supported: a host matched
-    /// only by them is refused. A line that does not parse fails the checkout up front.
-    ///
-    /// libssh2 negotiates the host key type by its own preference, not by what is pinned, so
-    /// pin every key type the server has (`ssh-keyscan` lists them all).
-    Pinned {
-        /// known_hosts lines: `[@marker] hostnames keytype base64-key [comment]`.
-        known_hosts: String,
-    },
-}
-
-/// The outcome of a successful checkout.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckoutReport {
-    /// Full hex id of the commit checked out.
-    ///
-    /// HEAD is on a local branch tracking `origin/<branch>` when a branch tip was checked out,
-    /// and detached when a tag was checked out or the event's commit had to be fetched because
-    /// the branch had moved on (the same HEAD states `git clone` + `git checkout <sha>` leave).
-    pub head: String,
-    /// The ref had moved on since the event, so the event's commit was fetched (when it was not
-    /// already present, which needs a full sha) and checked out detached.
-    pub fetched_sha: bool,
-    /// Wall time of the whole checkout.
-    pub duration: Duration,
-}
-
-/// Why a checkout failed. Every message starts with `repository <url>:` (URL without secrets)
-/// and never contains a credential.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckoutError {
-    /// The request itself is unusable (bad sha, pinned policy without known_hosts, …).
-    #[error("repository {repo}: {reason}")]
-    InvalidRequest {
-        /// Repository URL without secrets.
-        repo: String,
-        /// What is wrong with the request.
-        reason: String,
-    },
-    /// The workspace directory could not be inspected.
-    #[error("repository {repo}: cannot use workspace {}: {source}", path.display())]
-    Workspace {
-        /// Repository URL without secrets.
-        repo: String,
-        /// The workspace directory.
-        path: PathBuf,
-        /// The underlying I/O error.
-        source: std::io::Error,
-    },
-    /// The workspace directory already has content.
-    #[error("repository {repo}: workspace {} is not empty", path.display())]
-    WorkspaceNotEmpty {
-        /// Repository URL without secrets.
-        repo: String,
-        /// The workspace directory.
-        path: PathBuf,
-    },
-    /// The remote has neither a branch nor a tag of that name.
-    #[error("repository {repo}: ref '{git_ref}' not found")]
-    RefNotFound {
-        /// Repository URL without secrets.
-        repo: String,
-        /// The ref as requested.
-        git_ref: String,
-    },
-    /// No ref was requested and the remote has no default branch (e.g. it is empty).
-    #[error("repository {repo}: the remote has no default branch")]
-    NoDefaultBranch {
-        /// Repository URL without secrets.
-        repo: String,
-    },
-    /// The event's commit is not available from the remote.
-    #[error("repository {repo}: commit {sha} not found (ref '{git_ref}' is at {ref_head})")]
-    CommitNotFound {
-        /// Repository URL without secrets.
-        repo: String,
-        /// The commit as requested.
-        sha: String,
-        /// The ref that was cloned.
-        git_ref: String,
-        /// Where that ref points.
-        ref_head: String,
-    },
-    /// After checking out the event's commit, HEAD is still something else.
-    #[error("repository {repo}: SHA mismatch: expected {expected}, got {actual}")]
-    ShaMismatch {
-        /// Repository URL without secrets.
-        repo: String,
-        /// The commit as requested.
-        expected: String,
-        /// The commit HEAD is at.
-        actual: String,
-    },
-    /// The remote refused the credentials, or needs credentials that were not given.
-    #[error("repository {repo}: authentication failed: {reason}")]
-    AuthenticationFailed {
-        /// Repository URL without secrets.
-        repo: String,
-        /// Why, without secrets.
-        reason: String,
-    },
-    /// The SSH server's host key is not trusted by the pinned known_hosts.
-    #[error("repository {repo}: host key of {host} refused: {reason}")]
-    HostKeyRejected {
-        /// Repository URL without secrets.
-        repo: String,
-        /// The name the host is looked up by: `host`, or `[host]:port` when the port is not 22.
-        host: String,
-        /// Why, naming the presented key by type and fingerprint only.
-        reason: String,
-    },
-    /// `cancel()` returned true.
-    #[error("repository {repo}: checkout cancelled")]
-    Cancelled {
-        /// Repository URL without secrets.
-        repo: String,
-    },
-    /// Any other libgit2 failure (network, transport, object database, working tree).
-    #[error("repository {repo}: {action} failed: {detail}")]
-    Git {
-        /// Repository URL without secrets.
-        repo: String,
-        /// What was being done.
-        action: &'static str,
-        /// libgit2's message, with secrets redacted.
-        detail: String,
-    },
-}
-
-/// Clones `req.repo_url` into `dest` (which must be empty or not exist yet) and checks out the
-/// requested ref, then the requested commit if the ref has moved on (agent spec §9.1).
-///
-/// `cancel` is polled before the clone, during every transfer and before the working tree is
-/// written; once it returns true the checkout stops with [`CheckoutError::Cancelled`].
-/// `progress` receives a few human-readable lines, free of secrets.
-pub fn checkout(
+/// [`super::checkout`] with libgit2.
+pub(super) fn clone_and_check_out(
     req: &CheckoutRequest,
     dest: &Path,
     cancel: &dyn Fn() -> bool,
@@ -409,20 +204,6 @@ struct Session<'a> {
     host_key_refusal: RefCell<Option<HostKeyRefusal>>,
 }
 
-/// A [`HostKeyPolicy`] ready for the certificate callback.
-enum HostKeyCheck {
-    AcceptAny,
-    /// Parsed once, up front, so bad content fails before any connection.
-    Pinned(PinnedKnownHosts),
-}
-
-/// Why the certificate callback refused a host key, kept for the error libgit2 returns.
-#[derive(Debug, Clone)]
-struct HostKeyRefusal {
-    host: String,
-    reason: String,
-}
-
 impl<'a> Session<'a> {
     fn new(req: &CheckoutRequest<'a>, cancel: &'a dyn Fn() -> bool) -> Result<Self, CheckoutError> {
         let RedactedUrl {
@@ -438,20 +219,13 @@ impl<'a> Session<'a> {
                 host_key,
                 ..
             }) => {
-                host_key_check = Some(match host_key {
-                    HostKeyPolicy::AcceptNew => HostKeyCheck::AcceptAny,
-                    HostKeyPolicy::Pinned { known_hosts } => {
-                        match PinnedKnownHosts::parse(known_hosts) {
-                            Ok(parsed) => HostKeyCheck::Pinned(parsed),
-                            Err(e) => {
-                                return Err(CheckoutError::InvalidRequest {
-                                    repo,
-                                    reason: e.to_string(),
-                                })
-                            }
-                        }
+                let check = HostKeyCheck::for_policy(host_key).map_err(|e| {
+                    CheckoutError::InvalidRequest {
+                        repo: repo.clone(),
+                        reason: e.to_string(),
                     }
-                });
+                })?;
+                host_key_check = Some(check);
                 secrets.push(private_key.trim().to_owned());
             }
             None => {}
@@ -722,162 +496,10 @@ fn proxy_options() -> ProxyOptions<'static> {
     options
 }
 
-/// The credential to answer libgit2's request with, or why there is none.
-fn credential_for(
-    credentials: Option<&GitCredentials>,
-    url_user: Option<&str>,
-    allowed: CredentialType,
-) -> Result<Cred, String> {
-    let unusable = |what: &str| {
-        Err(format!(
-            "the remote asks for {allowed:?} credentials, {what} were provided"
-        ))
-    };
-    match credentials {
-        None => unusable("none"),
-        Some(GitCredentials::Basic { user, secret }) => {
-            if !allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
-                return unusable("user/password");
-            }
-            Cred::userpass_plaintext(user, secret).map_err(|e| e.message().to_owned())
-        }
-        Some(GitCredentials::Ssh {
-            user, private_key, ..
-        }) => {
-            let user = user.as_deref().or(url_user).unwrap_or("git");
-            if allowed.contains(CredentialType::USERNAME) {
-                return Cred::username(user).map_err(|e| e.message().to_owned());
-            }
-            if !allowed.contains(CredentialType::SSH_MEMORY)
-                && !allowed.contains(CredentialType::SSH_KEY)
-            {
-                return unusable("SSH key");
-            }
-            // libssh2 needs the final newline of a PEM/OpenSSH key.
-            let mut key = private_key.trim_end().to_owned();
-            key.push('\n');
-            // libgit2's message for a malformed key names no key material.
-            Cred::ssh_key_from_memory(user, None, &key, None).map_err(|e| e.message().to_owned())
-        }
-    }
-}
-
-/// A URL prepared for display, with the userinfo pieces to scrub from messages.
-#[derive(Debug, PartialEq, Eq)]
-struct RedactedUrl {
-    /// The URL without its password, and without its user name unless it is SSH (where the
-    /// name is an account such as `git`, not a token).
-    display: String,
-    /// The password, as written and percent-decoded.
-    secrets: Vec<String>,
-    /// The removed user name, as written and percent-decoded.
-    user_names: Vec<String>,
-}
-
-fn redact_url(raw: &str) -> RedactedUrl {
-    let mut redacted = RedactedUrl {
-        display: raw.to_owned(),
-        secrets: Vec::new(),
-        user_names: Vec::new(),
-    };
-    let Ok(mut url) = url::Url::parse(raw) else {
-        // Local paths and scp-like `user@host:path` addresses carry no password.
-        return redacted;
-    };
-    // Both spellings: libgit2 may quote the userinfo as written or as it decoded it.
-    // Malformed escapes stay as written; bytes that are not UTF-8 become U+FFFD.
-    let spellings = |value: &str| {
-        let decoded = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
-        vec![value.to_owned(), decoded.into_owned()]
-    };
-    if let Some(password) = url.password() {
-        redacted.secrets = spellings(password);
-    }
-    let keep_user = url.scheme() == "ssh";
-    if !keep_user && !url.username().is_empty() {
-        redacted.user_names = spellings(url.username());
-    }
-    // Setting userinfo only fails for URLs without a host, which cannot carry any.
-    let _ = url.set_password(None);
-    if !keep_user {
-        let _ = url.set_username("");
-    }
-    redacted.display = url.to_string();
-    redacted
-}
-
-/// Replaces `word` wherever it is not part of a longer alphanumeric run.
-fn replace_whole_word(text: &str, word: &str, with: &str) -> String {
-    let mut replaced = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find(word) {
-        replaced.push_str(&rest[..at]);
-        let after = &rest[at + word.len()..];
-        let glued_before = replaced
-            .chars()
-            .next_back()
-            .is_some_and(char::is_alphanumeric);
-        let glued_after = after.chars().next().is_some_and(char::is_alphanumeric);
-        replaced.push_str(if glued_before || glued_after {
-            word
-        } else {
-            with
-        });
-        rest = after;
-    }
-    replaced.push_str(rest);
-    replaced
-}
-
-/// Why `known_hosts` does not trust the key the server presented for `host` (libgit2's host
-/// name from the URL) on `port`, or `None` when it does.
-fn host_key_refusal(
-    known_hosts: &PinnedKnownHosts,
-    host: &str,
-    port: u16,
-    presented: Option<&[u8]>,
-) -> Option<HostKeyRefusal> {
-    let name = known_hosts::lookup_name(host, port);
-    let Some(key) = presented else {
-        return Some(HostKeyRefusal {
-            host: name,
-            reason: "the SSH transport did not hand over the server's key".to_owned(),
-        });
-    };
-    let reason = match known_hosts.verdict(host, port, key) {
-        HostKeyVerdict::Accepted => return None,
-        HostKeyVerdict::Revoked => format!(
-            "the server presented {}, which the pinned known_hosts marks @revoked",
-            known_hosts::describe_key(key)
-        ),
-        HostKeyVerdict::NotPinnedForHost => format!(
-            "the server presented {}, which is not pinned for this host \
-             (the host key changed, or something is intercepting the connection)",
-            known_hosts::describe_key(key)
-        ),
-        HostKeyVerdict::OnlyCertAuthority => "only @cert-authority entries name this host, and \
-             host certificates are not supported: pin the host's own keys"
-            .to_owned(),
-        HostKeyVerdict::HostNotListed => "the host is not listed in the pinned known_hosts \
-             (strict host key checking refuses unknown hosts)"
-            .to_owned(),
-    };
-    Some(HostKeyRefusal { host: name, reason })
-}
-
-/// The port an SSH URL connects to: its explicit port, else 22 (also for scp-like
-/// `user@host:path` addresses, which cannot name one).
-fn ssh_port(url: &str) -> u16 {
-    url::Url::parse(url)
-        .ok()
-        .filter(|url| matches!(url.scheme(), "ssh" | "ssh+git" | "git+ssh"))
-        .and_then(|url| url.port())
-        .unwrap_or(known_hosts::DEFAULT_SSH_PORT)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::checkout::{checkout, HostKeyPolicy};
     use git2::{Oid, RepositoryInitOptions, Signature};
 
     /// A source repository on branch `main`, built with libgit2 (no `git` CLI needed).
@@ -1155,111 +777,6 @@ mod tests {
             }
         }
         assert!(!format!("{credentials:?}").contains("s3cr3t-basic-token"));
-    }
-
-    #[test]
-    fn redacts_userinfo_but_keeps_ssh_account_names() {
-        assert_eq!(
-            redact_url("https://tok%40en:p%40ss@example.invalid/r.git"),
-            RedactedUrl {
-                display: "https://example.invalid/r.git".to_owned(),
-                secrets: vec!["p%40ss".to_owned(), "p@ss".to_owned()],
-                user_names: vec!["tok%40en".to_owned(), "tok@en".to_owned()],
-            }
-        );
-        // A malformed escape stays as written; an escaped byte that is not UTF-8 is replaced.
-        assert_eq!(
-            redact_url("https://x:50%zz%ff@example.invalid/r.git").secrets,
-            ["50%zz%ff", "50%zz\u{FFFD}"]
-        );
-        for kept in [
-            "ssh://git@example.invalid/r.git",
-            "git@example.invalid:org/r.git",
-        ] {
-            assert_eq!(redact_url(kept).display, kept);
-        }
-    }
-
-    #[test]
-    fn credential_requests_that_cannot_be_met_explain_why() {
-        let basic = GitCredentials::Basic {
-            user: "x-access-token".to_owned(),
-            secret: "s3cr3t-basic-token".to_owned(),
-        };
-        let ssh = GitCredentials::Ssh {
-            user: None,
-            private_key: "-----BEGIN OPENSSH PRIVATE KEY-----\nkeymaterial".to_owned(),
-            host_key: HostKeyPolicy::AcceptNew,
-        };
-        let plaintext = CredentialType::USER_PASS_PLAINTEXT;
-        assert!(credential_for(Some(&basic), None, plaintext).is_ok());
-        assert!(credential_for(Some(&ssh), Some("git"), CredentialType::USERNAME).is_ok());
-        assert!(credential_for(Some(&ssh), None, CredentialType::SSH_KEY).is_ok());
-        for (credentials, allowed, provided) in [
-            (None, plaintext, "none"),
-            (Some(&basic), CredentialType::SSH_KEY, "user/password"),
-            (Some(&ssh), plaintext, "SSH key"),
-        ] {
-            let reason = credential_for(credentials, None, allowed).err().unwrap();
-            assert!(reason.contains(provided), "{reason}");
-            assert!(!reason.contains("s3cr3t") && !reason.contains("keymaterial"));
-        }
-    }
-
-    #[test]
-    fn short_url_user_names_are_scrubbed_only_as_words() {
-        assert_eq!(
-            replace_whole_word("u refused u@host (u)", "u", REDACTED),
-            "[REDACTED] refused [REDACTED]@host ([REDACTED])"
-        );
-    }
-
-    #[test]
-    fn ssh_urls_name_their_port_for_the_known_hosts_lookup() {
-        for (url, port) in [
-            ("ssh://git@git.example.invalid:2222/r.git", 2222),
-            ("ssh://git@git.example.invalid/r.git", 22),
-            ("git+ssh://git.example.invalid:7999/r.git", 7999),
-            ("git@git.example.invalid:org/r.git", 22),
-            ("ssh://git@[::1]:2200/r.git", 2200),
-        ] {
-            assert_eq!(ssh_port(url), port, "{url}");
-        }
-    }
-
-    #[test]
-    fn host_key_refusals_name_the_host_and_the_key_by_fingerprint_only() {
-        let pinned = "AAAAC3NzaC1lZDI1NTE5AAAAIAcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcH";
-        let known_hosts =
-            PinnedKnownHosts::parse(&format!("[git.example.invalid]:2222 ssh-ed25519 {pinned}"))
-                .unwrap();
-        let other_key = b"\0\0\0\x0bssh-ed25519\0\0\0\x20other-key-bytes-0123456789abcdef";
-        let refusal =
-            host_key_refusal(&known_hosts, "git.example.invalid", 2222, Some(other_key)).unwrap();
-        assert_eq!(refusal.host, "[git.example.invalid]:2222");
-        assert!(
-            refusal.reason.contains("ssh-ed25519 key SHA256:"),
-            "{}",
-            refusal.reason
-        );
-        assert!(
-            refusal.reason.contains("not pinned for this host"),
-            "{}",
-            refusal.reason
-        );
-        let refusal =
-            host_key_refusal(&known_hosts, "git.example.invalid", 22, Some(other_key)).unwrap();
-        assert_eq!(refusal.host, "git.example.invalid");
-        assert!(refusal.reason.contains("not listed"), "{}", refusal.reason);
-        assert!(host_key_refusal(&known_hosts, "git.example.invalid", 2222, None).is_some());
-        let error = CheckoutError::HostKeyRejected {
-            repo: "ssh://git@git.example.invalid:2222/r.git".to_owned(),
-            host: refusal.host,
-            reason: refusal.reason,
-        };
-        assert!(error
-            .to_string()
-            .starts_with("repository ssh://git@git.example.invalid:2222/r.git: host key of git.example.invalid refused: "));
     }
 
     #[test]
