@@ -209,7 +209,7 @@ struct Shared {
 /// [`Agent::register_job_executor`], [`Agent::set_default_executor`]), `start` it, and
 /// `drain` / `shutdown` / `wait`. Dropping it shuts it down.
 ///
-/// Which executor runs a job or step is decided by one rule, in [`crate::routing`]: host
+/// Which executor runs a job or step is decided by one rule, in [`ExecutorRegistry`]: host
 /// executors registered for the step or the job first, then the job's container, then the
 /// host default, then the built-in executor (`process_executor`, else the shell executor with
 /// `step_map_file`); a TypeScript job nothing claims runs through the TypeScript runner.

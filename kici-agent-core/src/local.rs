@@ -182,7 +182,7 @@ impl LocalCancel {
 
 /// Runs a job through the engine; every message it produces goes to `on_message`, in order.
 /// Returns the job's terminal state. Steps no executor of `executors` takes run with the shell
-/// executor (their `run` commands), or in the job file's `container` (see [`crate::routing`]).
+/// executor (their `run` commands), or in the job file's `container` (see [`ExecutorRegistry`]).
 pub async fn run(
     job: &LocalJob,
     executors: Option<ExecutorRegistry>,
