@@ -132,7 +132,7 @@ pub use executor::{
 };
 pub use process::StepEnv;
 pub use routing::ExecutorRegistry;
-pub use secret_outputs::SecretOutputError;
+pub use secret_outputs::{RunKeyError, SecretOutputError};
 
 // In `AgentError::Container`: an agent whose container engine is unusable fails with it.
 pub use container::ContainerError;

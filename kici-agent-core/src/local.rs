@@ -42,7 +42,10 @@ use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxLimits, Pacer};
 use crate::protocol::{ContainerSpec, JobConfig, JobDispatch, JobState, Outbound, StepEntry};
 use crate::routing::{Builtins, ExecutorRegistry};
-use crate::typescript::{TypeScriptExecutor, WorkflowJobs};
+use crate::typescript::TypeScriptExecutor;
+
+/// What [`list_typescript_jobs`] finds: the jobs of one workflow of the file.
+pub use crate::typescript::WorkflowJobs;
 
 /// A job file.
 #[derive(Debug, Clone, Deserialize)]
