@@ -79,11 +79,11 @@
 //! (outbox, process spawning, log pipeline, checkout, containers, ...) can change in any
 //! release.
 //!
-//! The crate's own integration tests and benchmark need some internals; they reach them through one
-//! `#[doc(hidden)]` module, `internals`, rather than through a cargo feature: a feature would
-//! be unified into every build of the workspace that enables it and needs a self dev-dependency
-//! to turn on for tests, while the hidden module costs nothing and says at every use site that
-//! it is not API.
+//! The crate's own integration tests and benchmark need some internals; they reach them
+//! through one `#[doc(hidden)]` module, `internals`, item by item, rather than through a cargo
+//! feature: a feature would be unified into every build of the workspace that enables it and
+//! needs a self dev-dependency to turn on for tests, while the hidden module costs nothing and
+//! says at every use site that it is not API.
 //!
 //! `ARCHITECTURE.md` at the repository root maps the modules and follows one dispatch through
 //! them.
