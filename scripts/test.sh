@@ -48,6 +48,42 @@ if cargo fmt --all -- --check; then record fmt ok; else record fmt FAILED; fi
 log "cargo clippy"
 if cargo clippy --workspace --all-targets -- -D warnings; then record clippy ok; else record clippy FAILED; fi
 
+log "cargo doc (the core's API docs, warnings denied: a link to a private item breaks them)"
+doc_started=$(date +%s)
+if RUSTDOCFLAGS="-D warnings" cargo doc -q -p kici-agent-core --no-deps; then
+  record doc "ok ($(( $(date +%s) - doc_started )) s)"
+else
+  record doc "FAILED ($(( $(date +%s) - doc_started )) s)"
+fi
+
+# --- cargo features of the core: each one left out builds and lints clean; all left out, the
+# unit tests pass. The feature list is read from the crate's `default`, so a new feature is
+# covered without editing this stage.
+log "features (kici-agent-core with each default feature left out, then with none)"
+features_started=$(date +%s)
+features_failed=0
+if default_features=$(cargo metadata -q --no-deps --format-version 1 | python3 -c '
+import json, sys
+crate = next(p for p in json.load(sys.stdin)["packages"] if p["name"] == "kici-agent-core")
+print(" ".join(crate["features"].get("default", [])))'); then
+  for left_out in $default_features; do
+    kept=$(printf '%s\n' $default_features | grep -vx "$left_out" | paste -sd, -)
+    echo "--- without '$left_out' (features: ${kept:-none})"
+    cargo clippy -q -p kici-agent-core --all-targets --no-default-features --features "$kept" -- -D warnings ||
+      features_failed=1
+  done
+  echo "--- no features: unit tests"
+  cargo test -q -p kici-agent-core --no-default-features --lib || features_failed=1
+else
+  echo "!!! cannot read the features of kici-agent-core" >&2
+  features_failed=1
+fi
+if [ "$features_failed" -eq 0 ]; then
+  record features "ok ($(( $(date +%s) - features_started )) s)"
+else
+  record features "FAILED ($(( $(date +%s) - features_started )) s)"
+fi
+
 # --- Rust ----------------------------------------------------------------------------------
 log "npm ci (zx for the TypeScript runner fixtures)"
 npm ci --prefix tests/fixtures/typescript --no-audit --no-fund --silent ||

@@ -4,14 +4,10 @@
 //! nothing about speed. Without `--bench` (as under `cargo test --all-targets`) it runs on 1 MB
 //! as a quick smoke test.
 
-#[path = "../src/logs.rs"]
-#[allow(dead_code)]
-mod logs;
-
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use logs::{LineSplitter, SecretMasker, StepLog};
+use kici_agent_core::internals::logs::{LineSplitter, SecretMasker, StepLog};
 
 const BENCH_BYTES: usize = 200 * 1024 * 1024;
 const SMOKE_BYTES: usize = 1024 * 1024;

@@ -18,7 +18,7 @@ use crate::connection::{self, ConnectionSettings, ConnectionState, SessionHandle
 use crate::container::{ContainerError, ContainerExecutor, ContainerSettings};
 use crate::events::{Event, EventQueue};
 use crate::executor::{BuiltinSettings, Executor, StepMapError};
-use crate::http::{self, HealthView, Readiness};
+use crate::http::Endpoints;
 use crate::job::{self, JobControl, JobServices, JobSettings};
 use crate::metrics::Metrics;
 use crate::outbox::{JobAttempt, Outbox, OutboxLimits, Pacer};
@@ -38,11 +38,6 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The git commit this library was built from (`/health` `buildCommit`), or `"unknown"` when
 /// it was built outside a git checkout of this project.
 pub const BUILD_COMMIT: &str = env!("KICI_BUILD_COMMIT");
-
-/// When this library was built, in seconds since the Unix epoch (`SOURCE_DATE_EPOCH` when set).
-fn build_unix_time() -> u64 {
-    env!("KICI_BUILD_UNIX_TIME").parse().unwrap_or_default()
-}
 
 /// Why an agent could not be created or started.
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +209,7 @@ struct Shared {
 /// [`Agent::register_job_executor`], [`Agent::set_default_executor`]), `start` it, and
 /// `drain` / `shutdown` / `wait`. Dropping it shuts it down.
 ///
-/// Which executor runs a job or step is decided by one rule, in [`crate::routing`]: host
+/// Which executor runs a job or step is decided by one rule, in [`ExecutorRegistry`]: host
 /// executors registered for the step or the job first, then the job's container, then the
 /// host default, then the built-in executor (`process_executor`, else the shell executor with
 /// `step_map_file`); a TypeScript job nothing claims runs through the TypeScript runner.
@@ -370,11 +365,11 @@ impl Agent {
             }
         };
         let addr = SocketAddr::new(shared.config.bind_address, shared.config.port);
-        let listener = {
+        let endpoints = {
             let _runtime = runtime.enter();
-            http::bind(addr).map_err(|source| AgentError::Http { addr, source })?
+            Endpoints::bind(addr).map_err(|source| AgentError::Http { addr, source })?
         };
-        let bound = listener.local_addr().ok();
+        let bound = endpoints.local_addr();
         *lock(&self.http_addr) = bound;
         // Set once: an earlier start that failed returned before this point.
         let _ = shared.services.set(services.clone());
@@ -397,7 +392,7 @@ impl Agent {
                 tracing::error!(%error, "git HTTPS clones will not trust the extra CA certificates");
             }
         }
-        runtime.spawn(supervise(shared.clone(), services, listener));
+        runtime.spawn(supervise(shared.clone(), services, endpoints));
         // Leftovers of a crashed agent; never delays or fails the start.
         runtime.spawn_blocking(|| {
             crate::containment::collect_dead_agents_leftovers();
@@ -470,7 +465,8 @@ impl Agent {
         self.shared.events.next(timeout)
     }
 
-    /// Where `/health`, `/ready` and `/metrics` are served, once started.
+    /// Where `/health`, `/ready` and `/metrics` are served, once started; always `None` in a
+    /// build without the cargo feature `http` (no endpoint is served).
     pub fn http_addr(&self) -> Option<SocketAddr> {
         *lock(&self.http_addr)
     }
@@ -495,18 +491,10 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The agent's life: HTTP, connection, and the drain / shutdown sequence.
-async fn supervise(
-    shared: Arc<Shared>,
-    services: Arc<JobServices>,
-    listener: tokio::net::TcpListener,
-) {
+async fn supervise(shared: Arc<Shared>, services: Arc<JobServices>, endpoints: Endpoints) {
     let stop_http = CancellationToken::new();
     let stop_connection = CancellationToken::new();
-    let http_task = tokio::spawn(http::serve(
-        listener,
-        shared.clone() as Arc<dyn HealthView>,
-        stop_http.clone(),
-    ));
+    let http_task = tokio::spawn(endpoints.serve(shared.clone(), stop_http.clone()));
     let config = &shared.config;
     let settings = ConnectionSettings {
         url: config.orchestrator_url.clone(),
@@ -1021,19 +1009,23 @@ impl SessionHandler for Shared {
     }
 }
 
-impl HealthView for Shared {
+#[cfg(feature = "http")]
+impl crate::http::HealthView for Shared {
     fn health(&self) -> serde_json::Value {
+        // When this library was built, in seconds since the Unix epoch (`SOURCE_DATE_EPOCH`
+        // when set).
+        let build_unix_time: u64 = env!("KICI_BUILD_UNIX_TIME").parse().unwrap_or_default();
         let state = self.state();
         let mut body = serde_json::json!({
             "status": "ok",
-            "timestamp": http::iso8601_utc(now_ms()),
+            "timestamp": crate::http::iso8601_utc(now_ms()),
             "uptime": self.started_at.elapsed().as_secs_f64(),
             "agentId": state.agent_id,
             "activeJobs": state.active_jobs,
             "connected": state.registered,
             "version": VERSION,
             "buildCommit": BUILD_COMMIT,
-            "buildDate": http::iso8601_utc(build_unix_time() * 1000),
+            "buildDate": crate::http::iso8601_utc(build_unix_time * 1000),
             "connection": state.connection,
             "draining": state.draining,
         });
@@ -1048,9 +1040,9 @@ impl HealthView for Shared {
         body
     }
 
-    fn readiness(&self) -> Readiness {
+    fn readiness(&self) -> crate::http::Readiness {
         let status = lock(&self.status);
-        Readiness {
+        crate::http::Readiness {
             connected: status.connection == ConnectionState::Registered,
             draining: status.draining,
         }
@@ -1058,5 +1050,29 @@ impl HealthView for Shared {
 
     fn metrics_text(&self) -> String {
         self.metrics.render()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The endpoints are the cargo feature `http`: with it `start` binds them, without it the
+    /// agent starts all the same and serves nothing (the configured port stays free).
+    #[test]
+    fn the_endpoints_are_served_only_with_the_http_feature() {
+        // Nothing listens on port 1: the connection keeps retrying, which is all this needs.
+        let config = AgentConfig::builder("ws://127.0.0.1:1/ws")
+            .with_port(0)
+            .build()
+            .expect("config");
+        let agent = Agent::new(config).expect("agent");
+        agent.start().expect("start");
+        assert_eq!(agent.http_addr().is_some(), cfg!(feature = "http"));
+        agent.shutdown(Duration::ZERO);
+        assert!(
+            agent.wait(Some(Duration::from_secs(30))),
+            "agent did not stop"
+        );
     }
 }

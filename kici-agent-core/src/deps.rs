@@ -35,6 +35,10 @@ use tokio::io::AsyncWriteExt;
 /// Entries kept in the host cache.
 pub const MAX_ENTRIES: usize = 8;
 
+/// Why a build without the cargo feature `http` cannot fetch an `http(s)://` tarball.
+const NO_HTTP: &str =
+    "downloading over HTTP needs the cargo feature `http`, which this build of the agent leaves out";
+
 /// Longest a tarball download may take (the reference's limit).
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
@@ -71,6 +75,15 @@ impl DepsTarball {
             url: field("depsUrl")?,
             sha256: field("depsHash")?.to_ascii_lowercase(),
         })
+    }
+
+    /// Why this build cannot fetch the tarball at all, if it cannot: `http(s)://` needs the
+    /// cargo feature `http`. The TypeScript executor then installs the dependencies instead, as
+    /// if no tarball had come.
+    pub fn unavailable_in_this_build(&self) -> Option<&'static str> {
+        let over_http =
+            url::Url::parse(&self.url).is_ok_and(|url| matches!(url.scheme(), "http" | "https"));
+        (over_http && !cfg!(feature = "http")).then_some(NO_HTTP)
     }
 
     /// The URL without its query, user info or fragment: what logs may show.
@@ -160,6 +173,7 @@ async fn download(url: &str, to: &Path) -> Result<String, String> {
                     .map_err(|e| e.to_string())?;
             }
         }
+        #[cfg(feature = "http")]
         "http" | "https" => {
             let mut response = crate::tls::http_get(&parsed).await?;
             use http_body_util::BodyExt;
@@ -171,6 +185,8 @@ async fn download(url: &str, to: &Path) -> Result<String, String> {
                 }
             }
         }
+        #[cfg(not(feature = "http"))]
+        "http" | "https" => return Err(NO_HTTP.to_owned()),
         other => return Err(format!("unsupported URL scheme {other:?}")),
     }
     file.flush().await.map_err(|e| e.to_string())?;
@@ -415,6 +431,31 @@ mod tests {
         std::fs::write(root.join("node_modules/pkg/lib/index.js"), "export {}").unwrap();
         std::os::unix::fs::symlink("../pkg/lib/index.js", root.join("node_modules/pkg/link"))
             .unwrap();
+    }
+
+    #[test]
+    fn only_a_build_without_http_gives_up_tarballs_served_over_http() {
+        let tarball = |url: &str| DepsTarball {
+            url: url.to_owned(),
+            sha256: "0".repeat(64),
+        };
+        assert_eq!(
+            tarball("file:///tmp/deps.tgz").unavailable_in_this_build(),
+            None
+        );
+        for url in [
+            "https://bucket.example/deps.tgz?X-Amz-Signature=secret",
+            "http://10.0.0.1:9000/deps.tgz",
+        ] {
+            let reason = tarball(url).unavailable_in_this_build();
+            if cfg!(feature = "http") {
+                assert_eq!(reason, None, "{url}");
+            } else {
+                let reason = reason.unwrap_or_else(|| panic!("{url} is not refused"));
+                assert!(reason.contains("feature `http`"), "{reason}");
+                assert!(!reason.contains("secret"), "{reason}");
+            }
+        }
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub struct JobContext {
     pub namespaced_secrets: crate::protocol::NamespacedSecrets,
     /// The dispatch's pre-built workflow dependencies (`depsUrl`, `depsHash`), if any.
     #[serde(skip)]
-    pub deps_tarball: Option<crate::deps::DepsTarball>,
+    pub(crate) deps_tarball: Option<crate::deps::DepsTarball>,
     /// The outputs of the jobs this one `needs` (the dispatch's `upstreamJobOutputs`): job name
     /// -> step name -> outputs.
     pub upstream_job_outputs: serde_json::Map<String, serde_json::Value>,

@@ -42,7 +42,10 @@ use crate::metrics::Metrics;
 use crate::outbox::{Outbox, OutboxLimits, Pacer};
 use crate::protocol::{ContainerSpec, JobConfig, JobDispatch, JobState, Outbound, StepEntry};
 use crate::routing::{Builtins, ExecutorRegistry};
-use crate::typescript::{TypeScriptExecutor, WorkflowJobs};
+use crate::typescript::TypeScriptExecutor;
+
+/// What [`list_typescript_jobs`] finds: the jobs of one workflow of the file.
+pub use crate::typescript::WorkflowJobs;
 
 /// A job file.
 #[derive(Debug, Clone, Deserialize)]
@@ -182,7 +185,7 @@ impl LocalCancel {
 
 /// Runs a job through the engine; every message it produces goes to `on_message`, in order.
 /// Returns the job's terminal state. Steps no executor of `executors` takes run with the shell
-/// executor (their `run` commands), or in the job file's `container` (see [`crate::routing`]).
+/// executor (their `run` commands), or in the job file's `container` (see [`ExecutorRegistry`]).
 pub async fn run(
     job: &LocalJob,
     executors: Option<ExecutorRegistry>,

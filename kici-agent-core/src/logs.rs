@@ -885,7 +885,7 @@ pub fn truncation_marker(cap_bytes: u64) -> String {
 /// a line end inside a multi-line secret or the cut of an overlong line make.
 ///
 /// Cap (spec §14.1): before a line is accepted, if the bytes accepted so far have reached the
-/// cap, that line is replaced by [`truncation_marker`] (once) and every later line is dropped;
+/// cap, that line is replaced by `truncation_marker` (once) and every later line is dropped;
 /// so the last accepted line may overshoot the cap. Bytes are counted as the UTF-8 length of the
 /// masked line that is sent, without its line end. Empty lines are kept.
 pub struct StepLog {

@@ -8,9 +8,6 @@ use prometheus::{
 
 use crate::protocol::{JobState, StepState};
 
-/// The `Content-Type` of `/metrics` (text exposition format 0.0.4).
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
 /// Handles to every metric of one agent.
 #[derive(Clone)]
 pub struct Metrics {

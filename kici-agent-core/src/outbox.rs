@@ -646,11 +646,6 @@ impl Outbox {
         abandoned
     }
 
-    /// Log bytes waiting.
-    pub fn backlog_bytes(&self) -> usize {
-        self.lock().backlog_bytes
-    }
-
     /// Whether nothing at all waits to be sent.
     pub fn is_empty(&self) -> bool {
         let state = self.lock();
@@ -1015,7 +1010,7 @@ mod tests {
         for i in 0..50 {
             outbox.push_lines(&a, 0, vec![format!("line {i:04}")]).await;
         }
-        assert!(outbox.backlog_bytes() <= 100);
+        assert!(outbox.lock().backlog_bytes <= 100);
         outbox.set_connected(true);
         let sent = drain(&outbox, &mut unlimited()).await;
         let lines: Vec<String> = sent
@@ -1185,7 +1180,7 @@ mod tests {
         outbox.push_status(&first, status(&first.job, JobState::Cancelling), false);
         // Dispatched again before any of it was delivered.
         let second = outbox.begin_attempt(&job("a"));
-        assert_eq!(outbox.backlog_bytes(), 0);
+        assert_eq!(outbox.lock().backlog_bytes, 0);
         assert_eq!(metrics.superseded_messages_dropped_total.get(), 6);
         outbox.push_control(ack(&second.job));
         outbox.push_status(&second, status(&second.job, JobState::Running), false);

@@ -137,7 +137,8 @@ impl fmt::Debug for StepEnv {
 /// `kici-env-XXXXXX` that is removed on drop (the reference agent leaked one per job).
 #[derive(Debug)]
 pub struct HandoffFiles {
-    dir: crate::workspace::OwnedDir,
+    /// Held for its drop, which removes the directory with the files.
+    _dir: crate::workspace::OwnedDir,
     env_file: PathBuf,
     path_file: PathBuf,
     output_file: PathBuf,
@@ -153,7 +154,7 @@ impl HandoffFiles {
             path_file: dir.path().join("path"),
             output_file: dir.path().join("output"),
             secret_output_file: dir.path().join("secret_output"),
-            dir,
+            _dir: dir,
         };
         for file in [
             &files.env_file,
@@ -164,11 +165,6 @@ impl HandoffFiles {
             std::fs::File::create(file).map_err(|e| with_path(e, file))?;
         }
         Ok(files)
-    }
-
-    /// The private directory holding the files (a sandbox must bind it into the step's view).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// Points `KICI_ENV`, `KICI_PATH`, `KICI_OUTPUT` and `KICI_SECRET_OUTPUT` at the files.
@@ -338,13 +334,6 @@ pub enum ExitStatus {
     Signal(i32),
 }
 
-impl ExitStatus {
-    /// Whether the process exited with code 0.
-    pub fn success(self) -> bool {
-        self == Self::Code(0)
-    }
-}
-
 /// Why and how a step process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -364,17 +353,6 @@ pub enum Outcome {
         /// How the main process ended.
         status: ExitStatus,
     },
-}
-
-impl Outcome {
-    /// How the main process ended, whatever the reason.
-    pub fn status(&self) -> ExitStatus {
-        match *self {
-            Self::Exited(status)
-            | Self::TimedOut { status, .. }
-            | Self::Cancelled { status, .. } => status,
-        }
-    }
 }
 
 /// The limits a step process runs under.
@@ -1051,7 +1029,7 @@ mod tests {
     async fn handoff_files_round_trip_through_a_step_and_are_removed() {
         let parent = tempfile::tempdir().expect("tempdir");
         let files = HandoffFiles::create(Some(parent.path())).expect("create");
-        let dir = files.dir().to_path_buf();
+        let dir = files.env_file.parent().expect("a directory").to_path_buf();
         assert!(dir
             .file_name()
             .and_then(|name| name.to_str())
@@ -1092,7 +1070,7 @@ mod tests {
     #[test]
     fn deleted_handoff_file_reads_as_empty() {
         let files = HandoffFiles::create(None).expect("create");
-        std::fs::remove_file(files.dir().join("env")).expect("remove");
+        std::fs::remove_file(&files.env_file).expect("remove");
         assert_eq!(files.read_delta().expect("delta"), EnvDelta::default());
     }
 
@@ -1179,7 +1157,10 @@ mod tests {
     async fn output_arrives_complete_and_in_order() {
         let script = "seq 1 200000; echo to-stderr >&2";
         let (report, output) = run_collect(bash(script), RunLimits::default()).await;
-        assert!(report.expect("run").outcome.status().success());
+        assert_eq!(
+            report.expect("run").outcome,
+            Outcome::Exited(ExitStatus::Code(0))
+        );
         let text = String::from_utf8(output).expect("utf-8");
         let stdout: String = text.lines().filter(|line| *line != "to-stderr").fold(
             String::new(),
@@ -1200,7 +1181,10 @@ mod tests {
         let mut spec = bash("cat");
         spec.stdin = Some(input.clone());
         let (report, output) = run_collect(spec, RunLimits::default()).await;
-        assert!(report.expect("run").outcome.status().success());
+        assert_eq!(
+            report.expect("run").outcome,
+            Outcome::Exited(ExitStatus::Code(0))
+        );
         assert_eq!(output, input);
 
         let limits = limits_with_timeout(Duration::from_secs(10), Duration::from_secs(1));
@@ -1229,7 +1213,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let report = task.await.expect("task").expect("run");
-        assert!(report.outcome.status().success());
+        assert_eq!(report.outcome, Outcome::Exited(ExitStatus::Code(0)));
         assert_eq!(received, TOTAL);
     }
 
@@ -1244,7 +1228,7 @@ mod tests {
         )
         .await
         .expect("run");
-        assert!(report.outcome.status().success());
+        assert_eq!(report.outcome, Outcome::Exited(ExitStatus::Code(0)));
     }
 
     #[tokio::test]

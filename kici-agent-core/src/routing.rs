@@ -1,38 +1,6 @@
 //! Executor routing: which executor runs a job, or each of its steps. The one rule for every
-//! embedder (Rust, C, Python and the binary), applied by [`ExecutorRegistry`].
-//!
-//! The host registers executors for a step name, a job name (`jobConfig.name`) or as the
-//! default, on the registry or on [`crate::Agent`] before it starts; the agent adds its
-//! built-ins (container engine, TypeScript runner, shell / process executor) when it starts.
-//!
-//! **A job** runs as a whole through the TypeScript runner when its source file
-//! (`jobConfig.source.file`) ends in `.ts`, it names no container image, none of its steps has a
-//! `run` command, and nothing else claims it: no host executor is registered for the job or for
-//! any of its steps, there is no host default, and the operator did not choose a step map
-//! (`KICI_STEP_MAP`) or a process executor (`KICI_PROCESS_EXECUTOR`) for every step. Without
-//! Node >= 20.6 such a job fails with an error naming the missing piece. Every other job runs
-//! through the agent's step loop.
-//!
-//! **A step** of the step loop runs with the first of:
-//!
-//! 1. the host executor registered for its step name;
-//! 2. the host executor registered for its job name;
-//! 3. the container executor, when the job names a container image (`jobConfig.container`, or
-//!    the default image in container execution mode): every step runs in the job's container;
-//! 4. the host default executor;
-//! 5. the built-in executor: the process executor, else the shell executor (the step's `run`
-//!    command, else the step map's).
-//!
-//! A host executor registered for a step or job wins over the job's container: registering it
-//! is the most specific thing the embedder said about that step (hardware-in-the-loop steps of
-//! a job whose other steps build in a container, say), while the image is a property of the
-//! whole workflow. The step then runs on the host, and the job's log says so, so nothing is
-//! overridden silently. The host default, in contrast, is a catch-all and does not take steps
-//! out of a container.
-//!
-//! A job with an image fails, with the reason, when the agent has no container executor (no
-//! usable `DOCKER_HOST`, or a build without the cargo feature `container`) and host executors
-//! registered for the job or for each of its steps do not take every step.
+//! embedder (Rust, C, Python and the binary), applied by [`ExecutorRegistry`] and documented
+//! there (it is public API; this module is not).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,7 +11,40 @@ use crate::protocol::{JobConfig, StepEntry, StepSpec};
 use crate::typescript::TypeScriptExecutor;
 
 /// The executors of an agent: the host's, registered by step name, job name or as the
-/// default, and the agent's built-ins. See the [module documentation](self) for the rule.
+/// default, and the agent's built-ins.
+///
+/// The host registers executors for a step name, a job name (`jobConfig.name`) or as the
+/// default, on the registry or on [`crate::Agent`] before it starts; the agent adds its
+/// built-ins (container engine, TypeScript runner, shell / process executor) when it starts.
+///
+/// **A job** runs as a whole through the TypeScript runner when its source file
+/// (`jobConfig.source.file`) ends in `.ts`, it names no container image, none of its steps has a
+/// `run` command, and nothing else claims it: no host executor is registered for the job or for
+/// any of its steps, there is no host default, and the operator did not choose a step map
+/// (`KICI_STEP_MAP`) or a process executor (`KICI_PROCESS_EXECUTOR`) for every step. Without
+/// Node >= 20.6 such a job fails with an error naming the missing piece. Every other job runs
+/// through the agent's step loop.
+///
+/// **A step** of the step loop runs with the first of:
+///
+/// 1. the host executor registered for its step name;
+/// 2. the host executor registered for its job name;
+/// 3. the container executor, when the job names a container image (`jobConfig.container`, or
+///    the default image in container execution mode): every step runs in the job's container;
+/// 4. the host default executor;
+/// 5. the built-in executor: the process executor, else the shell executor (the step's `run`
+///    command, else the step map's).
+///
+/// A host executor registered for a step or job wins over the job's container: registering it
+/// is the most specific thing the embedder said about that step (hardware-in-the-loop steps of
+/// a job whose other steps build in a container, say), while the image is a property of the
+/// whole workflow. The step then runs on the host, and the job's log says so, so nothing is
+/// overridden silently. The host default, in contrast, is a catch-all and does not take steps
+/// out of a container.
+///
+/// A job with an image fails, with the reason, when the agent has no container executor (no
+/// usable `DOCKER_HOST`, or a build without the cargo feature `container`) and host executors
+/// registered for the job or for each of its steps do not take every step.
 #[derive(Clone, Default)]
 pub struct ExecutorRegistry {
     by_step: HashMap<String, Arc<dyn Executor>>,
@@ -132,7 +133,7 @@ impl ExecutorRegistry {
         self
     }
 
-    /// Runs the steps no other rule takes with `executor` (see the [module documentation](self)).
+    /// Runs the steps no other rule takes with `executor` (see the rule on [`ExecutorRegistry`]).
     pub fn set_default(&mut self, executor: Arc<dyn Executor>) -> &mut Self {
         self.default = Some(executor);
         self

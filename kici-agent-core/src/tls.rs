@@ -172,6 +172,7 @@ pub(crate) async fn connect(
     Ok(socket)
 }
 
+#[cfg(feature = "http")]
 /// `GET url` (`http://` or `https://`, trusting the platform's roots and `SSL_CERT_*`) over
 /// HTTP/1.1: the body of a 200 answer. Errors name the host, never the URL (a presigned URL's
 /// query is a credential).
@@ -217,6 +218,7 @@ pub(crate) async fn http_get(url: &url::Url) -> Result<hyper::body::Incoming, St
     Ok(response.into_body())
 }
 
+#[cfg(feature = "http")]
 async fn send_http1<S>(
     stream: S,
     request: hyper::Request<http_body_util::Empty<hyper::body::Bytes>>,

@@ -224,7 +224,17 @@ impl TypeScriptExecutor {
             return Ok(());
         }
         if let Some(tarball) = tarball {
-            return self.restore_tarball(root, &kici, tarball, io).await;
+            let Some(reason) = tarball.unavailable_in_this_build() else {
+                return self.restore_tarball(root, &kici, tarball, io).await;
+            };
+            io.output(
+                crate::job::JOB_LOG_INDEX,
+                format!(
+                    "[kici] Not restoring the workflow dependencies from the dispatch's tarball ({}): {reason}; installing them instead\n",
+                    tarball.shown()
+                ),
+            )
+            .await;
         }
         if !kici.join("package.json").exists() {
             return Ok(());

@@ -24,7 +24,7 @@ use bollard::query_parameters::{
     CreateContainerOptions, ListContainersOptions, RemoveContainerOptions,
 };
 use bollard::Docker;
-use kici_agent_core::container::{
+use kici_agent_core::internals::container::{
     ContainerError, ContainerExecutor, ContainerSettings, PullPolicy, JOB_ID_LABEL, SANDBOX_LABEL,
 };
 use kici_agent_core::local::{self, LocalCancel, LocalJob, LocalSettings};

@@ -3,7 +3,7 @@
 //! Only the public masking API is used: these tests hold for any implementation.
 
 use base64::Engine as _;
-use kici_agent_core::logs::{SecretMasker, StepLog, MASK, MAX_LINE_BYTES};
+use kici_agent_core::internals::logs::{SecretMasker, StepLog, MASK, MAX_LINE_BYTES};
 use proptest::prelude::*;
 
 const PASSWORD: &str = "p@ss w0rd!";

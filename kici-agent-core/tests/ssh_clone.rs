@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use git2::{Oid, Repository, Signature};
-use kici_agent_core::checkout::{
+use kici_agent_core::internals::checkout::{
     checkout, CheckoutError, CheckoutReport, CheckoutRequest, GitCredentials, HostKeyPolicy,
 };
 

@@ -176,7 +176,7 @@ fn install_agent_log_layer() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let subscriber = tracing_subscriber::registry()
-            .with(kici_agent_core::agent_log::layer())
+            .with(kici_agent_core::agent_log_layer())
             .with(tracing_subscriber::filter::LevelFilter::INFO);
         tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber");
     });

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use kici_agent_core::checkout::{checkout, CheckoutRequest};
+use kici_agent_core::internals::checkout::{checkout, CheckoutRequest};
 use kici_agent_core::{Agent, AgentConfig};
 use kici_mock_orchestrator::MockTls;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

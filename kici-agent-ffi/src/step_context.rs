@@ -4,7 +4,7 @@
 use std::ffi::{c_char, CStr, CString};
 use std::sync::Mutex;
 
-use kici_agent_core::secret_outputs::SecretOutputError;
+use kici_agent_core::SecretOutputError;
 use kici_agent_core::{StepContext, StepIo};
 
 use crate::boundary::{guard, guard_infallible, object, out, text};

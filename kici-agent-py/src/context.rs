@@ -320,7 +320,7 @@ impl StepContext {
     /// `AgentError` when the dispatch carried no usable `runPublicKey`; the step then fails
     /// with that message (naming the key, never the value) even if the exception is caught.
     fn set_secret_output(&self, py: Python<'_>, key: String, value: String) -> PyResult<()> {
-        use kici_agent_core::secret_outputs::SecretOutputError;
+        use kici_agent_core::SecretOutputError;
         let io = self.io.clone();
         py.detach(move || io.blocking_set_secret_output(key, value))
             .map_err(|e| match e {

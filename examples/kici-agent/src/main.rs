@@ -23,11 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kici_agent_core::config::{LogFormat, LogLevel};
-use kici_agent_core::file_log::{FileLogSettings, RotatingFileLog};
 use kici_agent_core::local::{self, LocalCancel, LocalJob, LocalSettings};
 use kici_agent_core::protocol::{JobState, Outbound, StepState};
-use kici_agent_core::service_notify::ServiceNotifier;
-use kici_agent_core::{Agent, AgentConfig};
+use kici_agent_core::{Agent, AgentConfig, FileLogSettings, RotatingFileLog, ServiceNotifier};
 
 const USAGE: &str = "usage: kici-agent            run the agent (configured by KICI_* variables)
        kici-agent exec FILE  run a job file locally, with no orchestrator
@@ -102,7 +100,7 @@ fn init_logging(
     tracing_subscriber::registry()
         .with(stdout)
         .with(file)
-        .with(kici_agent_core::agent_log::layer())
+        .with(kici_agent_core::agent_log_layer())
         .with(tracing_subscriber::filter::LevelFilter::from_level(
             tracing::Level::from(level),
         ))

@@ -124,7 +124,7 @@ pub struct AgentConfig {
     /// Agent log format (`KICI_LOG_FORMAT`, auto).
     pub log_format: LogFormat,
     /// Directory of the rotated JSON file log (`KICI_LOG_DIR`; `undefined` = unset); `None` = no
-    /// file log. See [`crate::file_log`].
+    /// file log. See [`crate::FileLogSettings`].
     pub log_dir: Option<PathBuf>,
     /// Size cap per log file in bytes (`KICI_LOG_MAX_SIZE`, 500m).
     pub log_max_size: u64,

@@ -1,4 +1,4 @@
-//! `GET /health`, `GET /ready` and `GET /metrics` (spec agent.md §4), served with hyper.
+//! The hyper server of `/health`, `/ready` and `/metrics` (the cargo feature `http`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -12,7 +12,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::CONTENT_TYPE as METRICS_CONTENT_TYPE;
+/// The `Content-Type` of `/metrics` (the Prometheus text exposition format 0.0.4, which
+/// `Metrics::render` writes).
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What the endpoints show; implemented by the agent.
 pub(crate) trait HealthView: Send + Sync {
@@ -33,57 +35,69 @@ pub(crate) struct Readiness {
     pub draining: bool,
 }
 
-/// Binds the listener (falling back from `::` to `0.0.0.0` where IPv6 is unavailable).
-/// Synchronous so callers outside the runtime get the error at once; must run inside the
-/// runtime's context.
-pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = match std::net::TcpListener::bind(addr) {
-        Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() => {
-            std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], addr.port())))
-                .map_err(|_| e)?
-        }
-        other => other?,
-    };
-    listener.set_nonblocking(true)?;
-    TcpListener::from_std(listener)
+/// The endpoints' socket: bound when the agent starts (so a port conflict is an error of
+/// `Agent::start`, not a log line), served by the agent's supervisor until it stops.
+pub(crate) struct Endpoints {
+    listener: TcpListener,
 }
 
-/// Serves the endpoints until `shutdown` fires.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    view: Arc<dyn HealthView>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let view = view.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let view = view.clone();
-                async move { Ok::<_, Infallible>(respond(&*view, &request)) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "http connection ended with an error");
-                    }
-                }
-                _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+impl Endpoints {
+    /// Binds the listener (falling back from `::` to `0.0.0.0` where IPv6 is unavailable).
+    /// Synchronous so callers outside the runtime get the error at once; must run inside the
+    /// runtime's context.
+    pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<Endpoints> {
+        let listener = match std::net::TcpListener::bind(addr) {
+            Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() => {
+                std::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], addr.port())))
+                    .map_err(|_| e)?
             }
-        });
+            other => other?,
+        };
+        listener.set_nonblocking(true)?;
+        Ok(Endpoints {
+            listener: TcpListener::from_std(listener)?,
+        })
+    }
+
+    /// Where the endpoints are served.
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves the endpoints until `shutdown` fires.
+    pub(crate) async fn serve(self, view: Arc<dyn HealthView>, shutdown: CancellationToken) {
+        let listener = self.listener;
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "http accept failed");
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let view = view.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let view = view.clone();
+                    async move { Ok::<_, Infallible>(respond(&*view, &request)) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "http connection ended with an error");
+                        }
+                    }
+                    _ = shutdown.cancelled() => connection.as_mut().graceful_shutdown(),
+                }
+            });
+        }
     }
 }
 
@@ -141,7 +155,7 @@ fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<B
 
 /// ISO-8601 UTC with milliseconds, e.g. `2026-11-28T19:26:08.123Z`; an instant past chrono's
 /// range (year 262,143) shows as its last instant.
-pub fn iso8601_utc(epoch_ms: u64) -> String {
+pub(crate) fn iso8601_utc(epoch_ms: u64) -> String {
     i64::try_from(epoch_ms)
         .ok()
         .and_then(DateTime::from_timestamp_millis)
