@@ -155,6 +155,7 @@ pub mod internals {
     }
 
     /// The container executor against a real engine (`tests/container.rs`).
+    #[cfg(feature = "container")]
     pub mod container {
         pub use crate::container::{
             ContainerError, ContainerExecutor, ContainerSettings, PullPolicy, JOB_ID_LABEL,

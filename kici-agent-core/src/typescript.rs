@@ -228,7 +228,7 @@ impl TypeScriptExecutor {
                 return self.restore_tarball(root, &kici, tarball, io).await;
             };
             io.output(
-                crate::job::JOB_LOG_INDEX,
+                JOB_LOG_INDEX,
                 format!(
                     "[kici] Not restoring the workflow dependencies from the dispatch's tarball ({}): {reason}; installing them instead\n",
                     tarball.shown()

@@ -184,7 +184,7 @@ async fn dispatch_latency(mock: &MockOrchestrator, binaries: &[(&'static str, St
     let mut times = vec![Vec::new(); binaries.len()];
     // Alternate the agents job by job.
     for i in 0..20 {
-        for b in 0..binaries.len() {
+        for (b, times) in times.iter_mut().enumerate() {
             let job = format!("lat-{b}-{i}");
             // The step's first act is to print the wall clock in ns.
             let steps = serde_json::json!([{"name": "t", "run": "date +%s%N"}]);
@@ -212,7 +212,7 @@ async fn dispatch_latency(mock: &MockOrchestrator, binaries: &[(&'static str, St
                 .await
                 .unwrap();
             let started_ns: u128 = chunk["lines"][0].as_str().unwrap().parse().unwrap();
-            times[b].push(Duration::from_nanos((started_ns - sent.as_nanos()) as u64));
+            times.push(Duration::from_nanos((started_ns - sent.as_nanos()) as u64));
             let job_id = job.clone();
             mock.wait_for_message(
                 "job.status",

@@ -15,7 +15,7 @@ use super::job_container::{JobContainer, CONTAINER_HANDOFF, CONTAINER_WORKSPACE}
 use super::{ContainerError, ContainerSettings};
 use crate::executor::{Executor, JobContext, StepContext, StepFailure, StepIo, StepResult};
 
-/// Runs every step of a job in one container of the job (see [`crate::container`]). One
+/// Runs every step of a job in one container of the job (see the `container` module). One
 /// instance serves many jobs at once.
 pub struct ContainerExecutor {
     pub(super) address: EngineAddress,

@@ -68,9 +68,9 @@ use std::time::Duration;
 
 #[cfg(feature = "container")]
 pub use executor::ContainerExecutor;
-pub use image::{image_for, PullPolicy, UnknownPullPolicy};
+pub use image::{image_for, PullPolicy};
 #[cfg(feature = "container")]
-pub use job_container::{CONTAINER_WORKSPACE, JOB_ID_LABEL, SANDBOX_LABEL};
+pub use job_container::{JOB_ID_LABEL, SANDBOX_LABEL};
 #[cfg(not(feature = "container"))]
 pub use unavailable::ContainerExecutor;
 
@@ -90,6 +90,9 @@ pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
 
 /// How the container executor reaches the engine and runs jobs.
 #[derive(Debug, Clone)]
+// Without the feature the settings are still parsed and carried (one configuration works for
+// every build), but nothing reads them.
+#[cfg_attr(not(feature = "container"), allow(dead_code))]
 pub struct ContainerSettings {
     /// The engine: `unix:///path/to/docker.sock`, or `tcp://HOST:PORT` on a loopback address.
     pub docker_host: String,
