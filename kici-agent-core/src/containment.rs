@@ -30,6 +30,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
 use crate::instance::{Instance, Liveness};
 
 /// The environment variable that tags every process of one job attempt.
@@ -78,10 +82,7 @@ static SUBREAPER: AtomicBool = AtomicBool::new(false);
 /// start. An embedding host that calls it should not mind that orphans of its *own* children
 /// are reaped by the agent at the end of each job.
 pub fn become_child_subreaper() -> io::Result<()> {
-    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes one integer argument and touches no memory.
-    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)?;
     SUBREAPER.store(true, Ordering::SeqCst);
     Ok(())
 }
@@ -196,11 +197,7 @@ fn join_cgroup(point: &str, root: &str, path: &str) -> PathBuf {
 }
 
 fn writable(dir: &Path) -> bool {
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: access(2) reads the NUL-terminated path and nothing else.
-    unsafe { libc::access(path.as_ptr(), libc::W_OK) == 0 }
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
 /// Enables `pids` for the children of `dir`; fails when `dir` holds processes itself (the
@@ -424,8 +421,7 @@ fn tagged_processes(matches: &impl Fn(&[u8]) -> bool) -> Vec<i32> {
 
 fn kill(pid: i32) {
     if pid > 1 {
-        // SAFETY: kill(2) with a positive pid signals that one process.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
     }
 }
 
@@ -441,9 +437,12 @@ fn reap_if_ours(pids: &[i32]) {
         let tracked = spawned.as_ref().is_some_and(|s| s.contains(&(pid as u32)));
         if !tracked && parent_of(pid) == Some(own) {
             let deadline = Instant::now() + Duration::from_millis(200);
-            // SAFETY: waitpid on one specific child pid that nothing else waits for.
-            while unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) } == 0
-                && Instant::now() < deadline
+            // One specific child pid that nothing else waits for; an error (not ours any
+            // more) ends the wait like a reaped exit.
+            while matches!(
+                waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::StillAlive)
+            ) && Instant::now() < deadline
             {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -469,8 +468,8 @@ fn reap_orphan_zombies() {
     {
         let tracked = spawned.as_ref().is_some_and(|s| s.contains(&(pid as u32)));
         if !tracked && is_zombie_child_of(pid, own) {
-            // SAFETY: waitpid on one specific zombie child that nothing else waits for.
-            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            // One specific zombie child that nothing else waits for.
+            let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
         }
     }
 }

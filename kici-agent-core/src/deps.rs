@@ -23,11 +23,11 @@
 //! At most [`MAX_ENTRIES`] entries are kept, the least recently used evicted first.
 
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -238,21 +238,13 @@ pub struct InstallCache {
 impl Default for InstallCache {
     /// `<temp>/kici-deps-<uid>`.
     fn default() -> Self {
-        // SAFETY: geteuid(2) cannot fail and touches no memory of ours.
-        let uid = unsafe { libc::geteuid() };
+        let uid = nix::unistd::geteuid();
         InstallCache::at(std::env::temp_dir().join(format!("kici-deps-{uid}")))
     }
 }
 
 /// An advisory lock on the cache, released on drop.
-struct CacheLock(std::fs::File);
-
-impl Drop for CacheLock {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor is open for the lifetime of self.0.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
-}
+type CacheLock = Flock<std::fs::File>;
 
 impl InstallCache {
     pub fn at(root: PathBuf) -> Self {
@@ -266,8 +258,7 @@ impl InstallCache {
             _ => {}
         }
         let meta = std::fs::symlink_metadata(&self.root)?;
-        // SAFETY: geteuid(2) cannot fail and touches no memory of ours.
-        let uid = unsafe { libc::geteuid() };
+        let uid = nix::unistd::geteuid().as_raw();
         if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
             return Err(io::Error::other(format!(
                 "{} is not a private directory of this user",
@@ -284,15 +275,11 @@ impl InstallCache {
             .write(true)
             .open(self.root.join(".lock"))?;
         let mode = if exclusive {
-            libc::LOCK_EX
+            FlockArg::LockExclusive
         } else {
-            libc::LOCK_SH
+            FlockArg::LockShared
         };
-        // SAFETY: flock(2) on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), mode) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(CacheLock(file))
+        Flock::lock(file, mode).map_err(|(_, errno)| io::Error::from(errno))
     }
 
     fn entry(&self, key: &str) -> PathBuf {

@@ -65,6 +65,8 @@
 //!
 //! | feature | what it brings | without it |
 //! |---|---|---|
+//! | `container` | container jobs (`jobConfig.container`, `KICI_EXECUTION_MODE=container`) through the Docker Engine API (bollard) | a job that needs a container fails with an error naming the feature (host executors registered for the job or all its steps still take it); container settings still parse; container execution mode stops start-up with the same reason |
+//! | `git` | checking out a job's repository with libgit2 (git2, libssh2, OpenSSL), pinned SSH `known_hosts` | a job with a repository fails with an error naming the feature; `KICI_TLS_CA_FILE` still applies to the WebSocket |
 //! | `http` | the `/health`, `/ready` and `/metrics` server (hyper), and downloading a TypeScript job's `depsUrl` tarball over `http(s)://` | the agent serves no endpoint: `KICI_PORT` / `KICI_BIND_ADDRESS` are accepted, a warning at start says nothing is served, [`Agent::http_addr`] is `None` ([`Agent::metrics_text`] still works); a `depsUrl` tarball over `http(s)://` is not used: the job's log says so and the dependencies are installed (pnpm / npm) as if none had come |
 //!
 //! ## What is public
