@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +28,24 @@ TOKEN = "kat_" + "5e" * 32
 DISPATCH_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "real-orchestrator" / "job.dispatch.json"
 #: Generous bound for anything the agent does on loopback.
 TIMEOUT = 15.0
+
+# A suite started as a background job of a non-interactive shell inherits SIGINT ignored, and
+# an ignored signal stays ignored across exec: the child interpreters of the Ctrl-C tests would
+# then never install Python's KeyboardInterrupt handler and ignore their Ctrl-C. A handled
+# signal is reset to the default at exec, so handling it here gives them a normal terminal's.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def readline_within(stream: Any, timeout: float = TIMEOUT) -> str:
+    """One line of a child's pipe, failing the test (not hanging it) if none comes in time."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        pytest.fail(f"no line from the child within {timeout} s")
+    return lines[0]
 
 
 class MockOrchestrator:

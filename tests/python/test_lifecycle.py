@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import kici_agent
-from conftest import TIMEOUT, TOKEN, AgentFactory, MockOrchestrator, next_event, run_job, start_registered
+from conftest import TIMEOUT, TOKEN, AgentFactory, MockOrchestrator, next_event, readline_within, run_job, start_registered
 
 AGENT_PROCESS = Path(__file__).resolve().parent / "agent_process.py"
 
@@ -248,7 +248,7 @@ def agent_process(mock: MockOrchestrator, agent_id: str, mode: str = "run") -> I
     )
     try:
         assert child.stdout is not None
-        assert child.stdout.readline().strip() == "registered"
+        assert readline_within(child.stdout).strip() == "registered"
         yield child
     finally:
         if child.poll() is None:
@@ -260,7 +260,7 @@ def interrupt(child: subprocess.Popen[str], expected: str) -> None:
     """Sends Ctrl-C and waits until the child logged `expected` (it logs after acting)."""
     child.send_signal(signal.SIGINT)
     assert child.stderr is not None
-    line = child.stderr.readline()
+    line = readline_within(child.stderr)
     assert expected in line, line
 
 
