@@ -24,7 +24,7 @@ use futures_util::FutureExt as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::containment::JobContainment;
-use crate::events::EventQueue;
+use crate::events::{Event, EventQueue};
 use crate::executor::Executor;
 use crate::logs::{SecretMasker, MIN_SECRET_CHARS};
 use crate::metrics::Metrics;
@@ -325,6 +325,39 @@ impl JobRunner {
         self.services
             .outbox
             .push_status(&self.attempt, message, false);
+    }
+
+    /// Tells the host a step finished (`Event::StepFinished`) and records its result for the
+    /// job's `stepResults`, where a retried step keeps only its last attempt (the step loop's
+    /// and whole-job executors' steps alike).
+    fn step_finished(
+        &self,
+        index: u32,
+        name: &str,
+        state: StepState,
+        duration_ms: u64,
+        error: Option<String>,
+    ) {
+        self.services.events.push(Event::StepFinished {
+            run_id: self.job_ref.run_id.clone(),
+            job_id: self.job_ref.job_id.clone(),
+            step_index: index,
+            step_name: name.to_owned(),
+            state,
+            duration_ms,
+            error: error.clone(),
+        });
+        let mut run_state = self.lock();
+        run_state.results.retain(|(recorded, _)| *recorded != index);
+        run_state.results.push((
+            index,
+            crate::protocol::StepResult {
+                name: name.to_owned(),
+                status: state,
+                duration_ms,
+                error,
+            },
+        ));
     }
 
     /// Queues log lines of step `index` (-1: the job), counting their bytes.

@@ -10,7 +10,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::plan::{plan_steps, Planned, PlannedStep};
 use super::{JobRunner, ABANDON_AFTER_FORCE};
-use crate::events::Event;
 use crate::executor::JobContext;
 use crate::protocol::{JobDispatch, JobState, StepState, StepStatusData};
 use crate::routing::{Claim, JobRoute, StepExecutor};
@@ -415,26 +414,6 @@ impl JobRunner {
             step_type: None,
         };
         self.send_step_status(step.step_ref(group), state, Some(data), Some(log_bytes));
-        self.services.events.push(Event::StepFinished {
-            run_id: self.job_ref.run_id.clone(),
-            job_id: self.job_ref.job_id.clone(),
-            step_index: step.index,
-            step_name: step.spec.name.clone(),
-            state,
-            duration_ms,
-            error: error.clone(),
-        });
-        let mut run_state = self.lock();
-        // A retried step keeps only its last attempt in stepResults.
-        run_state.results.retain(|(index, _)| *index != step.index);
-        run_state.results.push((
-            step.index,
-            crate::protocol::StepResult {
-                name: step.spec.name.clone(),
-                status: state,
-                duration_ms,
-                error,
-            },
-        ));
+        self.step_finished(step.index, &step.spec.name, state, duration_ms, error);
     }
 }

@@ -10,7 +10,6 @@ use tokio::sync::mpsc;
 use super::plan::StepRef;
 use super::step_secrets::SecretOutputs;
 use super::{await_execution, JobRunner};
-use crate::events::Event;
 use crate::executor::JobContext;
 use crate::job_executor::{JobEvent, JobExecutor, JobIo, JobOutcome, StepFinished};
 use crate::logs::StepLog;
@@ -266,28 +265,7 @@ impl JobRunner {
                 .metrics
                 .step_finished(step.state, step.duration_ms as f64 / 1000.0);
         }
-        self.services.events.push(Event::StepFinished {
-            run_id: self.job_ref.run_id.clone(),
-            job_id: self.job_ref.job_id.clone(),
-            step_index: step.index,
-            step_name: step.name.clone(),
-            state: step.state,
-            duration_ms: step.duration_ms,
-            error: error.clone(),
-        });
-        {
-            let mut run_state = self.lock();
-            run_state.results.retain(|(index, _)| *index != step.index);
-            run_state.results.push((
-                step.index,
-                crate::protocol::StepResult {
-                    name: step.name.clone(),
-                    status: step.state,
-                    duration_ms: step.duration_ms,
-                    error,
-                },
-            ));
-        }
+        self.step_finished(step.index, &step.name, step.state, step.duration_ms, error);
         if let Some(outputs) = step.outputs.filter(|o| !o.is_empty()) {
             let mut outputs: Vec<(String, serde_json::Value)> = outputs.into_iter().collect();
             for key in self.masker.current().mask_outputs(&mut outputs) {
