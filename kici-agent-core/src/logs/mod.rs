@@ -41,7 +41,8 @@ pub const MIN_SECRET_LINE_CHARS: usize = 8;
 /// bytes so that a stream without newlines cannot grow memory without bound.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
-/// What ends a line, for the splitter and for splitting multi-line secrets alike.
+/// What ends a line in a secret: trimmed from secrets, and where a multi-line secret is split into
+/// its lines. (The splitter finds the same two bytes with `memchr2`.)
 const LINE_ENDS: [char; 2] = ['\n', '\r'];
 
 /// The line that replaces all output past the cap.
