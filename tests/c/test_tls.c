@@ -48,15 +48,16 @@ static void test_an_untrusted_certificate_is_a_clear_health_error(void) {
     uint16_t port = 0;
     char base[64];
     char endpoint[128];
+    char wait_path[96];
     char expected[256];
     CHECK_CODE(KICI_RESULT_OK, kici_agent_new(config, &agent, &err), err);
     kici_config_free(config);
     CHECK_CODE(KICI_RESULT_OK, kici_agent_start(agent, &err), err);
 
     /* Refused, then retried: a certificate can be fixed, so the failure is not permanent. */
-    snprintf(endpoint, sizeof endpoint, "/wait_tls_failures?count=2&timeoutMs=%d",
+    snprintf(wait_path, sizeof wait_path, "/wait_tls_failures?count=2&timeoutMs=%d",
              harness_timeout_ms(30000));
-    response = http_request(harness_env("KICI_E2E_CONTROL_URL"), "GET", endpoint, NULL);
+    response = http_request(harness_env("KICI_E2E_CONTROL_URL"), "GET", wait_path, NULL);
     CHECK(response.status == 200);
     http_response_free(&response);
 
